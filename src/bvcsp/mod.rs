@@ -1,0 +1,238 @@
+//! The BVCSP upstream: login and token lifecycle, the device snapshot, the five
+//! WebSocket event streams.
+
+pub mod auth;
+pub mod devices;
+pub mod model;
+pub mod rest;
+pub mod session;
+pub mod stream;
+pub mod ws;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::ExponentialBuilder;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use stream::Stream;
+
+use crate::config::{BvcspConfig, Secret};
+use crate::link::Link;
+use crate::mqtt::{Outbox, Topics};
+use crate::tls::{self, Trust};
+
+/// A token in use, with the generation that tells tokens apart even when the server
+/// hands back the same string.
+#[derive(Debug)]
+pub struct Token {
+    pub value: Secret,
+    pub generation: u64,
+    pub issued: Instant,
+    pub lifetime: Duration,
+}
+
+/// Counters of one stream.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub events_in: AtomicU64,
+    pub published: AtomicU64,
+    pub malformed: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub connects: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub reopens: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    streams: [StreamStats; 5],
+    pub logins: AtomicU64,
+    pub login_failures: AtomicU64,
+    pub refreshes: AtomicU64,
+    pub snapshots: AtomicU64,
+}
+
+impl Stats {
+    pub fn of(&self, s: Stream) -> &StreamStats {
+        &self.streams[Stream::ALL.iter().position(|x| *x == s).unwrap_or(0)]
+    }
+
+    /// Plain numbers, for health reports.
+    pub fn to_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let streams: BTreeMap<&str, serde_json::Value> = Stream::ALL
+            .iter()
+            .map(|s| {
+                let st = self.of(*s);
+                (
+                    s.name(),
+                    serde_json::json!({
+                        "events_in": st.events_in.load(Relaxed),
+                        "published": st.published.load(Relaxed),
+                        "malformed": st.malformed.load(Relaxed),
+                        "duplicates": st.duplicates.load(Relaxed),
+                        "connects": st.connects.load(Relaxed),
+                        "reconnects": st.reconnects.load(Relaxed),
+                        "reopens": st.reopens.load(Relaxed),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "logins": self.logins.load(Relaxed),
+            "login_failures": self.login_failures.load(Relaxed),
+            "refreshes": self.refreshes.load(Relaxed),
+            "snapshots": self.snapshots.load(Relaxed),
+            "streams": streams,
+        })
+    }
+}
+
+/// Everything the session and the stream tasks share.
+pub struct Ctx {
+    pub cfg: Arc<BvcspConfig>,
+    pub rest: rest::RestClient,
+    /// TLS for wss://, the very same policy as REST.
+    pub ws_tls: Option<Arc<rustls::ClientConfig>>,
+    pub ws_base: reqwest::Url,
+    pub outbox: Arc<Outbox>,
+    pub topics: Topics,
+    pub link: Arc<Link>,
+    pub registry: devices::Registry,
+    /// Location topics already fed by the live stream (a snapshot must not go back in time).
+    pub located: Mutex<HashSet<String>>,
+    pub token: watch::Sender<Option<Arc<Token>>>,
+    /// Streams ask for a new login with the generation that was refused.
+    pub relogin: mpsc::Sender<u64>,
+    pub snapshot_request: Notify,
+    /// Generation of the token the online-status socket is open with.
+    pub online_ready: watch::Sender<u64>,
+    /// The server withholds the subprotocol echo: tokens go in the query from now on.
+    pub query_mode: AtomicBool,
+    pub query_warned: AtomicBool,
+    /// Set when the bridge is killed rather than stopped: no goodbye to the server.
+    pub skip_logout: AtomicBool,
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BvcspSetupError {
+    #[error("bvcsp.tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("bvcsp.tls: {0}")]
+    Trust(String),
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl Ctx {
+    pub fn new(
+        cfg: Arc<BvcspConfig>,
+        outbox: Arc<Outbox>,
+        topics: Topics,
+        stats: Arc<Stats>,
+    ) -> Result<(Arc<Ctx>, mpsc::Receiver<u64>), BvcspSetupError> {
+        let base = cfg.base_url();
+        let tls_cfg = if base.scheme() == "https" {
+            let t = &cfg.tls;
+            let trust = Trust::from_options(t.insecure, &t.fingerprint_sha256, &t.ca_file)
+                .map_err(BvcspSetupError::Trust)?;
+            if trust == Trust::Insecure {
+                tracing::warn!(
+                    "bvcsp.tls.insecure = true: the BVCSP server's certificate is NOT verified"
+                );
+            }
+            Some(tls::client_config(&trust, None)?)
+        } else {
+            None
+        };
+        let mut ws_base = base.clone();
+        let scheme = if base.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
+        ws_base
+            .set_scheme(scheme)
+            .expect("ws and wss are valid schemes");
+        let rest = rest::RestClient::new(&cfg, tls_cfg.clone())?;
+        let streams: Vec<&str> = cfg.streams.iter().map(|s| s.name()).collect();
+        let link = Link::new("bvcsp", topics.link_bvcsp(), outbox.clone(), &streams);
+        if cfg.token_transport == crate::config::TokenTransport::Query {
+            link.set_detail("token_transport", serde_json::json!("query"));
+        }
+        let (relogin, relogin_rx) = mpsc::channel(16);
+        let ctx = Ctx {
+            ws_tls: tls_cfg.map(Arc::new),
+            ws_base,
+            rest,
+            outbox,
+            topics,
+            link,
+            registry: devices::Registry::default(),
+            located: Mutex::new(HashSet::new()),
+            token: watch::channel(None).0,
+            relogin,
+            snapshot_request: Notify::new(),
+            online_ready: watch::channel(0).0,
+            query_mode: AtomicBool::new(false),
+            query_warned: AtomicBool::new(false),
+            skip_logout: AtomicBool::new(false),
+            stats,
+            cfg,
+        };
+        Ok((Arc::new(ctx), relogin_rx))
+    }
+
+    /// The network backoff policy: jittered exponential between the configured bounds.
+    pub fn net_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.cfg.reconnect_min)
+            .with_max_delay(self.cfg.reconnect_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+    }
+
+    /// The slow policy for refused credentials.
+    pub fn auth_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.cfg.auth_retry_min)
+            .with_max_delay(self.cfg.auth_retry_max)
+            .with_factor(2.0)
+            .without_max_times()
+    }
+}
+
+/// Run the BVCSP link until `cancel`: then close the streams, log out, return.
+pub async fn run(ctx: Arc<Ctx>, relogin_rx: mpsc::Receiver<u64>, cancel: CancellationToken) {
+    let streams_cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for (index, stream) in ctx.cfg.streams.iter().copied().enumerate() {
+        tracker.spawn(ws::run_stream(
+            ctx.clone(),
+            stream,
+            index,
+            streams_cancel.clone(),
+        ));
+    }
+    tracker.close();
+    let last = session::run_session(&ctx, relogin_rx, &cancel).await;
+    streams_cancel.cancel();
+    tracker.wait().await;
+    if let Some(token) = last
+        && !ctx.skip_logout.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        session::logout(&ctx, &token).await;
+    }
+    ctx.link.set(
+        crate::link::LinkState::Down,
+        Some("bridge stopped".into()),
+        None,
+    );
+}

@@ -1,0 +1,732 @@
+//! Turning upstream frames into contract payloads. Frames are parsed into
+//! `serde_json::Value` and read through tolerant views: keys are matched without regard
+//! to case, numbers may arrive as strings, unknown fields are kept in `raw`.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::Stream;
+use crate::mqtt::Message;
+use crate::mqtt::topics::Topics;
+
+/// Case-insensitive field lookup.
+pub fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    let obj = v.as_object()?;
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
+/// The first of several candidate keys that is present and not null.
+pub fn field_any<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
+    keys.iter()
+        .find_map(|k| field(v, k).filter(|x| !x.is_null()))
+}
+
+pub fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .or_else(|| s.trim().parse::<f64>().ok().map(|f| f as i64)),
+        Value::Bool(b) => Some(i64::from(*b)),
+        _ => None,
+    }
+}
+
+pub fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }
+}
+
+/// A string view of a scalar (ids sometimes arrive as numbers).
+pub fn as_string(v: &Value) -> Option<Cow<'_, str>> {
+    match v {
+        Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+        Value::Number(n) => Some(Cow::Owned(n.to_string())),
+        _ => None,
+    }
+}
+
+fn str_field<'a>(v: &'a Value, keys: &[&str]) -> Option<Cow<'a, str>> {
+    field_any(v, keys).and_then(as_string)
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Upstream times are Unix seconds; a value above 10^12 is taken as milliseconds.
+pub fn upstream_time(v: &Value) -> Option<String> {
+    let n = as_i64(v)?;
+    if n <= 0 {
+        return None;
+    }
+    let ms = if n > 1_000_000_000_000 {
+        n
+    } else {
+        n.checked_mul(1000)?
+    };
+    let t = UNIX_EPOCH.checked_add(std::time::Duration::from_millis(u64::try_from(ms).ok()?))?;
+    Some(rfc3339_millis(t))
+}
+
+/// The contract's `{label}` for an alarm type (shared/spec/bvcsp.md §7.2).
+pub fn alarm_label(alarm_type: i64) -> Cow<'static, str> {
+    let known = match alarm_type {
+        1 => "disk_error",
+        2 => "disk_full",
+        3 => "face",
+        4 => "fall",
+        5 => "sos",
+        4096 => "video_lost",
+        4097 => "motion",
+        4098 => "video_occlusion",
+        4099 => "alarm_input",
+        4100 => "periodic",
+        4101 => "device_online",
+        4102 => "device_offline",
+        4103 => "temperature_low",
+        4104 => "temperature_high",
+        4105 => "underspeed",
+        4106 => "overspeed",
+        4107 => "geofence_enter",
+        4108 => "geofence_exit",
+        4109 => "voltage_low",
+        4110 => "voltage_high",
+        4111 => "stationary",
+        4112 => "inverted",
+        4113 => "battery_removed",
+        4114 => "tamper",
+        4115 => "battery_low",
+        4116 => "route_enter",
+        4117 => "route_exit",
+        4118 => "helmet_off",
+        4119 => "helmet_impact",
+        4120 => "electric_proximity",
+        4121 => "working_at_height",
+        20480 => "user_login",
+        20481 => "user_logout",
+        n => return Cow::Owned(format!("type_{n}")),
+    };
+    Cow::Borrowed(known)
+}
+
+/// Splits one WebSocket text into events: empty frames carry none, an array carries one
+/// per element, anything else that is JSON carries itself.
+pub fn split_frame(text: &str) -> Result<Vec<Value>, serde_json::Error> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() || trimmed == "\"\"" {
+        return Ok(Vec::new());
+    }
+    match serde_json::from_str::<Value>(trimmed)? {
+        Value::Array(items) => Ok(items),
+        other => Ok(vec![other]),
+    }
+}
+
+/// Sorted top-level field names: the "shape" logged once per new kind of frame.
+pub fn shape(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&str> = m.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            keys.join(",")
+        }
+        Value::Array(_) => "<array>".into(),
+        Value::String(_) => "<string>".into(),
+        Value::Number(_) => "<number>".into(),
+        Value::Bool(_) => "<bool>".into(),
+        Value::Null => "<null>".into(),
+    }
+}
+
+static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh id for an event that does not identify itself: unique across restarts.
+fn unique_id(stream: Stream, received: SystemTime) -> String {
+    let nonce = NONCE.get_or_init(|| format!("{:06x}", rand::random::<u32>() & 0xff_ffff));
+    let ms = received
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{ms:x}-{nonce}-{seq:x}", stream.name())
+}
+
+/// An id derived from the frame itself, for frames that identify an occurrence (they carry
+/// a time or a key). The same frame read twice (say, on the old and the new socket while
+/// a stream is reopened) gets the same id, so it is recognised as a duplicate.
+fn content_id(stream: Stream, frame: &Value) -> String {
+    let mut h = Sha256::new();
+    h.update(stream.name().as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(frame).unwrap_or_default());
+    let d = h.finalize();
+    format!("{}-{}", stream.name(), hex::encode(&d[..12]))
+}
+
+/// Whether the frame names its own occurrence, so a content id is safe.
+fn self_identifying(stream: Stream, frame: &Value) -> bool {
+    match stream {
+        Stream::Alarm => field_any(frame, &["key", "time"]).is_some(),
+        Stream::OnlineStatus => field(frame, "time").is_some(),
+        Stream::Im => {
+            field_any(frame, &["iMsgID", "msgId", "messageId", "msgID", "time"]).is_some()
+        }
+        Stream::Conference | Stream::Location => false,
+    }
+}
+
+/// What one upstream event becomes.
+#[derive(Debug, Default)]
+pub struct Normalised {
+    pub event_id: String,
+    pub messages: Vec<Message>,
+    /// A device seen on the online-status stream, with its availability.
+    pub device: Option<(String, bool)>,
+    /// The frame lacked what its stream needs (it may still have been published raw).
+    pub malformed: Option<&'static str>,
+}
+
+/// Normalise one event from `stream`. `received` is when the bridge read it.
+pub fn normalise(
+    stream: Stream,
+    frame: Value,
+    received: SystemTime,
+    topics: &Topics,
+) -> Normalised {
+    let event_id = if self_identifying(stream, &frame) {
+        content_id(stream, &frame)
+    } else {
+        unique_id(stream, received)
+    };
+    let received_at = rfc3339_millis(received);
+    let mut out = Normalised {
+        event_id,
+        ..Default::default()
+    };
+    match stream {
+        Stream::Alarm => alarm(&mut out, frame, &received_at, topics),
+        Stream::OnlineStatus => online_status(&mut out, frame, &received_at, topics),
+        Stream::Location => location(&mut out, frame, &received_at, topics),
+        Stream::Im => {
+            let mut p = base_payload(&out.event_id, stream, &received_at);
+            copy_str(&mut p, &frame, "type", &["type", "msgType"]);
+            copy_str(
+                &mut p,
+                &frame,
+                "from",
+                &["from", "srcId", "sourceId", "sender", "fromId"],
+            );
+            copy_str(
+                &mut p,
+                &frame,
+                "to",
+                &["to", "dstId", "targetId", "target", "toId"],
+            );
+            copy_str(&mut p, &frame, "text", &["text", "content", "msg", "body"]);
+            if !frame.is_object() {
+                out.malformed = Some("not a JSON object");
+            }
+            p.insert("raw".into(), frame);
+            out.messages.push(Message::event(topics.im_message(), p));
+        }
+        Stream::Conference => conference(&mut out, frame, &received_at, topics),
+    }
+    out
+}
+
+fn base_payload(event_id: &str, stream: Stream, received_at: &str) -> Map<String, Value> {
+    let mut p = Map::new();
+    p.insert("event_id".into(), Value::String(event_id.to_string()));
+    p.insert("stream".into(), Value::String(stream.name().into()));
+    p.insert("received_at".into(), Value::String(received_at.to_string()));
+    p
+}
+
+fn copy_str(p: &mut Map<String, Value>, frame: &Value, out_key: &str, keys: &[&str]) {
+    if let Some(v) = field_any(frame, keys)
+        && (v.is_string() || v.is_number())
+    {
+        p.insert(out_key.into(), v.clone());
+    }
+}
+
+fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics) {
+    let alarm_type = field(&frame, "type").and_then(as_i64);
+    let label: Cow<'_, str> = match alarm_type {
+        Some(t) => alarm_label(t),
+        None => {
+            out.malformed = Some("alarm without a numeric type");
+            Cow::Borrowed("unknown")
+        }
+    };
+    let device_id = str_field(&frame, &["devID", "deviceId", "puid"])
+        .map(Cow::into_owned)
+        .unwrap_or_default();
+    let state = match field(&frame, "status").and_then(as_i64) {
+        Some(0) => "start",
+        Some(1) => "end",
+        _ => "unknown",
+    };
+    let mut p = base_payload(&out.event_id, Stream::Alarm, received_at);
+    p.insert("type".into(), alarm_type.map_or(Value::Null, Value::from));
+    p.insert("label".into(), Value::String(label.to_string()));
+    p.insert("state".into(), Value::String(state.into()));
+    p.insert("device_id".into(), Value::String(device_id.clone()));
+    p.insert(
+        "device_name".into(),
+        Value::String(
+            str_field(&frame, &["devName", "deviceName"])
+                .map(Cow::into_owned)
+                .unwrap_or_default(),
+        ),
+    );
+    p.insert(
+        "description".into(),
+        Value::String(
+            str_field(&frame, &["desc", "description"])
+                .map(Cow::into_owned)
+                .unwrap_or_default(),
+        ),
+    );
+    let time = field(&frame, "time")
+        .and_then(upstream_time)
+        .unwrap_or_else(|| received_at.to_string());
+    p.insert("time".into(), Value::String(time));
+    copy_str(&mut p, &frame, "key", &["key"]);
+    copy_str(&mut p, &frame, "user_id", &["userID"]);
+    copy_str(&mut p, &frame, "user_name", &["userName"]);
+    if let Some(idx) = field(&frame, "subDevIdx").and_then(as_i64) {
+        p.insert("sub_dev_idx".into(), idx.into());
+    }
+    let lat = field(&frame, "lat").and_then(as_f64).unwrap_or(0.0);
+    let lng = field(&frame, "lng").and_then(as_f64).unwrap_or(0.0);
+    if lat != 0.0 || lng != 0.0 {
+        p.insert("lat".into(), json!(lat));
+        p.insert("lng".into(), json!(lng));
+    }
+    p.insert("raw".into(), frame);
+    let topic = topics.alarm(Some(device_id.as_str()), &label);
+    out.messages.push(Message::event(topic, p));
+}
+
+fn online_status(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics) {
+    let kind = str_field(&frame, &["type"])
+        .map(|s| s.to_ascii_uppercase())
+        .unwrap_or_default();
+    let online = field(&frame, "status").and_then(as_i64).map(|s| s == 1);
+    let device = field(&frame, "device").filter(|d| d.is_object());
+    let user = field(&frame, "user").filter(|u| u.is_object());
+    let device_id = device
+        .and_then(|d| str_field(d, &["id"]))
+        .map(Cow::into_owned)
+        .filter(|s| !s.is_empty());
+    let user_id = user
+        .and_then(|u| str_field(u, &["id"]))
+        .map(Cow::into_owned)
+        .filter(|s| !s.is_empty());
+    let time = field(&frame, "time")
+        .and_then(upstream_time)
+        .unwrap_or_else(|| received_at.to_string());
+    let word = |on: bool| if on { "online" } else { "offline" };
+
+    let mut ev = base_payload(&out.event_id, Stream::OnlineStatus, received_at);
+    ev.insert("type".into(), Value::String(kind.clone()));
+    ev.insert(
+        "status".into(),
+        online.map_or(Value::Null, |o| Value::String(word(o).into())),
+    );
+    ev.insert("online".into(), online.map_or(Value::Null, Value::Bool));
+    ev.insert(
+        "device_id".into(),
+        device_id.clone().map_or(Value::Null, Value::String),
+    );
+    ev.insert(
+        "user_id".into(),
+        user_id.clone().map_or(Value::Null, Value::String),
+    );
+    ev.insert("time".into(), Value::String(time.clone()));
+
+    match online {
+        None => out.malformed = Some("online-status frame without a 0/1 status"),
+        Some(_) if device_id.is_none() && user_id.is_none() => {
+            out.malformed = Some("online-status frame without device.id or user.id")
+        }
+        Some(on) => {
+            if let Some(id) = &device_id {
+                out.messages.push(Message::state_text(
+                    topics.device_availability(id),
+                    word(on),
+                ));
+                let d = device.expect("device_id implies device");
+                let mut st = Map::new();
+                st.insert("device_id".into(), Value::String(id.clone()));
+                st.insert("online".into(), Value::Bool(on));
+                st.insert("status".into(), Value::String(word(on).into()));
+                st.insert("type".into(), Value::String(kind.clone()));
+                st.insert(
+                    "name".into(),
+                    str_field(d, &["name"]).map_or(Value::Null, |s| Value::String(s.into_owned())),
+                );
+                for (out_key, keys) in [
+                    ("group_id", &["gid"][..]),
+                    ("manufacturer", &["manufacturer"][..]),
+                    ("product", &["product"][..]),
+                    ("software_version", &["softwareVersion"][..]),
+                    ("hardware_version", &["hardwareVersion"][..]),
+                ] {
+                    copy_str(&mut st, d, out_key, keys);
+                }
+                if let Some(net) = field(&frame, "network").filter(|n| n.is_object()) {
+                    st.insert("network".into(), net.clone());
+                }
+                st.insert("time".into(), Value::String(time.clone()));
+                st.insert("updated_at".into(), Value::String(received_at.to_string()));
+                st.insert("event_id".into(), Value::String(out.event_id.clone()));
+                st.insert("raw".into(), frame.clone());
+                out.messages
+                    .push(Message::state(topics.device_status(id), st));
+                out.device = Some((id.clone(), on));
+            }
+            if let Some(id) = &user_id {
+                out.messages
+                    .push(Message::state_text(topics.user_availability(id), word(on)));
+            }
+        }
+    }
+    ev.insert("raw".into(), frame);
+    // The event goes last so a consumer reacting to it finds the state already updated.
+    out.messages
+        .push(Message::event(topics.online_status_event(), ev));
+}
+
+fn location(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics) {
+    let Some(id) = str_field(&frame, &["devId", "puid", "deviceId", "id"])
+        .map(Cow::into_owned)
+        .filter(|s| !s.is_empty())
+    else {
+        out.malformed = Some("GPS frame without devId");
+        return;
+    };
+    let (Some(lat), Some(lng)) = (
+        field_any(&frame, &["lat", "latitude"]).and_then(as_f64),
+        field_any(&frame, &["lng", "lon", "longitude"]).and_then(as_f64),
+    ) else {
+        out.malformed = Some("GPS frame without numeric lat/lng");
+        return;
+    };
+    let time = field_any(&frame, &["time", "timestamp"])
+        .and_then(upstream_time)
+        .unwrap_or_else(|| received_at.to_string());
+    let mut p = base_payload(&out.event_id, Stream::Location, received_at);
+    p.insert("device_id".into(), Value::String(id.clone()));
+    p.insert("lat".into(), json!(lat));
+    p.insert("lng".into(), json!(lng));
+    if let Some(h) = field(&frame, "height").and_then(as_f64) {
+        p.insert("height".into(), json!(h));
+    }
+    p.insert("time".into(), Value::String(time));
+    p.insert("raw".into(), frame);
+    out.messages
+        .push(Message::state(topics.device_location(&id), p));
+}
+
+fn conference(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics) {
+    let event = str_field(&frame, &["type", "event", "eventType"]).map(Cow::into_owned);
+    let id = field_any(&frame, &["confInfo", "conference", "group"])
+        .and_then(|c| str_field(c, &["id", "groupId", "confId"]))
+        .or_else(|| str_field(&frame, &["confId", "conferenceId", "groupId", "id"]))
+        .map(Cow::into_owned)
+        .filter(|s| !s.is_empty());
+    if event.is_none() {
+        out.malformed = Some("conference frame without an event type");
+    }
+    let mut p = base_payload(&out.event_id, Stream::Conference, received_at);
+    p.insert(
+        "event".into(),
+        event.clone().map_or(Value::Null, Value::String),
+    );
+    p.insert("id".into(), id.clone().map_or(Value::Null, Value::String));
+    copy_str(
+        &mut p,
+        &frame,
+        "operation",
+        &["operate", "op", "action", "operation"],
+    );
+    p.insert("raw".into(), frame);
+    let topic = topics.conference(
+        id.as_deref().unwrap_or("_"),
+        event.as_deref().unwrap_or("_"),
+    );
+    out.messages.push(Message::event(topic, p));
+}
+
+/// One record of `pu/list`, as far as the snapshot needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub online: bool,
+    pub gps: Option<(f64, f64, Option<i64>)>,
+    pub raw: Value,
+}
+
+impl DeviceRecord {
+    pub fn from_value(v: Value) -> Option<DeviceRecord> {
+        let id = str_field(&v, &["id", "puid"])?.into_owned();
+        if id.is_empty() {
+            return None;
+        }
+        let online =
+            field_any(&v, &["status", "online", "onlineStatus"]).and_then(as_i64) == Some(1);
+        let gps = field(&v, "gps").and_then(|g| {
+            let lat = field(g, "lat").and_then(as_f64)?;
+            let lng = field_any(g, &["lng", "lon"]).and_then(as_f64)?;
+            // 0/0 means "no fix" in device lists.
+            (lat != 0.0 || lng != 0.0).then(|| (lat, lng, field(g, "time").and_then(as_i64)))
+        });
+        Some(DeviceRecord {
+            id,
+            online,
+            gps,
+            raw: v,
+        })
+    }
+
+    /// Retained messages for this record: availability, and the location when known.
+    pub fn messages(&self, received: SystemTime, topics: &Topics) -> Vec<Message> {
+        let word = if self.online { "online" } else { "offline" };
+        let mut msgs = vec![Message::state_text(
+            topics.device_availability(&self.id),
+            word,
+        )];
+        if let Some((lat, lng, time)) = self.gps {
+            let received_at = rfc3339_millis(received);
+            let mut p = base_payload(
+                &unique_id(Stream::Location, received),
+                Stream::Location,
+                &received_at,
+            );
+            p.insert("device_id".into(), Value::String(self.id.clone()));
+            p.insert("lat".into(), json!(lat));
+            p.insert("lng".into(), json!(lng));
+            let time = time
+                .and_then(|t| upstream_time(&Value::from(t)))
+                .unwrap_or(received_at);
+            p.insert("time".into(), Value::String(time));
+            p.insert("source".into(), Value::String("snapshot".into()));
+            p.insert(
+                "raw".into(),
+                field(&self.raw, "gps").cloned().unwrap_or(Value::Null),
+            );
+            msgs.push(Message::state(topics.device_location(&self.id), p));
+        }
+        msgs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics() -> Topics {
+        Topics::new("b")
+    }
+
+    fn payload(m: &Message) -> Value {
+        serde_json::from_slice(&m.payload).unwrap()
+    }
+
+    #[test]
+    fn alarm_labels_follow_the_table() {
+        assert_eq!(alarm_label(5), "sos");
+        assert_eq!(alarm_label(4106), "overspeed");
+        assert_eq!(alarm_label(0x1019), "working_at_height");
+        assert_eq!(alarm_label(20481), "user_logout");
+        assert_eq!(alarm_label(8192), "type_8192");
+        assert_eq!(alarm_label(-1), "type_-1");
+    }
+
+    #[test]
+    fn keys_are_case_insensitive_and_numbers_may_be_strings() {
+        let v = json!({"DevId": "PU_1", "LAT": "31.5", "lng": 117});
+        assert_eq!(field(&v, "devId").and_then(as_string).unwrap(), "PU_1");
+        assert_eq!(field(&v, "lat").and_then(as_f64), Some(31.5));
+        assert_eq!(field(&v, "lng").and_then(as_f64), Some(117.0));
+    }
+
+    #[test]
+    fn upstream_times_in_seconds_or_millis() {
+        assert_eq!(
+            upstream_time(&json!(1_717_400_123)).unwrap(),
+            "2024-06-03T07:35:23.000Z"
+        );
+        assert_eq!(
+            upstream_time(&json!(1_717_400_123_456_i64)).unwrap(),
+            "2024-06-03T07:35:23.456Z"
+        );
+        assert_eq!(
+            upstream_time(&json!("1717400123")).unwrap(),
+            "2024-06-03T07:35:23.000Z"
+        );
+        assert!(upstream_time(&json!(0)).is_none());
+    }
+
+    #[test]
+    fn frames_split_into_events() {
+        assert!(split_frame("").unwrap().is_empty());
+        assert!(split_frame("  ").unwrap().is_empty());
+        assert_eq!(split_frame("[{\"a\":1},{\"a\":2}]").unwrap().len(), 2);
+        assert_eq!(split_frame("{\"a\":1}").unwrap().len(), 1);
+        assert!(split_frame("not json").is_err());
+    }
+
+    #[test]
+    fn alarm_payload_has_contract_fields() {
+        let frame = json!({"key": "a8f3c1e2", "type": 4106, "time": 1717400123, "userID": "", "userName": "",
+            "devID": "PU_264F708E", "devName": "Truck 7", "subDevIdx": 65536, "status": 0,
+            "desc": "overspeed", "lat": 31.849722, "lng": 117.207138, "payload": ""});
+        let n = normalise(Stream::Alarm, frame.clone(), UNIX_EPOCH, &topics());
+        assert_eq!(n.messages.len(), 1);
+        let m = &n.messages[0];
+        assert_eq!(m.topic, "b/device/PU_264F708E/alarm/overspeed");
+        assert!(!m.retain);
+        let p = payload(m);
+        assert_eq!(p["event_id"], n.event_id.as_str());
+        assert_eq!(p["stream"], "alarm");
+        assert_eq!(p["received_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(p["type"], 4106);
+        assert_eq!(p["label"], "overspeed");
+        assert_eq!(p["state"], "start");
+        assert_eq!(p["device_id"], "PU_264F708E");
+        assert_eq!(p["device_name"], "Truck 7");
+        assert_eq!(p["description"], "overspeed");
+        assert_eq!(p["time"], "2024-06-03T07:35:23.000Z");
+        assert_eq!(p["lat"], 31.849722);
+        assert_eq!(p["raw"], frame);
+        // The same frame read again gets the same id: a redelivery, not a new alarm.
+        let again = normalise(Stream::Alarm, frame, SystemTime::now(), &topics());
+        assert_eq!(again.event_id, n.event_id);
+    }
+
+    #[test]
+    fn alarm_without_device_or_type_still_published() {
+        let n = normalise(
+            Stream::Alarm,
+            json!({"type": "5", "status": 1}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        assert_eq!(n.messages[0].topic, "b/alarm/sos");
+        assert_eq!(payload(&n.messages[0])["state"], "end");
+        assert!(payload(&n.messages[0]).get("lat").is_none());
+        let n = normalise(
+            Stream::Alarm,
+            json!({"devID": "PU_1"}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        assert_eq!(n.messages[0].topic, "b/device/PU_1/alarm/unknown");
+        assert!(n.malformed.is_some());
+    }
+
+    #[test]
+    fn online_status_sets_state_and_event() {
+        let frame = json!({"type": "PU", "time": 1717400000, "status": 1,
+            "device": {"id": "PU_55AA0000", "name": "Helmet 07"}});
+        let n = normalise(Stream::OnlineStatus, frame, UNIX_EPOCH, &topics());
+        let topics: Vec<_> = n
+            .messages
+            .iter()
+            .map(|m| (m.topic.as_str(), m.retain))
+            .collect();
+        assert_eq!(
+            topics,
+            vec![
+                ("b/device/PU_55AA0000/availability", true),
+                ("b/device/PU_55AA0000/status", true),
+                ("b/event/online_status", false)
+            ]
+        );
+        assert_eq!(&n.messages[0].payload[..], b"online");
+        assert_eq!(payload(&n.messages[1])["name"], "Helmet 07");
+        assert_eq!(n.device, Some(("PU_55AA0000".into(), true)));
+        let cu = json!({"type": "CU", "status": 0, "user": {"id": "CU_ops"}});
+        let n = normalise(Stream::OnlineStatus, cu, UNIX_EPOCH, &Topics::new("b"));
+        assert_eq!(n.messages[0].topic, "b/user/CU_ops/availability");
+        assert_eq!(&n.messages[0].payload[..], b"offline");
+    }
+
+    #[test]
+    fn location_is_retained_state() {
+        let frame = json!({"devId": "PU_1", "lat": 31.849722, "lng": 117.207138, "height": 35.2});
+        let n = normalise(Stream::Location, frame, UNIX_EPOCH, &topics());
+        let m = &n.messages[0];
+        assert_eq!(m.topic, "b/device/PU_1/location");
+        assert!(m.retain);
+        let p = payload(m);
+        assert_eq!(p["lat"], 31.849722);
+        assert_eq!(p["height"], 35.2);
+        assert_eq!(p["stream"], "location");
+        assert_eq!(p["time"], "1970-01-01T00:00:00.000Z");
+        let bad = normalise(Stream::Location, json!({"lat": 1}), UNIX_EPOCH, &topics());
+        assert!(bad.messages.is_empty() && bad.malformed.is_some());
+    }
+
+    #[test]
+    fn conference_topic_from_type_and_id() {
+        let frame = json!({"type": "member", "operate": "start-speak",
+            "member": {"id": 3, "memberID": "PU_55AA0000"}, "confInfo": {"id": "CONF_0001"}});
+        let n = normalise(Stream::Conference, frame, UNIX_EPOCH, &topics());
+        assert_eq!(n.messages[0].topic, "b/conference/CONF_0001/member");
+        assert_eq!(payload(&n.messages[0])["operation"], "start-speak");
+        let n = normalise(Stream::Conference, json!({"x": 1}), UNIX_EPOCH, &topics());
+        assert_eq!(n.messages[0].topic, "b/conference/_/_");
+    }
+
+    #[test]
+    fn unique_ids_differ() {
+        let a = normalise(
+            Stream::Conference,
+            json!({"type": "group"}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        let b = normalise(
+            Stream::Conference,
+            json!({"type": "group"}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        assert_ne!(a.event_id, b.event_id);
+    }
+
+    #[test]
+    fn device_records_from_the_list() {
+        let r = DeviceRecord::from_value(json!({"id": "PU_1", "status": 1, "gps": {"lng": 117.2, "lat": 31.8, "time": 1717399990}})).unwrap();
+        assert!(r.online);
+        let msgs = r.messages(UNIX_EPOCH, &topics());
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(payload(&msgs[1])["time"], "2024-06-03T07:33:10.000Z");
+        let r = DeviceRecord::from_value(
+            json!({"id": "PU_2", "status": 0, "gps": {"lng": 0, "lat": 0}}),
+        )
+        .unwrap();
+        assert_eq!(r.messages(UNIX_EPOCH, &topics()).len(), 1);
+        assert!(DeviceRecord::from_value(json!({"name": "x"})).is_none());
+    }
+}

@@ -1,0 +1,277 @@
+//! BVCSP REST calls: login, refresh, logout and the device list.
+
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use serde_json::{Value, json};
+
+use super::auth;
+use super::model::{DeviceRecord, as_i64, field};
+use crate::config::{BvcspConfig, BvcspPaths, Secret};
+
+/// How the supervisor should react to an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Transient: back off and try again.
+    Retry,
+    /// The token is no good: log in again.
+    Relogin,
+    /// The credentials were refused: back off for minutes, report `auth_failed`.
+    AuthRejected,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestError {
+    #[error("request failed: {0}")]
+    Transport(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("reply is not JSON ({0} bytes)")]
+    NotJson(usize),
+    #[error("server replied code {code} ({msg})")]
+    Code { code: i64, msg: String },
+    #[error("reply has no usable token")]
+    NoToken,
+}
+
+impl RestError {
+    pub fn recovery(&self) -> Recovery {
+        match self {
+            RestError::Code { code: 9, .. } | RestError::Status(401 | 403) => Recovery::Relogin,
+            RestError::Code { code: 14 | 17, .. } => Recovery::AuthRejected,
+            _ => Recovery::Retry,
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> RestError {
+    // reqwest's message names the URL, which never carries a secret here (tokens travel
+    // in the Authorization header), but keep only the cause chain for brevity.
+    let mut text = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "transport error".to_string()
+    };
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    RestError::Transport(text)
+}
+
+/// A token and how long the server says it lives.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub token: Secret,
+    pub lifetime: Option<Duration>,
+}
+
+pub struct RestClient {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    paths: BvcspPaths,
+}
+
+impl RestClient {
+    pub fn new(
+        cfg: &BvcspConfig,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<RestClient, reqwest::Error> {
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("bvcsp2mqtt/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(cfg.request_timeout)
+            .timeout(cfg.request_timeout)
+            .pool_max_idle_per_host(2);
+        if let Some(tls) = tls {
+            b = b.tls_backend_preconfigured(tls);
+        }
+        Ok(RestClient {
+            http: b.build()?,
+            base: cfg.base_url(),
+            paths: cfg.paths.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> reqwest::Url {
+        let mut u = self.base.clone();
+        u.set_path(path);
+        u.set_query(None);
+        u
+    }
+
+    /// POST `body` to `path`; returns the whole reply object when `code == 0`.
+    async fn call(
+        &self,
+        path: &str,
+        token: Option<&Secret>,
+        body: Option<Value>,
+    ) -> Result<Value, RestError> {
+        let mut req = self.http.post(self.url(path));
+        if let Some(t) = token {
+            let mut v = HeaderValue::from_str(t.expose()).map_err(|_| RestError::NoToken)?;
+            v.set_sensitive(true);
+            req = req.header(AUTHORIZATION, v);
+        }
+        req = match body {
+            Some(b) => req
+                .header(CONTENT_TYPE, "application/json")
+                .body(b.to_string()),
+            None => req.header(CONTENT_TYPE, "application/x-www-form-urlencoded"),
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            // A JSON error envelope on a non-2xx status still tells us more than the status.
+            if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+                && let Some(code) = field(&v, "code").and_then(as_i64)
+                && code != 0
+            {
+                return Err(code_error(code, &v));
+            }
+            return Err(RestError::Status(status.as_u16()));
+        }
+        let v: Value =
+            serde_json::from_slice(&bytes).map_err(|_| RestError::NotJson(bytes.len()))?;
+        match field(&v, "code").and_then(as_i64) {
+            Some(0) => Ok(v),
+            Some(code) => Err(code_error(code, &v)),
+            None => Err(RestError::NotJson(bytes.len())),
+        }
+    }
+
+    /// SHA256_T login.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &Secret,
+        now_unix: i64,
+    ) -> Result<Grant, RestError> {
+        let body = json!({
+            "username": username,
+            "password_encrypted": auth::sha256_t(username, password.expose(), now_unix),
+            "timestamp": now_unix,
+        });
+        let v = self.call(&self.paths.login, None, Some(body)).await?;
+        grant_from(&v).ok_or(RestError::NoToken)
+    }
+
+    /// Refresh: a new token when the reply carries one, else the same token extended.
+    pub async fn refresh(&self, token: &Secret) -> Result<Grant, RestError> {
+        let v = self
+            .call(&self.paths.refresh, Some(token), Some(json!({})))
+            .await?;
+        let data = field(&v, "data");
+        let new = data
+            .and_then(|d| field(d, "token"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .unwrap_or_else(|| token.clone());
+        Ok(Grant {
+            token: new,
+            lifetime: data.and_then(lifetime_of),
+        })
+    }
+
+    pub async fn logout(&self, token: &Secret) -> Result<(), RestError> {
+        self.call(&self.paths.logout, Some(token), None)
+            .await
+            .map(|_| ())
+    }
+
+    /// One page of `pu/list`; the second value is `totalCount` when the reply has it.
+    pub async fn device_page(
+        &self,
+        token: &Secret,
+        page: u32,
+        page_size: u32,
+    ) -> Result<(Vec<DeviceRecord>, usize, Option<u64>), RestError> {
+        let body = json!({"page": page, "pageSize": page_size, "needStatus": true});
+        let v = self
+            .call(&self.paths.device_list, Some(token), Some(body))
+            .await?;
+        let items = match field(&v, "data") {
+            Some(Value::Array(a)) => a.clone(),
+            // Some list endpoints nest the array one level deeper.
+            Some(d) => field(d, "list")
+                .or_else(|| field(d, "items"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let total = field(&v, "pageInfo")
+            .and_then(|p| field(p, "totalCount"))
+            .and_then(as_i64)
+            .map(|n| n.max(0) as u64);
+        let count = items.len();
+        Ok((
+            items
+                .into_iter()
+                .filter_map(DeviceRecord::from_value)
+                .collect(),
+            count,
+            total,
+        ))
+    }
+}
+
+fn code_error(code: i64, v: &Value) -> RestError {
+    let msg = field(v, "msg")
+        .or_else(|| field(v, "message"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    RestError::Code { code, msg }
+}
+
+fn lifetime_of(data: &Value) -> Option<Duration> {
+    field(data, "timeout")
+        .and_then(as_i64)
+        .filter(|n| *n > 0)
+        .map(|n| Duration::from_secs(n as u64))
+}
+
+fn grant_from(v: &Value) -> Option<Grant> {
+    let data = field(v, "data")?;
+    let token = field(data, "token")?.as_str().filter(|s| !s.is_empty())?;
+    Some(Grant {
+        token: Secret::new(token),
+        lifetime: lifetime_of(data),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified() {
+        let code = |c| RestError::Code {
+            code: c,
+            msg: String::new(),
+        };
+        assert_eq!(code(9).recovery(), Recovery::Relogin);
+        assert_eq!(code(14).recovery(), Recovery::AuthRejected);
+        assert_eq!(code(11).recovery(), Recovery::Retry);
+        assert_eq!(RestError::Status(401).recovery(), Recovery::Relogin);
+        assert_eq!(RestError::Status(502).recovery(), Recovery::Retry);
+        assert_eq!(RestError::NotJson(3).recovery(), Recovery::Retry);
+    }
+
+    #[test]
+    fn grants_read_token_and_lifetime() {
+        let g =
+            grant_from(&json!({"code": 0, "data": {"token": "a+b/c=", "timeout": 14400}})).unwrap();
+        assert_eq!(g.token.expose(), "a+b/c=");
+        assert_eq!(g.lifetime, Some(Duration::from_secs(14400)));
+        let g = grant_from(&json!({"code": 0, "data": {"token": "t", "timeout": "60"}})).unwrap();
+        assert_eq!(g.lifetime, Some(Duration::from_secs(60)));
+        assert!(grant_from(&json!({"code": 0, "data": {}})).is_none());
+    }
+}

@@ -1,0 +1,326 @@
+//! The BVCSP session: log in (or build an AppId token), take the device snapshot,
+//! refresh at half the token's life, log in again on code 9 or a refused upgrade.
+//! Refused credentials back off for minutes and show as `auth_failed`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::BackoffBuilder;
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::rest::{Grant, Recovery, RestError};
+use super::{Ctx, Stream, Token, auth};
+use crate::config::Secret;
+use crate::link::LinkState;
+
+enum Outcome {
+    Cancelled,
+    Relogin(String),
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
+    let cfg = &ctx.cfg;
+    if cfg.uses_app_token() {
+        let rand_num = rand::random::<u32>() % 900_000 + 100_000;
+        let token = auth::app_token(
+            &cfg.app_id,
+            cfg.app_key.expose(),
+            &cfg.app_from,
+            now_unix(),
+            rand_num,
+        );
+        return Ok(Grant {
+            token: Secret::new(token),
+            lifetime: None,
+        });
+    }
+    ctx.rest
+        .login(&cfg.username, &cfg.password, now_unix())
+        .await
+}
+
+/// Sleep, or return false when cancelled.
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Runs until cancelled; returns the last token, for the logout.
+pub async fn run_session(
+    ctx: &Arc<Ctx>,
+    mut relogin_rx: mpsc::Receiver<u64>,
+    cancel: &CancellationToken,
+) -> Option<Arc<Token>> {
+    let net = ctx.net_backoff();
+    let mut net_backoff = net.build();
+    let mut auth_backoff = ctx.auth_backoff().build();
+    let mut generation = 0u64;
+    let mut last: Option<Arc<Token>> = None;
+    let mut relogin_reason: Option<String> = None;
+    loop {
+        if let Some(reason) = relogin_reason.take() {
+            let d = net_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+            info!("logging in again ({reason}) in {d:.1?}");
+            ctx.link.set(LinkState::Connecting, Some(reason), None);
+            if !pause(cancel, d).await {
+                return last;
+            }
+        } else {
+            ctx.link.set(LinkState::Connecting, None, None);
+        }
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return last,
+            r = obtain(ctx) => r,
+        };
+        let grant = match attempt {
+            Ok(g) => g,
+            Err(e) => {
+                ctx.stats.login_failures.fetch_add(1, Ordering::Relaxed);
+                let d = match e.recovery() {
+                    Recovery::AuthRejected => {
+                        let d = auth_backoff.next().unwrap_or(ctx.cfg.auth_retry_max);
+                        let local = crate::bvcsp::model::rfc3339_millis(SystemTime::now());
+                        error!(
+                            "BVCSP refused the credentials for user `{}`: {e}. Next attempt in {d:?}. \
+                             (SHA256_T also fails when the clocks disagree: local UTC time is {local})",
+                            ctx.cfg.username
+                        );
+                        ctx.link
+                            .set(LinkState::AuthFailed, Some(e.to_string()), Some(d));
+                        d
+                    }
+                    _ => {
+                        let d = net_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+                        ctx.link
+                            .set(LinkState::Down, Some(format!("login: {e}")), Some(d));
+                        d
+                    }
+                };
+                if !pause(cancel, d).await {
+                    return last;
+                }
+                continue;
+            }
+        };
+        auth_backoff = ctx.auth_backoff().build();
+        ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
+        generation += 1;
+        let token = Arc::new(Token {
+            value: grant.token,
+            generation,
+            issued: Instant::now(),
+            lifetime: grant.lifetime.unwrap_or(ctx.cfg.default_token_lifetime),
+        });
+        info!(
+            generation,
+            "logged in to BVCSP (token valid {:?})", token.lifetime
+        );
+        ctx.token.send_replace(Some(token.clone()));
+        last = Some(token.clone());
+        // Stale requests (about older tokens) are dropped.
+        while relogin_rx.try_recv().is_ok() {}
+
+        // Online status first, then the snapshot, so no change falls between the two.
+        if ctx.cfg.streams.contains(&Stream::OnlineStatus) {
+            let mut ready = ctx.online_ready.subscribe();
+            let wait = ready.wait_for(|g| *g >= generation);
+            tokio::select! {
+                _ = cancel.cancelled() => return last,
+                _ = tokio::time::timeout(ctx.cfg.request_timeout, wait) => {}
+            }
+        }
+        match snapshot(ctx, &token, cancel).await {
+            Ok(()) => {}
+            Err(e) if e.recovery() == Recovery::Relogin => {
+                relogin_reason = Some(format!("device list: {e}"));
+                continue;
+            }
+            Err(e) => {
+                warn!("device snapshot failed: {e}; will retry");
+                ctx.snapshot_request.notify_one();
+            }
+        }
+        ctx.link.set(LinkState::Up, None, None);
+        net_backoff = net.build();
+        match maintain(
+            ctx,
+            token,
+            &mut relogin_rx,
+            cancel,
+            &mut generation,
+            &mut last,
+        )
+        .await
+        {
+            Outcome::Cancelled => return last,
+            Outcome::Relogin(reason) => relogin_reason = Some(reason),
+        }
+    }
+}
+
+async fn maintain(
+    ctx: &Arc<Ctx>,
+    token: Arc<Token>,
+    relogin_rx: &mut mpsc::Receiver<u64>,
+    cancel: &CancellationToken,
+    generation: &mut u64,
+    last: &mut Option<Arc<Token>>,
+) -> Outcome {
+    let mut current = token;
+    let mut refresh_at = current.issued + current.lifetime / 2;
+    let mut refresh_backoff = ctx.net_backoff().build();
+    let mut snapshot_retry: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Outcome::Cancelled,
+            _ = sleep_until(refresh_at.into()) => {
+                let expires = current.issued + current.lifetime;
+                let result = if ctx.cfg.uses_app_token() {
+                    obtain(ctx).await
+                } else {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Outcome::Cancelled,
+                        r = ctx.rest.refresh(&current.value) => r,
+                    }
+                };
+                match result {
+                    Ok(grant) => {
+                        *generation += 1;
+                        let lifetime = grant.lifetime.unwrap_or(current.lifetime);
+                        current = Arc::new(Token { value: grant.token, generation: *generation, issued: Instant::now(), lifetime });
+                        refresh_at = current.issued + lifetime / 2;
+                        refresh_backoff = ctx.net_backoff().build();
+                        ctx.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                        info!(generation = *generation, "token refreshed (valid {lifetime:?}); reopening streams");
+                        ctx.token.send_replace(Some(current.clone()));
+                        *last = Some(current.clone());
+                    }
+                    Err(e) if e.recovery() == Recovery::Relogin => return Outcome::Relogin(format!("refresh: {e}")),
+                    Err(e) => {
+                        let d = refresh_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+                        if Instant::now() + d >= expires {
+                            return Outcome::Relogin(format!("refresh failing ({e}) and the token is expiring"));
+                        }
+                        warn!("token refresh failed: {e}; retrying in {d:.1?}");
+                        refresh_at = Instant::now() + d;
+                    }
+                }
+            }
+            Some(refused) = relogin_rx.recv() => {
+                if refused >= current.generation {
+                    return Outcome::Relogin("a stream's upgrade was refused".into());
+                }
+                debug!(refused, current = current.generation, "ignoring a stale re-login request");
+            }
+            _ = ctx.snapshot_request.notified() => {
+                snapshot_retry = None;
+                if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
+                    return o;
+                }
+            }
+            _ = async { sleep_until(snapshot_retry.expect("guarded").into()).await }, if snapshot_retry.is_some() => {
+                snapshot_retry = None;
+                if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
+async fn run_snapshot(
+    ctx: &Arc<Ctx>,
+    token: &Token,
+    cancel: &CancellationToken,
+    retry: &mut Option<Instant>,
+) -> Option<Outcome> {
+    match snapshot(ctx, token, cancel).await {
+        Ok(()) => None,
+        Err(e) if e.recovery() == Recovery::Relogin => {
+            Some(Outcome::Relogin(format!("device list: {e}")))
+        }
+        Err(e) => {
+            warn!(
+                "device snapshot failed: {e}; retrying in {:?}",
+                ctx.cfg.reconnect_max
+            );
+            *retry = Some(Instant::now() + ctx.cfg.reconnect_max);
+            None
+        }
+    }
+}
+
+/// Page through the device list and publish retained availability and location.
+async fn snapshot(
+    ctx: &Arc<Ctx>,
+    token: &Token,
+    cancel: &CancellationToken,
+) -> Result<(), RestError> {
+    let begin = ctx.registry.snapshot_begin();
+    let size = ctx.cfg.page_size;
+    let mut page = 0u32;
+    let mut seen = 0u64;
+    let mut devices = 0usize;
+    loop {
+        let reply = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = ctx.rest.device_page(&token.value, page, size) => r?,
+        };
+        let (records, count, total) = reply;
+        let now = SystemTime::now();
+        for record in records {
+            devices += 1;
+            if !ctx
+                .registry
+                .snapshot_update(&record.id, record.online, begin)
+            {
+                continue;
+            }
+            for m in record.messages(now, &ctx.topics) {
+                let live = m.topic.ends_with("/location")
+                    && ctx
+                        .located
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains(&m.topic);
+                if !live {
+                    ctx.outbox.push(m).await;
+                }
+            }
+        }
+        seen += count as u64;
+        page += 1;
+        let done = count == 0
+            || count < size as usize
+            || total.is_some_and(|t| seen >= t)
+            || page >= 100_000;
+        if done {
+            break;
+        }
+    }
+    ctx.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+    info!("device snapshot: {devices} devices");
+    Ok(())
+}
+
+/// Best effort, bounded: the process is stopping.
+pub async fn logout(ctx: &Ctx, token: &Token) {
+    match tokio::time::timeout(Duration::from_secs(3), ctx.rest.logout(&token.value)).await {
+        Ok(Ok(())) => info!("logged out of BVCSP"),
+        Ok(Err(e)) => debug!("logout failed: {e}"),
+        Err(_) => debug!("logout timed out"),
+    }
+}

@@ -1,0 +1,616 @@
+//! One WebSocket event stream: connect → run → back off, forever.
+//!
+//! While running, one task `select!`s over cancellation, the keepalive tick (an empty
+//! text frame and a Ping every `keepalive_interval`; no Pong for `pong_timeout` means the
+//! link is dead), the next frame, token changes and, on the location stream, new devices
+//! to subscribe. A new token reopens the stream make-before-break: the new socket is
+//! opened first and the old one is still read for a moment after the swap, so nothing
+//! is lost in between; a frame read on both gets the same `event_id` and is dropped once.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::BackoffBuilder;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::sleep_until;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError, SubProtocolError};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::header::SEC_WEBSOCKET_PROTOCOL;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Bytes, Message as WsMessage};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::model::{self, Normalised};
+use super::{Ctx, Stream, Token};
+use crate::config::TokenTransport;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Connecting = Pin<Box<dyn Future<Output = (Arc<Token>, Result<Ws, ConnectError>)> + Send>>;
+
+/// Largest message accepted from upstream.
+const MAX_MESSAGE: usize = 8 << 20;
+/// After a make-before-break swap, the old socket is still read this long.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// GPS subscribe frames carry at most this many ids.
+const SUBSCRIBE_CHUNK: usize = 200;
+/// How many recent content ids are remembered for de-duplication.
+const RECENT_IDS: usize = 4096;
+/// Distinct frame shapes logged per stream before going quiet.
+const MAX_SHAPES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("server did not echo Sec-WebSocket-Protocol")]
+    NoSubprotocol,
+    #[error("server echoed a different subprotocol (length {0})")]
+    WrongSubprotocol(usize),
+    #[error("upgrade refused with HTTP {0}")]
+    Rejected(u16),
+    #[error("no such stream path (HTTP 404)")]
+    NotFound,
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("{0}")]
+    Other(String),
+}
+
+fn classify(e: WsError) -> ConnectError {
+    match e {
+        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(
+            SubProtocolError::NoSubProtocol,
+        )) => ConnectError::NoSubprotocol,
+        WsError::Protocol(ProtocolError::SecWebSocketSubProtocolError(
+            SubProtocolError::InvalidSubProtocol,
+        )) => ConnectError::WrongSubprotocol(0),
+        WsError::Http(resp) => match resp.status().as_u16() {
+            401 | 403 => ConnectError::Rejected(resp.status().as_u16()),
+            404 => ConnectError::NotFound,
+            s => ConnectError::Other(format!("upgrade refused with HTTP {s}")),
+        },
+        WsError::Url(_) => ConnectError::Other("invalid stream URL".into()),
+        other => ConnectError::Other(other.to_string()),
+    }
+}
+
+/// Open `stream` with `token`, by the token transport currently in force for the server.
+pub async fn connect(ctx: &Ctx, stream: Stream, token: &Token) -> Result<Ws, ConnectError> {
+    let query =
+        ctx.cfg.token_transport == TokenTransport::Query || ctx.query_mode.load(Ordering::Relaxed);
+    let mut url = ctx.ws_base.clone();
+    url.set_path(ctx.cfg.paths.stream(stream));
+    if query {
+        url.query_pairs_mut()
+            .append_pair("token", token.value.expose());
+    }
+    let mut req = url.as_str().into_client_request().map_err(|_| {
+        ConnectError::Other(format!(
+            "invalid stream URL for path {}",
+            ctx.cfg.paths.stream(stream)
+        ))
+    })?;
+    if !query {
+        let mut v = HeaderValue::from_str(token.value.expose())
+            .map_err(|_| ConnectError::Other("token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        req.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE));
+    let connector = ctx.ws_tls.clone().map(Connector::Rustls);
+    let attempt =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector);
+    match tokio::time::timeout(ctx.cfg.request_timeout, attempt).await {
+        Err(_) => Err(ConnectError::Timeout),
+        Ok(Ok((ws, _response))) => Ok(ws),
+        Ok(Err(e)) => Err(classify(e)),
+    }
+}
+
+/// Switch this server to `?token=` for the rest of the process, warning once.
+fn fall_back_to_query(ctx: &Ctx) {
+    ctx.query_mode.store(true, Ordering::Relaxed);
+    if !ctx.query_warned.swap(true, Ordering::Relaxed) {
+        warn!(
+            "BVCSP server does not echo Sec-WebSocket-Protocol; using ?token= instead \
+             (set bvcsp.token_transport = \"query\" to skip the attempt)"
+        );
+        ctx.link
+            .set_detail("token_transport", serde_json::json!("query"));
+    }
+}
+
+/// Per-stream memory: recent ids for de-duplication, shapes seen, malformed-frame log limit.
+struct StreamMemory {
+    recent: HashSet<String>,
+    recent_order: VecDeque<String>,
+    shapes: HashSet<String>,
+    last_malformed_log: Option<Instant>,
+    suppressed: u64,
+}
+
+impl StreamMemory {
+    fn new() -> Self {
+        StreamMemory {
+            recent: HashSet::new(),
+            recent_order: VecDeque::new(),
+            shapes: HashSet::new(),
+            last_malformed_log: None,
+            suppressed: 0,
+        }
+    }
+
+    /// True if this id was seen recently (and remembers it otherwise).
+    fn seen(&mut self, id: &str) -> bool {
+        if self.recent.contains(id) {
+            return true;
+        }
+        if self.recent_order.len() >= RECENT_IDS
+            && let Some(old) = self.recent_order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+        self.recent.insert(id.to_string());
+        self.recent_order.push_back(id.to_string());
+        false
+    }
+}
+
+enum End {
+    Cancelled,
+    Lost(String),
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The stream's connect → run → back off loop.
+pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: CancellationToken) {
+    let name = stream.name();
+    let mut token_rx = ctx.token.subscribe();
+    let builder = ctx.net_backoff();
+    let mut backoff = builder.build();
+    let mut memory = StreamMemory::new();
+    let mut first_connect = true;
+    let mut last_failure: Option<String> = None;
+    let mut failures = 0u64;
+    // Streams after the first open one after another, not all at once.
+    if index > 0 {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = wait_for_token(&mut token_rx) => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ctx.cfg.reopen_stagger.mul_f64(index as f64)) => {}
+        }
+    }
+    loop {
+        let token = tokio::select! {
+            _ = cancel.cancelled() => return,
+            t = wait_for_token(&mut token_rx) => match t { Some(t) => t, None => return },
+        };
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = connect(&ctx, stream, &token) => r,
+        };
+        let mut wait_for_new_token = false;
+        match attempt {
+            Ok(ws) => {
+                if failures > 0 {
+                    info!(stream = name, "connected after {failures} failed attempts");
+                }
+                failures = 0;
+                last_failure = None;
+                ctx.link.set_stream(name, true);
+                ctx.stats
+                    .of(stream)
+                    .connects
+                    .fetch_add(1, Ordering::Relaxed);
+                if stream == Stream::OnlineStatus {
+                    ctx.online_ready.send_replace(token.generation);
+                    // Reconcile what was missed while the stream was down.
+                    if !first_connect {
+                        ctx.snapshot_request.notify_one();
+                    }
+                }
+                first_connect = false;
+                let started = Instant::now();
+                let end = run_socket(
+                    &ctx,
+                    stream,
+                    index,
+                    ws,
+                    token,
+                    &mut token_rx,
+                    &mut memory,
+                    &cancel,
+                )
+                .await;
+                ctx.link.set_stream(name, false);
+                if started.elapsed() >= Duration::from_secs(30) {
+                    backoff = builder.build();
+                }
+                match end {
+                    End::Cancelled => return,
+                    End::Lost(reason) => {
+                        warn!(stream = name, "stream lost: {reason}; reconnecting")
+                    }
+                }
+            }
+            Err(ConnectError::NoSubprotocol) if !ctx.query_mode.load(Ordering::Relaxed) => {
+                fall_back_to_query(&ctx);
+                continue;
+            }
+            Err(e) => {
+                ctx.link.set_stream(name, false);
+                failures += 1;
+                let text = e.to_string();
+                if last_failure.as_deref() != Some(&text) {
+                    warn!(
+                        stream = name,
+                        path = ctx.cfg.paths.stream(stream),
+                        "cannot open stream: {text}"
+                    );
+                    last_failure = Some(text);
+                } else {
+                    debug!(
+                        stream = name,
+                        "cannot open stream: {text} (attempt {failures})"
+                    );
+                }
+                match e {
+                    ConnectError::Rejected(_) => {
+                        let _ = ctx.relogin.try_send(token.generation);
+                        wait_for_new_token = true;
+                    }
+                    ConnectError::NotFound => {
+                        // A wrong path does not fix itself quickly: retry slowly.
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let delay = backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+        ctx.stats
+            .of(stream)
+            .reconnects
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            // A refused token is replaced by a re-login; go as soon as it arrives.
+            _ = token_rx.changed(), if wait_for_new_token => {}
+        }
+    }
+}
+
+async fn wait_for_token(rx: &mut watch::Receiver<Option<Arc<Token>>>) -> Option<Arc<Token>> {
+    loop {
+        if let Some(t) = rx.borrow_and_update().clone() {
+            return Some(t);
+        }
+        rx.changed().await.ok()?;
+    }
+}
+
+struct Live {
+    ws: Ws,
+    token: Arc<Token>,
+    subscribed: HashSet<String>,
+    last_pong: Instant,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_socket(
+    ctx: &Arc<Ctx>,
+    stream: Stream,
+    index: usize,
+    ws: Ws,
+    token: Arc<Token>,
+    token_rx: &mut watch::Receiver<Option<Arc<Token>>>,
+    memory: &mut StreamMemory,
+    cancel: &CancellationToken,
+) -> End {
+    let cfg = &ctx.cfg;
+    let mut live = Live {
+        ws,
+        token,
+        subscribed: HashSet::new(),
+        last_pong: Instant::now(),
+    };
+    let mut draining: Option<(Ws, Instant)> = None;
+    let mut reopen_at: Option<Instant> = None;
+    let mut reopening: Option<Connecting> = None;
+    let mut added = ctx.registry.watch_added();
+    let mut batch_at: Option<Instant> = None;
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.keepalive_interval,
+        cfg.keepalive_interval,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The token may have changed while this socket was being opened.
+    token_rx.borrow_and_update();
+
+    if stream == Stream::Location
+        && let Err(e) = subscribe_new(ctx, &mut live).await
+    {
+        return End::Lost(format!("cannot send GPS subscription: {e}"));
+    }
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = live.ws.close(None).await;
+                if let Some((mut old, _)) = draining.take() {
+                    let _ = old.close(None).await;
+                }
+                return End::Cancelled;
+            }
+            _ = tick.tick() => {
+                if live.last_pong.elapsed() > cfg.pong_timeout {
+                    return End::Lost(format!("no Pong for {:?}: link is dead", cfg.pong_timeout));
+                }
+                if let Err(e) = live.ws.feed(WsMessage::text("")).await {
+                    return End::Lost(format!("keepalive failed: {e}"));
+                }
+                if let Err(e) = live.ws.send(WsMessage::Ping(Bytes::from_static(b"bvcsp2mqtt"))).await {
+                    return End::Lost(format!("ping failed: {e}"));
+                }
+            }
+            changed = token_rx.changed() => {
+                if changed.is_err() {
+                    return End::Cancelled;
+                }
+                let newer = token_rx.borrow_and_update().as_ref().is_some_and(|t| t.generation != live.token.generation);
+                if newer && reopening.is_none() {
+                    reopen_at = Some(Instant::now() + cfg.reopen_stagger.mul_f64(index as f64));
+                }
+            }
+            _ = sleep_opt(reopen_at) => {
+                reopen_at = None;
+                if let Some(token) = token_rx.borrow().clone() {
+                    let ctx2 = Arc::clone(ctx);
+                    reopening = Some(Box::pin(async move {
+                        let r = connect(&ctx2, stream, &token).await;
+                        (token, r)
+                    }));
+                }
+            }
+            (token, result) = async { reopening.as_mut().expect("guarded").await }, if reopening.is_some() => {
+                reopening = None;
+                match result {
+                    Ok(ws) => {
+                        debug!(stream = stream.name(), generation = token.generation, "reopened with the new token");
+                        let old = std::mem::replace(
+                            &mut live,
+                            Live { ws, token, subscribed: HashSet::new(), last_pong: Instant::now() },
+                        );
+                        if let Some((mut older, _)) = draining.replace((old.ws, Instant::now() + DRAIN_GRACE)) {
+                            let _ = older.close(None).await;
+                        }
+                        ctx.stats.of(stream).reopens.fetch_add(1, Ordering::Relaxed);
+                        if stream == Stream::OnlineStatus {
+                            ctx.online_ready.send_replace(live.token.generation);
+                        }
+                        if stream == Stream::Location
+                            && let Err(e) = subscribe_new(ctx, &mut live).await
+                        {
+                            return End::Lost(format!("cannot send GPS subscription: {e}"));
+                        }
+                        // A token newer still may have come meanwhile.
+                        if token_rx.borrow().as_ref().is_some_and(|t| t.generation != live.token.generation) {
+                            reopen_at = Some(Instant::now());
+                        }
+                    }
+                    Err(ConnectError::NoSubprotocol) if !ctx.query_mode.load(Ordering::Relaxed) => {
+                        fall_back_to_query(ctx);
+                        reopen_at = Some(Instant::now());
+                    }
+                    Err(ConnectError::Rejected(_)) => {
+                        let _ = ctx.relogin.try_send(token.generation);
+                    }
+                    Err(e) => {
+                        warn!(stream = stream.name(), "reopening with the new token failed: {e}; keeping the current socket");
+                        reopen_at = Some(Instant::now() + cfg.reconnect_max.min(Duration::from_secs(5)));
+                    }
+                }
+            }
+            _ = sleep_opt(draining.as_ref().map(|d| d.1)) => {
+                if let Some((mut old, _)) = draining.take() {
+                    let _ = old.close(None).await;
+                }
+            }
+            frame = async { draining.as_mut().expect("guarded").0.next().await }, if draining.is_some() => {
+                match frame {
+                    Some(Ok(msg)) => ingest_message(ctx, stream, memory, msg).await,
+                    _ => draining = None,
+                }
+            }
+            frame = live.ws.next() => {
+                match frame {
+                    Some(Ok(WsMessage::Pong(_))) => live.last_pong = Instant::now(),
+                    Some(Ok(WsMessage::Close(close))) => {
+                        return End::Lost(match close {
+                            Some(c) => format!("closed by server (code {}, {:?})", u16::from(c.code), c.reason.as_str()),
+                            None => "closed by server".into(),
+                        });
+                    }
+                    Some(Ok(msg)) => {
+                        // Any inbound traffic also proves the link alive.
+                        live.last_pong = live.last_pong.max(Instant::now() - cfg.keepalive_interval);
+                        ingest_message(ctx, stream, memory, msg).await;
+                    }
+                    Some(Err(e)) => return End::Lost(e.to_string()),
+                    None => return End::Lost("connection closed".into()),
+                }
+            }
+            r = added.changed(), if stream == Stream::Location => {
+                if r.is_ok() && batch_at.is_none() {
+                    batch_at = Some(Instant::now() + cfg.gps_batch_window);
+                }
+            }
+            _ = sleep_opt(batch_at) => {
+                batch_at = None;
+                if let Err(e) = subscribe_new(ctx, &mut live).await {
+                    return End::Lost(format!("cannot send GPS subscription: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// Subscribe the location socket to every known device it is not yet subscribed to.
+async fn subscribe_new(ctx: &Ctx, live: &mut Live) -> Result<(), WsError> {
+    let new: Vec<String> = ctx
+        .registry
+        .ids()
+        .into_iter()
+        .filter(|id| !live.subscribed.contains(id))
+        .collect();
+    for chunk in new.chunks(SUBSCRIBE_CHUNK) {
+        let frame = serde_json::json!({"badd": true, "puid": chunk});
+        live.ws.send(WsMessage::text(frame.to_string())).await?;
+        live.subscribed.extend(chunk.iter().cloned());
+    }
+    if !new.is_empty() {
+        debug!(
+            "GPS subscription: {} new devices, {} in all",
+            new.len(),
+            live.subscribed.len()
+        );
+    }
+    Ok(())
+}
+
+async fn ingest_message(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, msg: WsMessage) {
+    let text = match msg {
+        WsMessage::Text(t) => t.as_str().to_owned(),
+        WsMessage::Binary(b) => match String::from_utf8(b.to_vec()) {
+            Ok(s) => s,
+            Err(_) => {
+                malformed(
+                    ctx,
+                    stream,
+                    memory,
+                    &format!("binary frame of {} bytes is not UTF-8", b.len()),
+                );
+                return;
+            }
+        },
+        _ => return,
+    };
+    ingest_text(ctx, stream, memory, &text).await;
+}
+
+/// Turn one frame's text into published messages.
+async fn ingest_text(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, text: &str) {
+    let received = SystemTime::now();
+    let values = match model::split_frame(text) {
+        Ok(v) => v,
+        Err(e) => {
+            malformed(
+                ctx,
+                stream,
+                memory,
+                &format!("frame of {} bytes is not JSON ({e})", text.len()),
+            );
+            return;
+        }
+    };
+    let stats = ctx.stats.of(stream);
+    for value in values {
+        stats.events_in.fetch_add(1, Ordering::Relaxed);
+        log_shape(stream, memory, &value);
+        let Normalised {
+            event_id,
+            messages,
+            device,
+            malformed: problem,
+        } = model::normalise(stream, value, received, &ctx.topics);
+        if let Some(problem) = problem {
+            malformed(ctx, stream, memory, problem);
+        }
+        if memory.seen(&event_id) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            debug!(stream = stream.name(), event_id, "duplicate frame dropped");
+            continue;
+        }
+        if let Some((id, online)) = device {
+            ctx.registry.stream_update(&id, online);
+        }
+        if stream == Stream::Location
+            && let Some(m) = messages.first()
+        {
+            ctx.located
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(m.topic.clone());
+        }
+        for m in messages {
+            ctx.outbox.push(m).await;
+            stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn log_shape(stream: Stream, memory: &mut StreamMemory, value: &serde_json::Value) {
+    if memory.shapes.len() >= MAX_SHAPES {
+        return;
+    }
+    let shape = model::shape(value);
+    if memory.shapes.insert(shape.clone()) {
+        let what = if memory.shapes.len() == 1 {
+            "first frame"
+        } else {
+            "new frame shape"
+        };
+        info!(
+            stream = stream.name(),
+            "{what} on stream {}: fields [{shape}]",
+            stream.name()
+        );
+    }
+}
+
+fn malformed(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, problem: &str) {
+    ctx.stats
+        .of(stream)
+        .malformed
+        .fetch_add(1, Ordering::Relaxed);
+    let now = Instant::now();
+    if memory
+        .last_malformed_log
+        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+    {
+        let extra = if memory.suppressed > 0 {
+            format!(" ({} more since the last report)", memory.suppressed)
+        } else {
+            String::new()
+        };
+        warn!(stream = stream.name(), "malformed frame: {problem}{extra}");
+        memory.last_malformed_log = Some(now);
+        memory.suppressed = 0;
+    } else {
+        memory.suppressed += 1;
+    }
+}

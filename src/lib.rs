@@ -1,0 +1,12 @@
+//! bvcsp2mqtt: BVCSP event streams and NovaStar play boxes to MQTT.
+
+pub mod bvcsp;
+pub mod config;
+pub mod demo;
+pub mod link;
+pub mod mqtt;
+pub mod sim;
+pub mod supervisor;
+pub mod tls;
+
+pub use supervisor::{Bridge, run};

@@ -1,0 +1,175 @@
+//! The binary: parse the command line, load and validate the configuration, set up
+//! logging, run. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use bvcsp2mqtt::config::{self, LogConfig, LogFormat};
+
+/// Exit codes (sysexits): bad configuration or usage, internal error.
+const EX_USAGE: u8 = 64;
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Parser)]
+#[command(
+    name = "bvcsp2mqtt",
+    version,
+    about = "Bridge BVCSP events and NovaStar play boxes to MQTT"
+)]
+struct Cli {
+    /// Configuration file
+    #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge (the default)
+    Run,
+    /// Run simulators, an embedded broker and the bridge on this machine, and show what is published
+    Demo {
+        /// Port for the embedded MQTT broker (default 1883, or a free one if taken)
+        #[arg(long)]
+        mqtt_port: Option<u16>,
+        /// Stop by itself after this long (e.g. "30s"); default: until Ctrl-C
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+    /// Validate the configuration and print it with secrets redacted
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match config::load(Some(&cli.config), config::env_overrides()) {
+            Ok(cfg) => {
+                print!("{}", cfg.redacted_toml());
+                eprintln!("configuration OK: {}", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("configuration error: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
+        Command::Run => {
+            let cfg = match config::load(Some(&cli.config), config::env_overrides()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("configuration error: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            init_tracing(&cfg.log);
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    bvcsp2mqtt::run(cfg, shutdown_signal())
+                        .await
+                        .context("cannot start")
+                })
+            }))
+        }
+        Command::Demo {
+            mqtt_port,
+            duration,
+        } => {
+            init_tracing(&LogConfig {
+                level: "warn,bvcsp2mqtt=info".into(),
+                format: LogFormat::Text,
+            });
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let stop = async move {
+                        match duration {
+                            Some(d) => tokio::select! {
+                                _ = shutdown_signal() => {}
+                                _ = tokio::time::sleep(d) => {}
+                            },
+                            None => shutdown_signal().await,
+                        }
+                    };
+                    bvcsp2mqtt::demo::run(mqtt_port, stop)
+                        .await
+                        .context("demo failed")
+                })
+            }))
+        }
+    }
+}
+
+fn exit_with(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EX_SOFTWARE)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // journald stamps every line itself.
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (log.format, under_journal) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Text, false) => builder.init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    wait_signal().await;
+    tracing::info!("signal received: stopping gracefully (send it again to exit at once)");
+    tokio::spawn(async {
+        wait_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

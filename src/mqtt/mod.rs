@@ -1,0 +1,58 @@
+//! The MQTT side: topics, the outbox every message passes through, and the publisher
+//! that drives rumqttc and settles outbox entries on the broker's acknowledgement.
+
+pub mod outbox;
+pub mod publisher;
+pub mod topics;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+pub use outbox::Outbox;
+pub use publisher::{MqttStatus, Publisher};
+pub use topics::Topics;
+
+/// One message to publish. Retained messages are state: a newer one for the same topic
+/// supersedes an older one that has not been sent yet. Others are events: never dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+impl Message {
+    pub fn event(topic: String, payload: Map<String, Value>) -> Message {
+        Message {
+            topic,
+            payload: to_bytes(payload),
+            retain: false,
+        }
+    }
+    pub fn state(topic: String, payload: Map<String, Value>) -> Message {
+        Message {
+            topic,
+            payload: to_bytes(payload),
+            retain: true,
+        }
+    }
+    pub fn state_text(topic: String, text: &str) -> Message {
+        Message {
+            topic,
+            payload: Bytes::copy_from_slice(text.as_bytes()),
+            retain: true,
+        }
+    }
+    pub fn state_json(topic: String, payload: &Value) -> Message {
+        Message {
+            topic,
+            payload: Bytes::from(serde_json::to_vec(payload).unwrap_or_default()),
+            retain: true,
+        }
+    }
+}
+
+fn to_bytes(payload: Map<String, Value>) -> Bytes {
+    // Serialising a Map of Values cannot fail.
+    Bytes::from(serde_json::to_vec(&Value::Object(payload)).unwrap_or_default())
+}

@@ -1,0 +1,428 @@
+//! Drives rumqttc: connect → run → back off, feeding it from the outbox and settling
+//! outbox entries only on the broker's acknowledgement.
+//!
+//! rumqttc has no per-publish completion, so acknowledgements are correlated here
+//! (shared/notes/rust.md §4): requests leave rumqttc in FIFO order, so every request we
+//! hand over is appended to `fifo`; `Outgoing::Publish(pkid)` with an unmapped pkid pops
+//! the front and maps the pkid to it (a mapped pkid is a retransmission); `PubAck` (or
+//! `PubComp` at QoS 2) settles the pkid. On a new broker session rumqttc silently drops
+//! everything it held, so the correlation is cleared and the outbox rewound.
+//!
+//! Only the feeder hands requests over, only while connected, and under the same lock
+//! the driver takes when the connection fails; after a failure the driver calls
+//! `EventLoop::clean` again under that lock so that a request handed over in the instant
+//! between rumqttc's own clean-up and ours also lands in rumqttc's pending list, in order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::{Message, Outbox, Topics};
+use crate::config::MqttConfig;
+use crate::tls::{self, ClientAuth, Trust};
+
+/// Requests handed to rumqttc and not yet acknowledged, at most.
+const WINDOW: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttSetupError {
+    #[error("mqtt.tls: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// What the bridge's own status publishes are, for correlation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Outbox(u64),
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Default)]
+struct Correlation {
+    connected: bool,
+    /// Handed over, packet id not yet known.
+    fifo: VecDeque<Slot>,
+    /// Packet id -> what it carries, until acknowledged.
+    inflight: HashMap<u16, Slot>,
+}
+
+impl Correlation {
+    fn in_hand(&self) -> usize {
+        self.fifo.len() + self.inflight.len()
+    }
+}
+
+/// Broker connection state, for health and readiness.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MqttStatus {
+    pub connected: bool,
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+struct Shared {
+    outbox: Arc<Outbox>,
+    topics: Topics,
+    qos: QoS,
+    max_packet: usize,
+    client: AsyncClient,
+    corr: Mutex<Correlation>,
+    /// Signalled when the feeder may make progress (connected, or window space).
+    progress: Notify,
+    offline_acked: Notify,
+    driver_done: Notify,
+    status: watch::Sender<MqttStatus>,
+}
+
+impl Shared {
+    fn corr(&self) -> std::sync::MutexGuard<'_, Correlation> {
+        self.corr.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hand one request to rumqttc; the caller holds the correlation lock.
+    fn hand_over(&self, corr: &mut Correlation, slot: Slot, msg: &Message) -> bool {
+        corr.fifo.push_back(slot);
+        match self
+            .client
+            .try_publish(&msg.topic, self.qos, msg.retain, msg.payload.clone())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                corr.fifo.pop_back();
+                debug!("mqtt request channel refused a publish: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// The running publisher.
+pub struct Publisher {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+fn qos_of(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, MqttSetupError> {
+    let (use_tls, host, port) = cfg.endpoint();
+    let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
+    o.set_keep_alive(cfg.keepalive)
+        .set_clean_session(false)
+        .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
+        .set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX))
+        .set_request_channel_capacity(WINDOW + 4)
+        .set_last_will(LastWill::new(
+            topics.bridge_state(),
+            "offline",
+            qos_of(cfg.qos),
+            true,
+        ));
+    if !cfg.username.is_empty() {
+        o.set_credentials(cfg.username.clone(), cfg.password.expose().to_string());
+    }
+    if use_tls {
+        let t = &cfg.tls;
+        let trust = Trust::from_options(t.insecure, "", &t.ca_file).unwrap_or(Trust::System);
+        if t.insecure {
+            warn!("mqtt.tls.insecure = true: the broker's certificate is NOT verified");
+        }
+        let auth = (!t.client_cert.is_empty()).then(|| ClientAuth {
+            cert_file: &t.client_cert,
+            key_file: &t.client_key,
+        });
+        let tls_cfg = tls::client_config(&trust, auth)?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls_cfg),
+        )));
+    }
+    Ok(o)
+}
+
+impl Publisher {
+    /// Start the publisher. It runs until `shutdown` (or until `stop` is cancelled).
+    pub fn start(
+        cfg: &MqttConfig,
+        outbox: Arc<Outbox>,
+        topics: Topics,
+    ) -> Result<Publisher, MqttSetupError> {
+        let opts = options(cfg, &topics)?;
+        let (client, eventloop) = AsyncClient::new(opts, WINDOW + 4);
+        let (status, _) = watch::channel(MqttStatus::default());
+        let shared = Arc::new(Shared {
+            outbox,
+            topics,
+            qos: qos_of(cfg.qos),
+            max_packet: cfg.max_packet_size,
+            client,
+            corr: Mutex::new(Correlation::default()),
+            progress: Notify::new(),
+            offline_acked: Notify::new(),
+            driver_done: Notify::new(),
+            status,
+        });
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(cfg.reconnect_min)
+            .with_max_delay(cfg.reconnect_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times();
+        tasks.spawn(drive(shared.clone(), eventloop, backoff, stop.clone()));
+        tasks.spawn(feed(shared.clone(), stop.clone()));
+        tasks.close();
+        Ok(Publisher {
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn status(&self) -> watch::Receiver<MqttStatus> {
+        self.shared.status.subscribe()
+    }
+
+    /// Wait until every queued message is acknowledged, up to `grace`. True if drained.
+    pub async fn flush(&self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, self.shared.outbox.wait_empty())
+            .await
+            .is_ok()
+    }
+
+    /// Publish retained `offline`, disconnect cleanly (so the will does not fire), stop.
+    pub async fn shutdown(self, grace: Duration) {
+        let shared = &self.shared;
+        let sent = {
+            let mut corr = shared.corr();
+            let connected = corr.connected;
+            connected && shared.hand_over(&mut corr, Slot::Offline, &offline_msg(&shared.topics))
+        };
+        if sent {
+            if tokio::time::timeout(grace, shared.offline_acked.notified())
+                .await
+                .is_err()
+            {
+                warn!("broker did not acknowledge `offline` within {grace:?}");
+            }
+            let _ = shared.client.try_disconnect();
+            // The driver ends when the disconnect has gone out.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), shared.driver_done.notified()).await;
+        }
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+
+    /// Stop without any goodbye, as a crash would (the broker fires the will).
+    pub async fn abort(self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+fn online_msg(topics: &Topics) -> Message {
+    Message::state_text(topics.bridge_state(), "online")
+}
+
+fn offline_msg(topics: &Topics) -> Message {
+    Message::state_text(topics.bridge_state(), "offline")
+}
+
+async fn drive(
+    shared: Arc<Shared>,
+    mut eventloop: EventLoop,
+    builder: ExponentialBuilder,
+    stop: CancellationToken,
+) {
+    let mut backoff = builder.build();
+    let mut last_error: Option<String> = None;
+    let mut repeats = 0u64;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            ev = eventloop.poll() => ev,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = builder.build();
+                {
+                    let mut corr = shared.corr();
+                    corr.connected = true;
+                    if !ack.session_present {
+                        // rumqttc dropped everything it held: start over from the outbox.
+                        corr.fifo.clear();
+                        corr.inflight.clear();
+                        shared.outbox.rewind();
+                    }
+                    shared.hand_over(&mut corr, Slot::Online, &online_msg(&shared.topics));
+                }
+                shared.status.send_modify(|s| {
+                    s.connected = true;
+                    s.connects += 1;
+                });
+                if repeats > 1 {
+                    info!(
+                        "mqtt connected (session present: {}) after {repeats} failed attempts",
+                        ack.session_present
+                    );
+                } else {
+                    info!("mqtt connected (session present: {})", ack.session_present);
+                }
+                last_error = None;
+                repeats = 0;
+                shared.progress.notify_one();
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut corr = shared.corr();
+                if pkid == 0 {
+                    // QoS 0: done once written.
+                    if let Some(slot) = corr.fifo.pop_front() {
+                        settle(&shared, slot);
+                    }
+                } else if !corr.inflight.contains_key(&pkid) {
+                    match corr.fifo.pop_front() {
+                        Some(slot) => {
+                            corr.inflight.insert(pkid, slot);
+                        }
+                        None => error!(
+                            "mqtt publish {pkid} went out with nothing queued: correlation lost"
+                        ),
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) if shared.qos == QoS::AtLeastOnce => {
+                acknowledge(&shared, ack.pkid);
+            }
+            Ok(Event::Incoming(Packet::PubComp(ack))) if shared.qos == QoS::ExactlyOnce => {
+                acknowledge(&shared, ack.pkid);
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                debug!("mqtt disconnect sent");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                {
+                    let mut corr = shared.corr();
+                    corr.connected = false;
+                    eventloop.clean();
+                }
+                let text = describe(&e);
+                shared.status.send_modify(|s| {
+                    s.connected = false;
+                    s.last_error = Some(text.clone());
+                });
+                repeats += 1;
+                if last_error.as_deref() != Some(text.as_str()) {
+                    warn!("mqtt connection failed: {text}; retrying with backoff");
+                    last_error = Some(text);
+                } else if repeats.is_power_of_two() {
+                    warn!("mqtt still unreachable after {repeats} attempts: {text}");
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    shared.status.send_modify(|s| s.connected = false);
+    shared.driver_done.notify_one();
+}
+
+fn acknowledge(shared: &Shared, pkid: u16) {
+    let slot = shared.corr().inflight.remove(&pkid);
+    match slot {
+        Some(slot) => settle(shared, slot),
+        None => debug!("acknowledgement for unknown packet id {pkid}"),
+    }
+}
+
+fn settle(shared: &Shared, slot: Slot) {
+    match slot {
+        Slot::Outbox(id) => shared.outbox.ack(id),
+        Slot::Online => {}
+        Slot::Offline => shared.offline_acked.notify_one(),
+    }
+    shared.progress.notify_one();
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        // Register interest before checking, so no wake-up is lost in between.
+        let progress = shared.progress.notified();
+        let sendable = shared.outbox.sendable();
+        let mut handed = false;
+        {
+            let mut corr = shared.corr();
+            while corr.connected && corr.in_hand() < WINDOW {
+                let Some((id, msg)) = shared.outbox.take_next() else {
+                    break;
+                };
+                let size = msg.topic.len() + msg.payload.len() + 16;
+                if size > shared.max_packet {
+                    error!(
+                        "dropping a message of {size} bytes for {}: larger than mqtt.max_packet_size ({})",
+                        msg.topic, shared.max_packet
+                    );
+                    shared.outbox.ack(id);
+                    continue;
+                }
+                if !shared.hand_over(&mut corr, Slot::Outbox(id), &msg) {
+                    shared.outbox.untake(id);
+                    break;
+                }
+                handed = true;
+            }
+        }
+        if handed {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = progress => {}
+            _ = sendable => {}
+        }
+    }
+}
+
+/// The retained `{base}/bridge/info` payload.
+pub fn bridge_info(topics: &Topics, started: SystemTime, sources: serde_json::Value) -> Message {
+    Message::state_json(
+        topics.bridge_info(),
+        &serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "started_at": crate::bvcsp::model::rfc3339_millis(started),
+            "sources": sources,
+        }),
+    )
+}

@@ -1,0 +1,5 @@
+//! The project's own stand-ins for the things it talks to: a BVCSP server and an MQTT
+//! broker. The tests and the demo use them over real sockets.
+
+pub mod broker;
+pub mod bvcsp;

@@ -1,0 +1,227 @@
+//! Shared test rig: an embedded broker, an MQTT observer, bridge configurations.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bvcsp2mqtt::bvcsp::Stream;
+use bvcsp2mqtt::config::{self, Config};
+use bvcsp2mqtt::sim::broker::EmbeddedBroker;
+use bvcsp2mqtt::sim::bvcsp::BvcspSim;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+pub const BASE: &str = "bvcsp2mqtt";
+
+pub fn broker() -> SocketAddr {
+    EmbeddedBroker::start(0).expect("embedded broker").addr
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap_or(Value::Null)
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// An MQTT client subscribed to everything, recording what arrives.
+pub struct Observer {
+    pub log: Arc<Mutex<Vec<Received>>>,
+    changed: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Observer {
+    pub async fn start(broker: SocketAddr) -> Observer {
+        let id = format!("observer-{}", rand_suffix());
+        let mut opts = MqttOptions::new(id, broker.ip().to_string(), broker.port());
+        opts.set_max_packet_size(16 << 20, 16 << 20);
+        let (client, mut events) = AsyncClient::new(opts, 10);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let changed = Arc::new(Notify::new());
+        let subscribed = Arc::new(Notify::new());
+        let (l, c, s) = (log.clone(), changed.clone(), subscribed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .try_subscribe("#", QoS::AtLeastOnce)
+                            .expect("subscribe");
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => s.notify_one(),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        l.lock().unwrap().push(Received {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            at: Instant::now(),
+                        });
+                        c.notify_waiters();
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
+            .await
+            .expect("observer subscribed");
+        Observer { log, changed, task }
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn on(&self, topic: &str) -> Vec<Received> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.topic == topic)
+            .collect()
+    }
+
+    /// Wait until `f` finds something in the log; panic with `what` after `deadline`.
+    pub async fn wait_for<T>(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: impl Fn(&[Received]) -> Option<T>,
+    ) -> T {
+        let end = Instant::now() + deadline;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(v) = f(&self.log.lock().unwrap()) {
+                return v;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let seen: Vec<String> = self
+                    .all()
+                    .iter()
+                    .rev()
+                    .take(30)
+                    .map(|r| format!("{} {}", r.topic, r.text()))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; last messages:\n{}",
+                    seen.join("\n")
+                );
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), changed).await;
+        }
+    }
+
+    /// Wait for a message on `topic` satisfying `pred`.
+    pub async fn wait_topic(
+        &self,
+        topic: &str,
+        deadline: Duration,
+        pred: impl Fn(&Received) -> bool,
+    ) -> Received {
+        self.wait_for(&format!("a message on {topic}"), deadline, |log| {
+            log.iter()
+                .rev()
+                .find(|r| r.topic == topic && pred(r))
+                .cloned()
+        })
+        .await
+    }
+
+    /// The latest bridge/link/bvcsp payload with state `state`.
+    pub async fn wait_link(&self, state: &str, deadline: Duration) -> Value {
+        let topic = format!("{BASE}/bridge/link/bvcsp");
+        self.wait_topic(&topic, deadline, |r| r.json()["state"] == state)
+            .await
+            .json()
+    }
+
+    /// Wait until the link is up and every configured stream is up.
+    pub async fn wait_all_up(&self, streams: &[Stream], deadline: Duration) -> Value {
+        let topic = format!("{BASE}/bridge/link/bvcsp");
+        self.wait_topic(&topic, deadline, |r| {
+            let j = r.json();
+            j["state"] == "up" && streams.iter().all(|s| j["streams"][s.name()] == "up")
+        })
+        .await
+        .json()
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// Fast timings so tests see keepalives, reopens and backoff within seconds.
+pub fn bridge_config(sim: &BvcspSim, broker: SocketAddr, extra_bvcsp: &str) -> Config {
+    bridge_config_with(&sim.url(), "admin", "123456", broker, extra_bvcsp)
+}
+
+pub fn bridge_config_with(
+    url: &str,
+    user: &str,
+    password: &str,
+    broker: SocketAddr,
+    extra_bvcsp: &str,
+) -> Config {
+    let dir = std::env::temp_dir().join(format!("bvcsp2mqtt-test-{}", rand_suffix()));
+    config::from_toml(&format!(
+        r#"
+[bvcsp]
+url = "{url}"
+username = "{user}"
+password = "{password}"
+keepalive_interval = "200ms"
+pong_timeout = "1s"
+request_timeout = "2s"
+reconnect_min = "100ms"
+reconnect_max = "800ms"
+reopen_stagger = "50ms"
+gps_batch_window = "100ms"
+{extra_bvcsp}
+
+[mqtt]
+url = "mqtt://{broker}"
+client_id = "bridge-{id}"
+keepalive = "5s"
+reconnect_min = "100ms"
+reconnect_max = "1s"
+
+[storage]
+dir = "{dir}"
+"#,
+        id = rand_suffix(),
+        dir = dir.display(),
+    ))
+    .expect("test config is valid")
+}
+
+/// Wait until the simulator has `n` open sockets on each of `streams`.
+pub async fn wait_sockets(sim: &BvcspSim, streams: &[Stream], deadline: Duration) {
+    let streams = streams.to_vec();
+    sim.wait_until("sockets open", deadline, move |s| {
+        let c = s.counters();
+        streams
+            .iter()
+            .all(|st| c.open_sockets.get(st.name()).copied().unwrap_or(0) >= 1)
+    })
+    .await;
+}

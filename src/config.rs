@@ -1002,7 +1002,7 @@ password = "123456"
         assert!(!shown.contains("brokerpw"), "{shown}");
         assert!(shown.contains("<redacted>"));
         assert!(!format!("{cfg:?}").contains("s3cr3t-pass"));
-        let both = format!("{text}").replace("[mqtt]", "[mqtt]\npassword_file = \"/nonexistent\"");
+        let both = text.replace("[mqtt]", "[mqtt]\npassword_file = \"/nonexistent\"");
         let e = load_str(&both, &[]).unwrap_err();
         assert_eq!(e.key, "mqtt.password");
     }
@@ -1022,6 +1022,17 @@ password = "123456"
             "password = \"p\"\ntls = { mode = \"tofu\" }",
         );
         assert!(load_str(&inline, &[]).is_ok());
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "x\n").unwrap();
+        let text = include_str!("../config/bvcsp2mqtt.example.toml")
+            .replace("/etc/bvcsp2mqtt/bvcsp.password", &pw.display().to_string());
+        let cfg = load_str(&text, &[]).unwrap();
+        assert_eq!(cfg.bvcsp.unwrap().password.expose(), "x");
     }
 
     #[test]

@@ -213,7 +213,7 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
         tick += 1;
         let mut rng = rand::thread_rng();
         for d in devices.iter_mut().filter(|d| d.online) {
-            if tick % 3 == 0 {
+            if tick.is_multiple_of(3) {
                 d.lat += rng.gen_range(-0.0004..0.0004);
                 d.lng += rng.gen_range(-0.0004..0.0004);
                 sim.inject(
@@ -222,7 +222,7 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
                 );
             }
         }
-        if tick % 7 == 0 {
+        if tick.is_multiple_of(7) {
             if let Some(mut a) = open_alarm.take() {
                 a["status"] = json!(1);
                 a["time"] = json!(unix_now());
@@ -241,7 +241,7 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
                 open_alarm = Some(a);
             }
         }
-        if tick % 19 == 0 {
+        if tick.is_multiple_of(19) {
             let i = rng.gen_range(0..devices.len());
             let d = &mut devices[i];
             d.online = !d.online;
@@ -252,14 +252,14 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
                     "device": {"id": d.id, "gid": d.gid, "name": d.name, "classID": 0, "manufacturer": "BesoVideo"}}),
             );
         }
-        if tick % 11 == 0 {
+        if tick.is_multiple_of(11) {
             sim.inject(
                 Stream::Im,
                 json!({"iMsgID": tick, "type": 1, "from": "CU_dispatch", "to": devices[0].id,
                     "text": "Report your position", "time": unix_now()}),
             );
         }
-        if tick % 13 == 0 {
+        if tick.is_multiple_of(13) {
             let op = ["start-speak", "end-speak", "add"][(tick / 13 % 3) as usize];
             sim.inject(
                 Stream::Conference,

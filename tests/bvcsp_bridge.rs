@@ -609,3 +609,69 @@ async fn last_will_fires_when_the_bridge_dies() {
     assert_eq!(will.text(), "offline");
     assert_eq!(sim.logouts(), 0, "a crash does not log out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_survive_a_broker_outage() {
+    let sim = sim_with(SimOptions::default()).await;
+    let broker = broker();
+    let proxy = Proxy::start(broker).await;
+    let obs = Observer::start(broker).await;
+    let bridge = Bridge::start(bridge_config(&sim, proxy.addr, "streams = [\"alarm\"]"))
+        .await
+        .unwrap();
+    obs.wait_all_up(&[Stream::Alarm], T).await;
+    wait_sockets(&sim, &[Stream::Alarm], T).await;
+    let state_topic = format!("{BASE}/bridge/state");
+    let onlines = || {
+        obs.on(&state_topic)
+            .iter()
+            .filter(|r| r.text() == "online")
+            .count()
+    };
+    let before = onlines();
+
+    let mut keys = Vec::new();
+    for i in 0..150 {
+        if i == 40 {
+            proxy.cut();
+        }
+        if i == 110 {
+            proxy.restore();
+        }
+        let key = format!("out-{i}");
+        assert_eq!(sim.inject(Stream::Alarm, alarm(&key, "PU_264F708E", 5)), 1);
+        keys.push(key);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let topic = format!("{BASE}/device/PU_264F708E/alarm/sos");
+    let received = obs
+        .wait_for("every alarm across the outage", T, |log| {
+            let got: Vec<String> = log
+                .iter()
+                .filter(|r| r.topic == topic)
+                .filter_map(|r| r.json()["raw"]["key"].as_str().map(String::from))
+                .collect();
+            keys.iter().all(|k| got.contains(k)).then_some(got)
+        })
+        .await;
+    let unique: BTreeSet<&String> = received.iter().collect();
+    assert_eq!(unique.len(), keys.len(), "lost none");
+    // First arrivals keep upstream order.
+    let mut firsts = Vec::new();
+    for k in &received {
+        if !firsts.contains(k) {
+            firsts.push(k.clone());
+        }
+    }
+    assert_eq!(firsts, keys, "order per topic is kept");
+    // `online` is asserted again after the reconnect.
+    obs.wait_for("online re-published", T, |log| {
+        (log.iter()
+            .filter(|r| r.topic == state_topic && r.text() == "online")
+            .count()
+            > before)
+            .then_some(())
+    })
+    .await;
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -457,7 +457,9 @@ async fn run_socket(
                     }
                     Some(Ok(msg)) => {
                         // Any inbound traffic also proves the link alive.
-                        live.last_pong = live.last_pong.max(Instant::now() - cfg.keepalive_interval);
+                        if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
+                            live.last_pong = live.last_pong.max(recent);
+                        }
                         ingest_message(ctx, stream, memory, msg).await;
                     }
                     Some(Err(e)) => return End::Lost(e.to_string()),

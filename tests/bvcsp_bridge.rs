@@ -675,3 +675,24 @@ async fn alarms_survive_a_broker_outage() {
     .await;
     bridge.stop(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_refused_after_every_login_does_not_cause_a_login_storm() {
+    let sim = sim_with(SimOptions::default()).await;
+    sim.set_subprotocol_mode(SubprotocolMode::Reject403);
+    let broker = broker();
+    let bridge = Bridge::start(bridge_config(&sim, broker, "streams = [\"alarm\"]"))
+        .await
+        .unwrap();
+    let mut at = Vec::new();
+    for n in 1..=4 {
+        sim.wait_until("another login", T, move |s| s.counters().logins_ok >= n)
+            .await;
+        at.push(std::time::Instant::now());
+    }
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // reconnect_min 100 ms, doubling: the third gap is at least twice the first.
+    assert!(gaps[2] > gaps[0], "logins back off: {gaps:?}");
+    assert!(gaps[2] >= Duration::from_millis(400), "{gaps:?}");
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -17,6 +17,15 @@ use super::{Ctx, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link::LinkState;
 
+/// A session that lasted this long counts as healthy.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// Never refresh more often than this, whatever lifetime the server announces.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+fn refresh_due(issued: Instant, lifetime: Duration) -> Instant {
+    issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
+}
+
 enum Outcome {
     Cancelled,
     Relogin(String),
@@ -154,7 +163,7 @@ pub async fn run_session(
             }
         }
         ctx.link.set(LinkState::Up, None, None);
-        net_backoff = net.build();
+        let up_since = Instant::now();
         match maintain(
             ctx,
             token,
@@ -168,6 +177,12 @@ pub async fn run_session(
             Outcome::Cancelled => return last,
             Outcome::Relogin(reason) => relogin_reason = Some(reason),
         }
+        // Only a session that held for a while resets the backoff: a token refused
+        // right after every login (a stream this account may not open, say) must not
+        // turn into a login storm.
+        if up_since.elapsed() >= HEALTHY_SESSION {
+            net_backoff = net.build();
+        }
     }
 }
 
@@ -180,7 +195,7 @@ async fn maintain(
     last: &mut Option<Arc<Token>>,
 ) -> Outcome {
     let mut current = token;
-    let mut refresh_at = current.issued + current.lifetime / 2;
+    let mut refresh_at = refresh_due(current.issued, current.lifetime);
     let mut refresh_backoff = ctx.net_backoff().build();
     let mut snapshot_retry: Option<Instant> = None;
     loop {
@@ -201,7 +216,7 @@ async fn maintain(
                         *generation += 1;
                         let lifetime = grant.lifetime.unwrap_or(current.lifetime);
                         current = Arc::new(Token { value: grant.token, generation: *generation, issued: Instant::now(), lifetime });
-                        refresh_at = current.issued + lifetime / 2;
+                        refresh_at = refresh_due(current.issued, lifetime);
                         refresh_backoff = ctx.net_backoff().build();
                         ctx.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                         info!(generation = *generation, "token refreshed (valid {lifetime:?}); reopening streams");

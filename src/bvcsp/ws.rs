@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::BackoffBuilder;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::sleep_until;
@@ -348,7 +348,13 @@ async fn run_socket(
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The token may have changed while this socket was being opened.
-    token_rx.borrow_and_update();
+    if token_rx
+        .borrow_and_update()
+        .as_ref()
+        .is_some_and(|t| t.generation != live.token.generation)
+    {
+        reopen_at = Some(Instant::now());
+    }
 
     if stream == Stream::Location
         && let Err(e) = subscribe_new(ctx, &mut live).await
@@ -368,7 +374,17 @@ async fn run_socket(
             }
             _ = tick.tick() => {
                 if live.last_pong.elapsed() > cfg.pong_timeout {
-                    return End::Lost(format!("no Pong for {:?}: link is dead", cfg.pong_timeout));
+                    // Pongs may be sitting unread behind frames that waited for a full
+                    // outbox: read what is already buffered before calling the link dead.
+                    while let Some(Some(Ok(msg))) = live.ws.next().now_or_never() {
+                        match msg {
+                            WsMessage::Pong(_) => live.last_pong = Instant::now(),
+                            other => ingest_message(ctx, stream, memory, other, cancel).await,
+                        }
+                    }
+                    if live.last_pong.elapsed() > cfg.pong_timeout {
+                        return End::Lost(format!("no Pong for {:?}: link is dead", cfg.pong_timeout));
+                    }
                 }
                 if let Err(e) = live.ws.feed(WsMessage::text("")).await {
                     return End::Lost(format!("keepalive failed: {e}"));
@@ -427,7 +443,12 @@ async fn run_socket(
                         reopen_at = Some(Instant::now());
                     }
                     Err(ConnectError::Rejected(_)) => {
-                        let _ = ctx.relogin.try_send(token.generation);
+                        // Refused because a newer token already replaced this one: use that.
+                        if token_rx.borrow().as_ref().is_some_and(|t| t.generation != token.generation) {
+                            reopen_at = Some(Instant::now());
+                        } else {
+                            let _ = ctx.relogin.try_send(token.generation);
+                        }
                     }
                     Err(e) => {
                         warn!(stream = stream.name(), "reopening with the new token failed: {e}; keeping the current socket");
@@ -442,7 +463,7 @@ async fn run_socket(
             }
             frame = async { draining.as_mut().expect("guarded").0.next().await }, if draining.is_some() => {
                 match frame {
-                    Some(Ok(msg)) => ingest_message(ctx, stream, memory, msg).await,
+                    Some(Ok(msg)) => ingest_message(ctx, stream, memory, msg, cancel).await,
                     _ => draining = None,
                 }
             }
@@ -460,7 +481,7 @@ async fn run_socket(
                         if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
                             live.last_pong = live.last_pong.max(recent);
                         }
-                        ingest_message(ctx, stream, memory, msg).await;
+                        ingest_message(ctx, stream, memory, msg, cancel).await;
                     }
                     Some(Err(e)) => return End::Lost(e.to_string()),
                     None => return End::Lost("connection closed".into()),
@@ -504,7 +525,13 @@ async fn subscribe_new(ctx: &Ctx, live: &mut Live) -> Result<(), WsError> {
     Ok(())
 }
 
-async fn ingest_message(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, msg: WsMessage) {
+async fn ingest_message(
+    ctx: &Ctx,
+    stream: Stream,
+    memory: &mut StreamMemory,
+    msg: WsMessage,
+    cancel: &CancellationToken,
+) {
     let text = match msg {
         WsMessage::Text(t) => t.as_str().to_owned(),
         WsMessage::Binary(b) => match String::from_utf8(b.to_vec()) {
@@ -521,11 +548,17 @@ async fn ingest_message(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, ms
         },
         _ => return,
     };
-    ingest_text(ctx, stream, memory, &text).await;
+    ingest_text(ctx, stream, memory, &text, cancel).await;
 }
 
 /// Turn one frame's text into published messages.
-async fn ingest_text(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, text: &str) {
+async fn ingest_text(
+    ctx: &Ctx,
+    stream: Stream,
+    memory: &mut StreamMemory,
+    text: &str,
+    cancel: &CancellationToken,
+) {
     let received = SystemTime::now();
     let values = match model::split_frame(text) {
         Ok(v) => v,
@@ -569,7 +602,11 @@ async fn ingest_text(ctx: &Ctx, stream: Stream, memory: &mut StreamMemory, text:
                 .insert(m.topic.clone());
         }
         for m in messages {
-            ctx.outbox.push(m).await;
+            // A full outbox makes this wait; a stop must not wait behind it.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ctx.outbox.push(m) => {}
+            }
             stats.published.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -141,11 +141,10 @@ impl Outbox {
     }
 
     /// Give a taken message back (it could not be handed over); it is sent again first.
+    /// No wake-up: the caller retries when the publisher makes progress.
     pub fn untake(&self, id: u64) {
         let mut g = self.lock();
         g.cursor = g.cursor.min(id);
-        drop(g);
-        self.sendable.notify_one();
     }
 
     /// The broker acknowledged message `id`.

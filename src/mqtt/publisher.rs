@@ -51,6 +51,8 @@ enum Slot {
 #[derive(Debug, Default)]
 struct Correlation {
     connected: bool,
+    /// Shutting down: the bridge's state is `offline` from now on.
+    closing: bool,
     /// Handed over, packet id not yet known.
     fifo: VecDeque<Slot>,
     /// Packet id -> what it carries, until acknowledged.
@@ -213,6 +215,7 @@ impl Publisher {
         let shared = &self.shared;
         let sent = {
             let mut corr = shared.corr();
+            corr.closing = true;
             let connected = corr.connected;
             connected && shared.hand_over(&mut corr, Slot::Offline, &offline_msg(&shared.topics))
         };
@@ -269,11 +272,20 @@ async fn drive(
                     corr.connected = true;
                     if !ack.session_present {
                         // rumqttc dropped everything it held: start over from the outbox.
+                        // Events it buffered from the dead connection (a publish whose
+                        // write failed) describe packets that no longer exist.
+                        eventloop.state.events.clear();
+                        eventloop.state.collision = None;
                         corr.fifo.clear();
                         corr.inflight.clear();
                         shared.outbox.rewind();
                     }
-                    shared.hand_over(&mut corr, Slot::Online, &online_msg(&shared.topics));
+                    // Once stopping, a reconnect must not undo the `offline` we said.
+                    if corr.closing {
+                        shared.hand_over(&mut corr, Slot::Offline, &offline_msg(&shared.topics));
+                    } else {
+                        shared.hand_over(&mut corr, Slot::Online, &online_msg(&shared.topics));
+                    }
                 }
                 shared.status.send_modify(|s| {
                     s.connected = true;
@@ -325,6 +337,7 @@ async fn drive(
                     let mut corr = shared.corr();
                     corr.connected = false;
                     eventloop.clean();
+                    requeue_in_order(&mut eventloop);
                 }
                 let text = describe(&e);
                 shared.status.send_modify(|s| {
@@ -348,6 +361,33 @@ async fn drive(
     }
     shared.status.send_modify(|s| s.connected = false);
     shared.driver_done.notify_one();
+}
+
+/// After a connection loss, make rumqttc's pending list match our FIFO: packets that
+/// already have an id (retransmissions, which we have mapped) go first, then the ones
+/// without, in the order they were handed over. A publish held back by a packet-id
+/// collision is not in pending at all (rumqttc keeps it aside and never sent it): it
+/// belongs, without its id, before everything handed over after it.
+fn requeue_in_order(eventloop: &mut EventLoop) {
+    use rumqttc::Request;
+    let has_id = |r: &Request| match r {
+        Request::Publish(p) => p.pkid != 0,
+        Request::PubRel(_) => true,
+        _ => false,
+    };
+    let mut pending: Vec<Request> = eventloop.pending.drain(..).collect();
+    // Stable: relative order within each group is kept.
+    pending.sort_by_key(|r| !has_id(r));
+    let mut pending: VecDeque<Request> = pending.into();
+    if let Some(mut held) = eventloop.state.collision.take() {
+        held.pkid = 0;
+        let at = pending
+            .iter()
+            .position(|r| !has_id(r))
+            .unwrap_or(pending.len());
+        pending.insert(at, Request::Publish(held));
+    }
+    eventloop.pending = pending;
 }
 
 fn acknowledge(shared: &Shared, pkid: u16) {
@@ -425,4 +465,50 @@ pub fn bridge_info(topics: &Topics, started: SystemTime, sources: serde_json::Va
             "sources": sources,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{Publish, Request};
+
+    fn publish(topic: &str, pkid: u16) -> Publish {
+        let mut p = Publish::new(topic, QoS::AtLeastOnce, "x");
+        p.pkid = pkid;
+        p
+    }
+
+    #[test]
+    fn requeue_matches_the_order_requests_were_handed_over() {
+        let (_client, mut el) = AsyncClient::new(MqttOptions::new("t", "localhost", 1883), 10);
+        // After a second loss mid-replay: an unsent remainder, then this session's
+        // in-flight packets (with ids), then what was still in the channel.
+        el.pending = VecDeque::from([
+            Request::Publish(publish("c", 0)),
+            Request::Publish(publish("a", 3)),
+            Request::Publish(publish("b", 4)),
+            Request::Publish(publish("d", 0)),
+        ]);
+        el.state.collision = Some(publish("held", 5));
+        requeue_in_order(&mut el);
+        let order: Vec<(String, u16)> = el
+            .pending
+            .iter()
+            .map(|r| match r {
+                Request::Publish(p) => (p.topic.clone(), p.pkid),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                ("a".into(), 3),
+                ("b".into(), 4),
+                ("held".into(), 0),
+                ("c".into(), 0),
+                ("d".into(), 0)
+            ]
+        );
+        assert!(el.state.collision.is_none());
+    }
 }

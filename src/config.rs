@@ -130,7 +130,7 @@ pub struct BvcspConfig {
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub reconnect_max: Duration,
     /// Backoff after refused credentials (code 14): slow, so the server is never hammered.
-    #[serde(default = "d_1m", with = "humantime_serde")]
+    #[serde(default = "d_60s", with = "humantime_serde")]
     pub auth_retry_min: Duration,
     #[serde(default = "d_15m", with = "humantime_serde")]
     pub auth_retry_max: Duration,
@@ -394,9 +394,6 @@ fn d_30s() -> Duration {
     Duration::from_secs(30)
 }
 fn d_60s() -> Duration {
-    Duration::from_secs(60)
-}
-fn d_1m() -> Duration {
     Duration::from_secs(60)
 }
 fn d_15m() -> Duration {

@@ -35,6 +35,30 @@ async fn sim_with(opts: SimOptions) -> BvcspSim {
     .expect("simulator")
 }
 
+/// The usual rig: simulator, broker, observer, and a bridge whose `streams` are all up.
+struct Rig {
+    sim: BvcspSim,
+    obs: Observer,
+    bridge: Bridge,
+}
+
+async fn rig(opts: SimOptions, streams: &[Stream]) -> Rig {
+    let sim = sim_with(opts).await;
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let names: Vec<String> = streams
+        .iter()
+        .map(|s| format!("\"{}\"", s.name()))
+        .collect();
+    let extra = format!("streams = [{}]", names.join(", "));
+    let bridge = Bridge::start(bridge_config(&sim, broker, &extra))
+        .await
+        .unwrap();
+    obs.wait_all_up(streams, T).await;
+    wait_sockets(&sim, streams, T).await;
+    Rig { sim, obs, bridge }
+}
+
 fn alarm(key: &str, device: &str, alarm_type: i64) -> serde_json::Value {
     json!({"key": key, "type": alarm_type, "time": 1717400123, "userID": "", "userName": "",
         "devID": device, "devName": "Truck 7", "subDevIdx": 65536, "status": 0,
@@ -339,14 +363,7 @@ async fn code_9_leads_to_relogin_and_streams_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_are_survived() {
-    let sim = sim_with(SimOptions::default()).await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let bridge = Bridge::start(bridge_config(&sim, broker, "streams = [\"alarm\"]"))
-        .await
-        .unwrap();
-    obs.wait_all_up(&[Stream::Alarm], T).await;
-    wait_sockets(&sim, &[Stream::Alarm], T).await;
+    let Rig { sim, obs, bridge } = rig(SimOptions::default(), &[Stream::Alarm]).await;
 
     let garbage = [
         WsMessage::text("this is not json"),
@@ -438,15 +455,8 @@ async fn wrong_password_reports_auth_failed_without_hammering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_is_survived_with_growing_bounded_backoff() {
-    let sim = sim_with(SimOptions::default()).await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
     // One stream, so every connection attempt during the outage is that stream's.
-    let bridge = Bridge::start(bridge_config(&sim, broker, "streams = [\"alarm\"]"))
-        .await
-        .unwrap();
-    obs.wait_all_up(&[Stream::Alarm], T).await;
-    wait_sockets(&sim, &[Stream::Alarm], T).await;
+    let Rig { sim, obs, bridge } = rig(SimOptions::default(), &[Stream::Alarm]).await;
 
     let down_for = Duration::from_secs(4);
     sim.restart(down_for).await;
@@ -526,14 +536,7 @@ async fn withheld_subprotocol_falls_back_to_query_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_socket_is_detected_and_replaced() {
-    let sim = sim_with(SimOptions::default()).await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let bridge = Bridge::start(bridge_config(&sim, broker, "streams = [\"alarm\"]"))
-        .await
-        .unwrap();
-    obs.wait_all_up(&[Stream::Alarm], T).await;
-    wait_sockets(&sim, &[Stream::Alarm], T).await;
+    let Rig { sim, obs, bridge } = rig(SimOptions::default(), &[Stream::Alarm]).await;
     // Half-open: the server neither reads nor answers Pings. pong_timeout is 1 s.
     sim.stall_sockets(true);
     sim.wait_until("a new socket", T, |s| {

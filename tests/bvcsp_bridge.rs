@@ -659,6 +659,12 @@ async fn alarms_survive_a_broker_outage() {
         .await;
     let unique: BTreeSet<&String> = received.iter().collect();
     assert_eq!(unique.len(), keys.len(), "lost none");
+    eprintln!(
+        "broker outage: {} alarms sent, {} distinct received, {} duplicates",
+        keys.len(),
+        unique.len(),
+        received.len() - unique.len()
+    );
     // First arrivals keep upstream order.
     let mut firsts = Vec::new();
     for k in &received {

@@ -310,6 +310,15 @@ pub struct PlayboxConfig {
     pub tls: PlayboxTls,
     #[serde(default)]
     pub paths: PlayboxPaths,
+    /// Timeout of one request; a hung box fails its poll after this long.
+    #[serde(default = "d_10s", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Backoff after the box refused the password (code 24): long, so the bridge can
+    /// never lock the box (and its operator) out.
+    #[serde(default = "d_5m", with = "humantime_serde")]
+    pub auth_retry_min: Duration,
+    #[serde(default = "d_60m", with = "humantime_serde")]
+    pub auth_retry_max: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -395,6 +404,12 @@ fn d_30s() -> Duration {
 }
 fn d_60s() -> Duration {
     Duration::from_secs(60)
+}
+fn d_5m() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn d_60m() -> Duration {
+    Duration::from_secs(60 * 60)
 }
 fn d_15m() -> Duration {
     Duration::from_secs(15 * 60)
@@ -648,6 +663,53 @@ impl Config {
             if !p.tls.fingerprint_sha256.is_empty() {
                 crate::tls::parse_fingerprint(&p.tls.fingerprint_sha256)
                     .map_err(|e| ConfigError::new(key("tls.fingerprint_sha256"), e))?;
+            }
+            let t = &p.tls;
+            let chosen = [
+                t.mode.is_some(),
+                t.insecure,
+                !t.fingerprint_sha256.is_empty(),
+                !t.ca_file.is_empty(),
+            ];
+            if chosen.iter().filter(|c| **c).count() > 1 {
+                return Err(ConfigError::new(
+                    key("tls"),
+                    "choose one of mode = \"tofu\", insecure, fingerprint_sha256 and ca_file",
+                ));
+            }
+            if p.password.is_empty() {
+                return Err(ConfigError::new(
+                    key("password"),
+                    "required (or give password_file)",
+                ));
+            }
+            if p.request_timeout.is_zero() {
+                return Err(ConfigError::new(
+                    key("request_timeout"),
+                    "must be greater than 0",
+                ));
+            }
+            if p.auth_retry_min < Duration::from_secs(61) {
+                return Err(ConfigError::new(
+                    key("auth_retry_min"),
+                    "must be over 60s: the box locks logins for 60s after 3 failures",
+                ));
+            }
+            if p.auth_retry_max < p.auth_retry_min {
+                return Err(ConfigError::new(
+                    key("auth_retry_max"),
+                    "must be >= auth_retry_min",
+                ));
+            }
+            for (k, v) in [
+                ("brightness", &p.paths.brightness),
+                ("screen", &p.paths.screen),
+                ("volume", &p.paths.volume),
+                ("info", &p.paths.info),
+            ] {
+                if let Some(v) = v {
+                    check_path(&key(&format!("paths.{k}")), v)?;
+                }
             }
         }
         Ok(())

@@ -16,6 +16,7 @@ use crate::bvcsp::Stream;
 use crate::config;
 use crate::sim::broker::EmbeddedBroker;
 use crate::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use crate::sim::playbox::{PlayboxOptions, PlayboxSim};
 use crate::supervisor::{Bridge, DEFAULT_GRACE};
 
 const BASE: &str = "bvcsp2mqtt";
@@ -26,6 +27,8 @@ pub enum DemoError {
     Broker(std::io::Error),
     #[error("cannot start the BVCSP simulator: {0}")]
     Simulator(std::io::Error),
+    #[error("cannot start a play-box simulator: {0}")]
+    Playbox(std::io::Error),
     #[error("demo configuration: {0}")]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
@@ -63,6 +66,25 @@ pub async fn run(mqtt_port: Option<u16>, stop: impl Future<Output = ()>) -> Resu
     })
     .await
     .map_err(DemoError::Simulator)?;
+    let lobby = PlayboxSim::start(PlayboxOptions {
+        alias_name: "T2-4G_Lobby".into(),
+        ..Default::default()
+    })
+    .await
+    .map_err(DemoError::Playbox)?;
+    let hall = PlayboxSim::start(PlayboxOptions {
+        sn: "2ZTA00000X0A00000001".into(),
+        product_name: "T10 Plus".into(),
+        alias_name: "T10Plus_Hall".into(),
+        brightness: 80.0,
+        // An older firmware: the other candidate paths, integer brightness only.
+        brightness_path: 1,
+        screen_path: 1,
+        integer_only_brightness: true,
+        ..Default::default()
+    })
+    .await
+    .map_err(DemoError::Playbox)?;
     let storage = std::env::temp_dir().join(format!("bvcsp2mqtt-demo-{}", std::process::id()));
     let cfg = config::from_toml(&format!(
         r#"
@@ -77,7 +99,23 @@ base_topic = "{BASE}"
 client_id = "bvcsp2mqtt-demo"
 [storage]
 dir = "{storage}"
+[[playbox]]
+name = "lobby"
+url = "{lobby}"
+sn = "2ZTA00000X0A00000000"
+password = "SN2008@+"
+poll_interval = "5s"
+commands = true
+[[playbox]]
+name = "hall"
+url = "{hall}"
+sn = "2ZTA00000X0A00000001"
+password = "SN2008@+"
+poll_interval = "5s"
+commands = true
 "#,
+        lobby = lobby.url(),
+        hall = hall.url(),
         url = sim.url(),
         mqtt = broker.addr,
         storage = storage.display(),
@@ -92,10 +130,18 @@ dir = "{storage}"
         sim.url(),
         devices.len()
     );
+    println!(
+        "  Play boxes        lobby {}, hall {}  (NovaStar simulators)",
+        lobby.url(),
+        hall.url()
+    );
     println!("  MQTT broker       {}  (embedded)", broker.addr);
     println!("  Bridge            publishing under {BASE}/");
     println!();
     println!("  Watch it yourself:  mosquitto_sub -h 127.0.0.1 -p {port} -t '{BASE}/#' -v");
+    println!(
+        "  Dim the lobby screen: mosquitto_pub -h 127.0.0.1 -p {port} -t '{BASE}/playbox/lobby/brightness/set' -m 40"
+    );
     println!("  Stop with Ctrl-C.");
     println!();
 
@@ -103,9 +149,11 @@ dir = "{storage}"
     let view = tokio::spawn(live_view(broker.addr.port(), cancel.clone()));
     let bridge = Bridge::start(cfg).await?;
     let traffic = tokio::spawn(traffic(sim.clone(), devices, cancel.clone()));
+    let operator = tokio::spawn(operator(lobby.clone(), hall.clone(), cancel.clone()));
     stop.await;
     cancel.cancel();
     let _ = traffic.await;
+    let _ = operator.await;
     bridge.stop(DEFAULT_GRACE).await;
     let _ = view.await;
     let c = sim.counters();
@@ -117,7 +165,15 @@ dir = "{storage}"
         c.logouts,
         c.delivered.values().sum::<u64>()
     );
+    println!(
+        "  play boxes: lobby at {}% brightness, screen {}; hall at {}%",
+        lobby.brightness(),
+        lobby.screen(),
+        hall.brightness()
+    );
     sim.shutdown();
+    lobby.shutdown();
+    hall.shutdown();
     let _ = std::fs::remove_dir_all(&storage);
     Ok(())
 }
@@ -189,6 +245,29 @@ fn summarise(payload: &[u8]) -> String {
         format!("{}…", text.chars().take(99).collect::<String>())
     } else {
         text
+    }
+}
+
+/// Someone on site now and then changes the boxes with ViPlex Express: the bridge sees
+/// it at the next poll.
+async fn operator(lobby: PlayboxSim, hall: PlayboxSim, cancel: CancellationToken) {
+    let mut tick = 0u64;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(9)) => {}
+        }
+        tick += 1;
+        let mut rng = rand::thread_rng();
+        match tick % 3 {
+            0 => hall.set_brightness(rng.gen_range(20..=100) as f64),
+            1 => lobby.set_brightness(rng.gen_range(10..=90) as f64),
+            _ => lobby.set_screen(if lobby.screen() == "OPEN" {
+                "CLOSE"
+            } else {
+                "OPEN"
+            }),
+        }
     }
 }
 

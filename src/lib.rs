@@ -5,6 +5,7 @@ pub mod config;
 pub mod demo;
 pub mod link;
 pub mod mqtt;
+pub mod playbox;
 pub mod sim;
 pub mod supervisor;
 pub mod tls;

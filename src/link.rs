@@ -105,6 +105,17 @@ impl Link {
         self.publish(&g);
     }
 
+    /// The bridge is stopping: the link is down on purpose, which is no warning.
+    pub fn stopped(&self) {
+        let mut g = self.lock();
+        info!(link = %self.name, "link {} -> down (bridge stopping)", g.state.name());
+        g.state = LinkState::Down;
+        g.since = SystemTime::now();
+        g.last_error = Some("bridge stopped".into());
+        g.retry_in = None;
+        self.publish(&g);
+    }
+
     pub fn set_stream(&self, stream: &str, up: bool) {
         let mut g = self.lock();
         if g.streams.get(stream) == Some(&up) {

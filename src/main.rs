@@ -42,6 +42,21 @@ enum Command {
     },
     /// Validate the configuration and print it with secrets redacted
     CheckConfig,
+    /// Find NovaStar play boxes on the network (UDP search) and print ready-to-paste [[playbox]] entries
+    Discover {
+        /// Also ask this address directly (repeatable); replies to a broadcast are often firewalled
+        #[arg(long = "target", value_name = "IP")]
+        targets: Vec<std::net::IpAddr>,
+        /// Do not send to the broadcast address
+        #[arg(long)]
+        no_broadcast: bool,
+        /// UDP port the boxes listen on
+        #[arg(long, default_value_t = bvcsp2mqtt::playbox::avon::DISCOVERY_PORT)]
+        port: u16,
+        /// How long to listen for answers
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,12 +97,42 @@ fn main() -> ExitCode {
                 })
             }))
         }
+        Command::Discover {
+            targets,
+            no_broadcast,
+            port,
+            wait,
+        } => {
+            init_tracing(&LogConfig {
+                level: "warn".into(),
+                format: LogFormat::Text,
+            });
+            let opts = bvcsp2mqtt::playbox::discovery::DiscoverOptions {
+                targets,
+                broadcast: !no_broadcast,
+                port,
+                wait,
+            };
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    use bvcsp2mqtt::playbox::discovery;
+                    eprintln!("searching for play boxes for {wait:?}...");
+                    let found = discovery::discover(&opts).await.context("UDP search failed")?;
+                    if found.is_empty() {
+                        println!("no play box answered (try --target <IP>; UDP port {port} must be reachable)");
+                    } else {
+                        print!("{}\n{}", discovery::render_table(&found), discovery::render_toml(&found));
+                    }
+                    Ok(())
+                })
+            }))
+        }
         Command::Demo {
             mqtt_port,
             duration,
         } => {
             init_tracing(&LogConfig {
-                level: "warn,bvcsp2mqtt=info".into(),
+                level: "warn,bvcsp2mqtt=info,rumqttd=off".into(),
                 format: LogFormat::Text,
             });
             exit_with(runtime().and_then(|rt| {

@@ -9,10 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bvcsp;
 use crate::config::Config;
 use crate::mqtt::publisher::{MqttSetupError, bridge_info};
 use crate::mqtt::{MqttStatus, Outbox, Publisher, Topics};
+use crate::{bvcsp, playbox};
 
 /// How long a graceful stop may spend flushing queued messages to the broker.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -23,6 +23,8 @@ pub enum StartError {
     Mqtt(#[from] MqttSetupError),
     #[error(transparent)]
     Bvcsp(#[from] bvcsp::BvcspSetupError),
+    #[error(transparent)]
+    Playbox(#[from] playbox::PlayboxSetupError),
 }
 
 /// A running bridge.
@@ -41,7 +43,15 @@ impl Bridge {
         let started = SystemTime::now();
         let topics = Topics::new(&cfg.mqtt.base_topic);
         let outbox = Arc::new(Outbox::default());
-        let publisher = Publisher::start(&cfg.mqtt, outbox.clone(), topics.clone())?;
+        let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
+        let filters = playbox::command_filters(&cfg.playbox, &topics);
+        let publisher = Publisher::start(
+            &cfg.mqtt,
+            outbox.clone(),
+            topics.clone(),
+            filters,
+            Some(incoming_tx),
+        )?;
         outbox.push_now(bridge_info(&topics, started, sources(&cfg)));
 
         let upstream = CancellationToken::new();
@@ -59,10 +69,15 @@ impl Bridge {
             bvcsp_ctx = Some(ctx);
         }
         if !cfg.playbox.is_empty() {
-            warn!(
-                "{} [[playbox]] entries configured: play-box support is not in this version yet",
-                cfg.playbox.len()
-            );
+            playbox::start(
+                &cfg.playbox,
+                &cfg.storage.dir,
+                outbox.clone(),
+                topics.clone(),
+                incoming_rx,
+                &tasks,
+                upstream.clone(),
+            )?;
         }
         tasks.close();
         info!("bvcsp2mqtt {} started", env!("CARGO_PKG_VERSION"));

@@ -29,7 +29,7 @@ pub enum TlsError {
 }
 
 /// How a server certificate is trusted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Trust {
     /// The operating system's roots, with the hostname checked.
     System,
@@ -39,6 +39,73 @@ pub enum Trust {
     Fingerprint([u8; 32]),
     /// Anything (logged loudly by the caller).
     Insecure,
+    /// Trust on first use: the certificate seen at first contact is pinned (and stored);
+    /// a different one later is refused.
+    Tofu(Arc<TofuPin>),
+}
+
+/// The pin of a trust-on-first-use peer, kept in a file so restarts keep it.
+#[derive(Debug)]
+pub struct TofuPin {
+    path: std::path::PathBuf,
+    pin: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+impl TofuPin {
+    /// Load the pin stored at `path`, if any.
+    pub fn load(path: std::path::PathBuf) -> Arc<TofuPin> {
+        let pin = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| parse_fingerprint(s.trim()).ok());
+        Arc::new(TofuPin {
+            path,
+            pin: std::sync::Mutex::new(pin),
+        })
+    }
+
+    pub fn pinned(&self) -> Option<String> {
+        self.pin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(hex::encode)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accept `seen` if it is the pinned certificate, or pin it if nothing is pinned yet.
+    fn check(&self, seen: [u8; 32]) -> Result<(), rustls::Error> {
+        let mut pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
+        match *pin {
+            Some(p) if p == seen => Ok(()),
+            Some(p) => Err(rustls::Error::General(format!(
+                "certificate changed since first contact: pinned sha256 {}, got {};                  if the box was really replaced, delete {}",
+                hex::encode(p),
+                hex::encode(seen),
+                self.path.display()
+            ))),
+            None => {
+                *pin = Some(seen);
+                if let Some(dir) = self.path.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                match std::fs::write(&self.path, format!("{}\n", hex::encode(seen))) {
+                    Ok(()) => tracing::info!(
+                        "pinned certificate sha256 {} at first contact ({})",
+                        hex::encode(seen),
+                        self.path.display()
+                    ),
+                    Err(e) => tracing::warn!(
+                        "pinned certificate sha256 {} for this run only: cannot store it in {}: {e}",
+                        hex::encode(seen),
+                        self.path.display()
+                    ),
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Trust {
@@ -112,16 +179,20 @@ pub fn client_config(
         Trust::Fingerprint(fp) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                fingerprint: *fp,
+                pin: Pin::Fixed(*fp),
                 algorithms: provider.signature_verification_algorithms,
-                check_signatures: true,
+            })),
+        Trust::Tofu(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                pin: Pin::Tofu(pin.clone()),
+                algorithms: provider.signature_verification_algorithms,
             })),
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                fingerprint: [0; 32],
+                pin: Pin::Any,
                 algorithms: provider.signature_verification_algorithms,
-                check_signatures: false,
             })),
     };
     let config = match client_auth {
@@ -161,14 +232,27 @@ fn read_key(path: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>, Tls
         .map_err(|_| TlsError::NoKey { path: path.into() })
 }
 
-/// Accepts exactly one end-entity certificate (by SHA-256), or any when `check_signatures`
-/// is off (the insecure mode). With a pin the handshake signature is still verified, so
-/// the peer must hold the pinned certificate's key.
+#[derive(Debug)]
+enum Pin {
+    Fixed([u8; 32]),
+    Tofu(Arc<TofuPin>),
+    /// The insecure mode: anything goes, signatures unchecked.
+    Any,
+}
+
+/// Accepts exactly one end-entity certificate (by SHA-256), or any in the insecure
+/// mode. With a pin the handshake signature is still verified, so the peer must hold
+/// the pinned certificate's key.
 #[derive(Debug)]
 struct PinnedVerifier {
-    fingerprint: [u8; 32],
+    pin: Pin,
     algorithms: WebPkiSupportedAlgorithms,
-    check_signatures: bool,
+}
+
+impl PinnedVerifier {
+    fn check_signatures(&self) -> bool {
+        !matches!(self.pin, Pin::Any)
+    }
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -180,17 +264,15 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if !self.check_signatures {
-            return Ok(ServerCertVerified::assertion());
-        }
         let seen: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if seen == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
+        match &self.pin {
+            Pin::Any => Ok(ServerCertVerified::assertion()),
+            Pin::Fixed(fp) if *fp == seen => Ok(ServerCertVerified::assertion()),
+            Pin::Fixed(_) => Err(rustls::Error::General(format!(
                 "server certificate fingerprint mismatch: got sha256 {}",
                 hex::encode(seen)
-            )))
+            ))),
+            Pin::Tofu(pin) => pin.check(seen).map(|()| ServerCertVerified::assertion()),
         }
     }
 
@@ -200,7 +282,7 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !self.check_signatures {
+        if !self.check_signatures() {
             return Ok(HandshakeSignatureValid::assertion());
         }
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
@@ -212,7 +294,7 @@ impl ServerCertVerifier for PinnedVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !self.check_signatures {
+        if !self.check_signatures() {
             return Ok(HandshakeSignatureValid::assertion());
         }
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)

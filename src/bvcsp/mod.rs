@@ -142,7 +142,7 @@ impl Ctx {
             let t = &cfg.tls;
             let trust = Trust::from_options(t.insecure, &t.fingerprint_sha256, &t.ca_file)
                 .map_err(BvcspSetupError::Trust)?;
-            if trust == Trust::Insecure {
+            if matches!(trust, Trust::Insecure) {
                 tracing::warn!(
                     "bvcsp.tls.insecure = true: the BVCSP server's certificate is NOT verified"
                 );
@@ -230,9 +230,5 @@ pub async fn run(ctx: Arc<Ctx>, relogin_rx: mpsc::Receiver<u64>, cancel: Cancell
     {
         session::logout(&ctx, &token).await;
     }
-    ctx.link.set(
-        crate::link::LinkState::Down,
-        Some("bridge stopped".into()),
-        None,
-    );
+    ctx.link.stopped();
 }

@@ -31,6 +31,14 @@ use super::{Message, Outbox, Topics};
 use crate::config::MqttConfig;
 use crate::tls::{self, ClientAuth, Trust};
 
+/// A message from the broker on one of the subscribed command topics.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: bytes::Bytes,
+    pub retain: bool,
+}
+
 /// Requests handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 64;
 
@@ -84,6 +92,9 @@ struct Shared {
     progress: Notify,
     offline_acked: Notify,
     driver_done: Notify,
+    /// Command topics to subscribe to after every connect, and where their messages go.
+    subscriptions: Vec<String>,
+    incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
     status: watch::Sender<MqttStatus>,
 }
 
@@ -165,6 +176,8 @@ impl Publisher {
         cfg: &MqttConfig,
         outbox: Arc<Outbox>,
         topics: Topics,
+        subscriptions: Vec<String>,
+        incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
         let (client, eventloop) = AsyncClient::new(opts, WINDOW + 4);
@@ -179,6 +192,8 @@ impl Publisher {
             progress: Notify::new(),
             offline_acked: Notify::new(),
             driver_done: Notify::new(),
+            subscriptions,
+            incoming,
             status,
         });
         let stop = CancellationToken::new();
@@ -287,6 +302,15 @@ async fn drive(
                         shared.hand_over(&mut corr, Slot::Online, &online_msg(&shared.topics));
                     }
                 }
+                if !shared.subscriptions.is_empty() {
+                    let filters = shared
+                        .subscriptions
+                        .iter()
+                        .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = shared.client.try_subscribe_many(filters) {
+                        warn!("cannot subscribe to the command topics: {e}");
+                    }
+                }
                 shared.status.send_modify(|s| {
                     s.connected = true;
                     s.connects += 1;
@@ -326,6 +350,18 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::PubComp(ack))) if shared.qos == QoS::ExactlyOnce => {
                 acknowledge(&shared, ack.pkid);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some(tx) = &shared.incoming {
+                    let msg = Incoming {
+                        topic: p.topic.clone(),
+                        payload: p.payload.clone(),
+                        retain: p.retain,
+                    };
+                    if tx.try_send(msg).is_err() {
+                        warn!("dropping a command on {}: too many waiting", p.topic);
+                    }
+                }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 debug!("mqtt disconnect sent");

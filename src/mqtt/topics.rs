@@ -52,6 +52,15 @@ impl Topics {
     pub fn link_playbox(&self, name: &str) -> String {
         format!("{}/bridge/link/playbox/{}", self.base, level(name))
     }
+    pub fn playbox_availability(&self, name: &str) -> String {
+        format!("{}/playbox/{}/availability", self.base, level(name))
+    }
+    pub fn playbox_state(&self, name: &str) -> String {
+        format!("{}/playbox/{}/state", self.base, level(name))
+    }
+    pub fn playbox_error(&self, name: &str) -> String {
+        format!("{}/playbox/{}/error", self.base, level(name))
+    }
     pub fn device_availability(&self, puid: &str) -> String {
         format!("{}/device/{}/availability", self.base, level(puid))
     }

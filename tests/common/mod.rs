@@ -287,3 +287,29 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// Publish one message as a separate client would (a user's `mosquitto_pub`).
+pub async fn publish(broker: SocketAddr, topic: &str, payload: &str, retain: bool) {
+    let mut opts = MqttOptions::new(
+        format!("pub-{}", rand_suffix()),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    opts.set_clean_session(true);
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let acked = async {
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = events.poll().await {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), acked)
+        .await
+        .expect("publish acknowledged");
+    let _ = client.disconnect().await;
+}

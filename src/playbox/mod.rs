@@ -1,0 +1,141 @@
+//! NovaStar Taurus LED play boxes: one independent poll loop per box, commands from
+//! MQTT, and UDP discovery.
+
+pub mod avon;
+pub mod client;
+pub mod discovery;
+pub mod poller;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::config::PlayboxConfig;
+use crate::mqtt::publisher::Incoming;
+use crate::mqtt::{Outbox, Topics};
+use crate::tls::{self, TofuPin, Trust};
+
+pub use poller::{Command, CommandKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlayboxSetupError {
+    #[error("playbox `{name}`: {message}")]
+    Setup { name: String, message: String },
+}
+
+/// The trust policy for one box: the configured one, or trust on first use with the
+/// pin stored under the storage directory.
+pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Result<Trust, String> {
+    let t = &cfg.tls;
+    if t.insecure {
+        warn!(
+            "playbox {}: tls.insecure = true: the box's certificate is NOT verified",
+            cfg.name
+        );
+        return Ok(Trust::Insecure);
+    }
+    if !t.fingerprint_sha256.is_empty() {
+        return tls::parse_fingerprint(&t.fingerprint_sha256).map(Trust::Fingerprint);
+    }
+    if !t.ca_file.is_empty() {
+        return Ok(Trust::CaFile(t.ca_file.clone()));
+    }
+    Ok(Trust::Tofu(TofuPin::load(
+        storage.join(format!("playbox-{}.pin", cfg.name)),
+    )))
+}
+
+/// The command topics to subscribe to: `{base}/playbox/{name}/+/set` for boxes that take commands.
+pub fn command_filters(boxes: &[PlayboxConfig], topics: &Topics) -> Vec<String> {
+    boxes
+        .iter()
+        .filter(|b| b.commands)
+        .map(|b| {
+            format!(
+                "{}/playbox/{}/+/set",
+                topics.base(),
+                crate::mqtt::topics::level(&b.name)
+            )
+        })
+        .collect()
+}
+
+/// Start every box's loop and the command router. Returns when all are started.
+pub fn start(
+    boxes: &[PlayboxConfig],
+    storage: &Path,
+    outbox: Arc<Outbox>,
+    topics: Topics,
+    incoming: mpsc::Receiver<Incoming>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<(), PlayboxSetupError> {
+    let mut routes = HashMap::new();
+    for cfg in boxes {
+        let err = |message: String| PlayboxSetupError::Setup {
+            name: cfg.name.clone(),
+            message,
+        };
+        let trust = trust_for(cfg, storage).map_err(err)?;
+        let tls = tls::client_config(&trust, None).map_err(|e| err(e.to_string()))?;
+        let client = client::BoxClient::new(cfg, tls).map_err(|e| err(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(16);
+        if cfg.commands {
+            routes.insert(cfg.name.clone(), tx);
+        }
+        let runner = poller::BoxRunner::new(cfg.clone(), client, outbox.clone(), topics.clone());
+        tracker.spawn(runner.run(rx, cancel.clone()));
+    }
+    tracker.spawn(route_commands(incoming, routes, topics, cancel));
+    Ok(())
+}
+
+/// Hand each command message to its box.
+async fn route_commands(
+    mut incoming: mpsc::Receiver<Incoming>,
+    routes: HashMap<String, mpsc::Sender<Command>>,
+    topics: Topics,
+    cancel: CancellationToken,
+) {
+    let prefix = format!("{}/playbox/", topics.base());
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = incoming.recv() => match m { Some(m) => m, None => return },
+        };
+        let Some(rest) = msg.topic.strip_prefix(&prefix) else {
+            continue;
+        };
+        let mut parts = rest.split('/');
+        let (Some(name), Some(kind), Some("set"), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(tx) = routes.get(name) else { continue };
+        if msg.retain {
+            // A retained command would be replayed at every subscribe: act on live ones only.
+            warn!(
+                "playbox {name}: ignoring a retained command on {}",
+                msg.topic
+            );
+            continue;
+        }
+        let Some(kind) = CommandKind::from_topic(kind) else {
+            warn!("playbox {name}: unknown command topic {}", msg.topic);
+            continue;
+        };
+        let payload = String::from_utf8_lossy(&msg.payload).into_owned();
+        if tx.try_send(Command { kind, payload }).is_err() {
+            warn!(
+                "playbox {name}: too many commands waiting; dropping one on {}",
+                msg.topic
+            );
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! One play box: log in once and reuse the token, poll brightness, screen and volume,
+//! publish retained state and availability, apply commands, and never lock the box out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::client::{BoxClient, BoxError, LoginForm, Meaning};
+use crate::bvcsp::model::{as_f64, as_string, field, rfc3339_millis};
+use crate::config::{PlayboxConfig, Secret};
+use crate::link::{Link, LinkState};
+use crate::mqtt::{Message, Outbox, Topics};
+
+/// Candidate paths, in try order (shared/spec/playbox.md §8).
+pub const BRIGHTNESS_PATHS: &[&str] = &[
+    "/terminal/core/v1/screen/brightness",
+    "/terminal/core/v1/brightness",
+];
+pub const SCREEN_PATHS: &[&str] = &[
+    "/terminal/core/v1/screen/power",
+    "/terminal/core/v1/screen/status",
+    "/terminal/core/v1/screen/power-state",
+];
+pub const VOLUME_PATHS: &[&str] = &[
+    "/terminal/core/v1/device/volume",
+    "/terminal/core/v1/volume",
+];
+pub const INFO_PATHS: &[&str] = &["/terminal/core/v1/version", "/terminal/core/v2/device/info"];
+
+/// State is published on change, and at least this often anyway.
+const STATE_REFRESH: Duration = Duration::from_secs(300);
+/// After code 17 no login for at least this long.
+const LOCKOUT_WAIT: Duration = Duration::from_secs(61);
+/// Refused passwords in a row after which the bridge stops trying on its own: the box
+/// locks logins after three, and the bridge must never be the one that causes it.
+const MAX_REFUSED: u32 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Function {
+    Brightness,
+    Screen,
+    Volume,
+    Info,
+}
+
+impl Function {
+    fn name(self) -> &'static str {
+        match self {
+            Function::Brightness => "brightness",
+            Function::Screen => "screen",
+            Function::Volume => "volume",
+            Function::Info => "info",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn defaults(self) -> &'static [&'static str] {
+        match self {
+            Function::Brightness => BRIGHTNESS_PATHS,
+            Function::Screen => SCREEN_PATHS,
+            Function::Volume => VOLUME_PATHS,
+            Function::Info => INFO_PATHS,
+        }
+    }
+
+    /// The reply really is this function's when it has this field.
+    fn expected(self, data: &Value) -> bool {
+        match self {
+            Function::Brightness | Function::Volume => {
+                field(data, "ratio").and_then(as_f64).is_some()
+            }
+            Function::Screen => field(data, "state").is_some_and(Value::is_string),
+            Function::Info => data.is_object(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Brightness,
+    Screen,
+    Volume,
+}
+
+impl CommandKind {
+    pub fn from_topic(s: &str) -> Option<CommandKind> {
+        match s {
+            "brightness" => Some(CommandKind::Brightness),
+            "screen" => Some(CommandKind::Screen),
+            "volume" => Some(CommandKind::Volume),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandKind::Brightness => "brightness",
+            CommandKind::Screen => "screen",
+            CommandKind::Volume => "volume",
+        }
+    }
+
+    fn function(self) -> Function {
+        match self {
+            CommandKind::Brightness => Function::Brightness,
+            CommandKind::Screen => Function::Screen,
+            CommandKind::Volume => Function::Volume,
+        }
+    }
+
+    /// Strict validation of a plain-text payload into the request body.
+    pub fn body(self, payload: &str) -> Result<Value, String> {
+        let p = payload.trim();
+        match self {
+            CommandKind::Brightness | CommandKind::Volume => {
+                let v: f64 = p
+                    .parse()
+                    .map_err(|_| format!("expected a number 0-100, got {p:?}"))?;
+                if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+                    return Err(format!("expected a number 0-100, got {p}"));
+                }
+                Ok(json!({"ratio": v}))
+            }
+            CommandKind::Screen => match p.to_ascii_lowercase().as_str() {
+                "on" => Ok(json!({"state": "OPEN"})),
+                "off" => Ok(json!({"state": "CLOSE"})),
+                _ => Err(format!("expected `on` or `off`, got {p:?}")),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub kind: CommandKind,
+    pub payload: String,
+}
+
+/// What the box shows, as the contract's `state` payload has it.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Reading {
+    brightness: Option<f64>,
+    screen: Option<String>,
+    volume: Option<f64>,
+}
+
+pub struct BoxRunner {
+    cfg: PlayboxConfig,
+    client: BoxClient,
+    outbox: Arc<Outbox>,
+    topics: Topics,
+    link: Arc<Link>,
+    token: Option<Secret>,
+    form: Option<LoginForm>,
+    paths: [Option<String>; 4],
+    probed: [bool; 4],
+    info: Option<Value>,
+    online: Option<bool>,
+    last: Option<(Reading, Instant)>,
+    refused: u32,
+    password_seen: Secret,
+}
+
+impl BoxRunner {
+    pub fn new(
+        cfg: PlayboxConfig,
+        client: BoxClient,
+        outbox: Arc<Outbox>,
+        topics: Topics,
+    ) -> BoxRunner {
+        let link = Link::new(
+            &format!("playbox/{}", cfg.name),
+            topics.link_playbox(&cfg.name),
+            outbox.clone(),
+            &[],
+        );
+        let password_seen = cfg.password.clone();
+        BoxRunner {
+            cfg,
+            client,
+            outbox,
+            topics,
+            link,
+            token: None,
+            form: None,
+            paths: Default::default(),
+            probed: [false; 4],
+            info: None,
+            online: None,
+            last: None,
+            refused: 0,
+            password_seen,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let net = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(1))
+            .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
+            .with_jitter()
+            .without_max_times();
+        let auth = ExponentialBuilder::default()
+            .with_min_delay(self.cfg.auth_retry_min)
+            .with_max_delay(self.cfg.auth_retry_max)
+            .without_max_times();
+        let mut net_backoff = net.build();
+        let mut auth_backoff = auth.build();
+        let mut next_poll = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = sleep_until(next_poll.into()) => {
+                    if self.refused >= MAX_REFUSED && !self.password_changed() {
+                        next_poll = Instant::now() + Duration::from_secs(60);
+                        continue;
+                    }
+                    let result = tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        r = self.poll() => r,
+                    };
+                    next_poll = match result {
+                        Ok(()) => {
+                            net_backoff = net.build();
+                            auth_backoff = auth.build();
+                            self.refused = 0;
+                            self.link.set(LinkState::Up, None, None);
+                            Instant::now() + self.cfg.poll_interval
+                        }
+                        Err(e) => Instant::now() + self.failed(&e, &mut net_backoff, &mut auth_backoff),
+                    };
+                }
+                Some(cmd) = commands.recv() => {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = self.apply(cmd) => {}
+                    }
+                }
+            }
+        }
+        self.link.stopped();
+    }
+
+    /// React to a failed poll; returns how long to wait before the next one.
+    fn failed(
+        &mut self,
+        e: &BoxError,
+        net: &mut impl Iterator<Item = Duration>,
+        auth: &mut impl Iterator<Item = Duration>,
+    ) -> Duration {
+        self.set_online(false);
+        match e.meaning() {
+            Meaning::WrongPassword => {
+                self.token = None;
+                self.refused += 1;
+                let d = auth.next().unwrap_or(self.cfg.auth_retry_max);
+                let next = if self.refused >= MAX_REFUSED {
+                    error!(
+                        "playbox {}: password refused {} times; not trying again until it changes \
+                         (the box locks logins after 3 failures)",
+                        self.name(),
+                        self.refused
+                    );
+                    None
+                } else {
+                    error!(
+                        "playbox {}: password refused (code 24); next attempt in {d:?}",
+                        self.name()
+                    );
+                    Some(d)
+                };
+                self.link
+                    .set(LinkState::AuthFailed, Some(e.to_string()), next);
+                d
+            }
+            Meaning::LockedOut => {
+                self.token = None;
+                let d = net.next().unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
+                warn!(
+                    "playbox {}: the box is locking logins (code 17); waiting {d:?}",
+                    self.name()
+                );
+                self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
+                d
+            }
+            _ => {
+                let d = net.next().unwrap_or(self.cfg.poll_interval);
+                self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
+                d
+            }
+        }
+    }
+
+    /// After refusals, retry only when the password file says something new.
+    fn password_changed(&mut self) -> bool {
+        let Some(path) = &self.cfg.password_file else {
+            return false;
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let new = Secret::new(text.trim_end_matches(['\r', '\n']));
+                if new != self.password_seen {
+                    info!(
+                        "playbox {}: password file changed; trying again",
+                        self.cfg.name
+                    );
+                    self.password_seen = new.clone();
+                    self.cfg.password = new;
+                    self.client.set_password(self.cfg.password.clone());
+                    self.refused = 0;
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn set_online(&mut self, online: bool) {
+        if self.online != Some(online) {
+            self.online = Some(online);
+            let word = if online { "online" } else { "offline" };
+            self.outbox.push_now(Message::state_text(
+                self.topics.playbox_availability(&self.cfg.name),
+                word,
+            ));
+        }
+    }
+
+    async fn login(&mut self) -> Result<(), BoxError> {
+        self.link.set(LinkState::Connecting, None, None);
+        let forms = match self.form {
+            Some(f) => vec![f],
+            None => vec![LoginForm::Documented, LoginForm::Fallback],
+        };
+        let mut last = None;
+        for form in forms {
+            match self.client.login(form).await {
+                Ok(token) => {
+                    if self.form != Some(form) {
+                        info!(
+                            "playbox {}: logged in ({} login form)",
+                            self.cfg.name,
+                            form.name()
+                        );
+                        self.link.set_detail("login_form", json!(form.name()));
+                    }
+                    self.form = Some(form);
+                    self.token = Some(token);
+                    // A new session: the paths may have changed (a reboot, an upgrade).
+                    self.probed = [false; 4];
+                    self.info = None;
+                    return Ok(());
+                }
+                // The fallback form is for a box that does not know the first one, never
+                // a second try at a refused password.
+                Err(e) if form == LoginForm::Documented && e.meaning() == Meaning::NoSuchPath => {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(BoxError::Missing("login")))
+    }
+
+    /// GET with the session token; an auth-looking error logs in again, once.
+    async fn get(&mut self, path: &str) -> Result<Value, BoxError> {
+        if self.token.is_none() {
+            self.login().await?;
+        }
+        let token = self.token.clone().expect("logged in");
+        match self.client.get(path, &token).await {
+            Err(e) if e.meaning() == Meaning::AuthExpired => {
+                self.token = None;
+                self.login().await?;
+                let token = self.token.clone().expect("logged in");
+                self.client.get(path, &token).await
+            }
+            r => r,
+        }
+    }
+
+    async fn post(&mut self, path: &str, body: &Value) -> Result<Value, BoxError> {
+        if self.token.is_none() {
+            self.login().await?;
+        }
+        let token = self.token.clone().expect("logged in");
+        match self.client.post(path, &token, body).await {
+            Err(e) if e.meaning() == Meaning::AuthExpired => {
+                self.token = None;
+                self.login().await?;
+                let token = self.token.clone().expect("logged in");
+                self.client.post(path, &token, body).await
+            }
+            r => r,
+        }
+    }
+
+    fn candidates(&self, f: Function) -> Vec<String> {
+        let configured = match f {
+            Function::Brightness => &self.cfg.paths.brightness,
+            Function::Screen => &self.cfg.paths.screen,
+            Function::Volume => &self.cfg.paths.volume,
+            Function::Info => &self.cfg.paths.info,
+        };
+        match configured {
+            Some(p) => vec![p.clone()],
+            None => f.defaults().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// Read one function, finding its path first if needed. `Ok(None)`: the box has no
+    /// working path for it.
+    async fn read(&mut self, f: Function) -> Result<Option<Value>, BoxError> {
+        let i = f.index();
+        if let Some(path) = self.paths[i].clone() {
+            match self.get(&path).await {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) if e.meaning() == Meaning::NoSuchPath => {
+                    warn!(
+                        "playbox {}: {} path {path} stopped working ({e}); looking again",
+                        self.cfg.name,
+                        f.name()
+                    );
+                    self.paths[i] = None;
+                    self.probed[i] = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.probed[i] {
+            return Ok(None);
+        }
+        for path in self.candidates(f) {
+            match self.get(&path).await {
+                Ok(v) if f.expected(&v) => {
+                    info!("playbox {}: {} at {path}", self.cfg.name, f.name());
+                    self.link
+                        .set_detail(&format!("{}_path", f.name()), json!(path));
+                    self.paths[i] = Some(path);
+                    self.probed[i] = true;
+                    return Ok(Some(v));
+                }
+                Ok(_) => continue,
+                Err(e) if e.meaning() == Meaning::NoSuchPath => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        self.probed[i] = true;
+        warn!(
+            "playbox {}: no working path for {}; publishing it as null",
+            self.cfg.name,
+            f.name()
+        );
+        self.link
+            .set_detail(&format!("{}_path", f.name()), Value::Null);
+        Ok(None)
+    }
+
+    async fn poll(&mut self) -> Result<(), BoxError> {
+        let mut reading = Reading::default();
+        for f in [Function::Brightness, Function::Screen, Function::Volume] {
+            let Some(data) = self.read(f).await? else {
+                continue;
+            };
+            match f {
+                Function::Brightness => reading.brightness = field(&data, "ratio").and_then(as_f64),
+                Function::Volume => reading.volume = field(&data, "ratio").and_then(as_f64),
+                Function::Screen => {
+                    reading.screen = field(&data, "state")
+                        .and_then(as_string)
+                        .map(|s| s.into_owned());
+                }
+                Function::Info => {}
+            }
+        }
+        if self.info.is_none() {
+            self.info = Some(self.read(Function::Info).await?.unwrap_or(Value::Null));
+        }
+        self.set_online(true);
+        self.publish_state(reading, false);
+        Ok(())
+    }
+
+    fn publish_state(&mut self, reading: Reading, force: bool) {
+        let due = match &self.last {
+            Some((prev, at)) => *prev != reading || at.elapsed() >= STATE_REFRESH,
+            None => true,
+        };
+        if !(due || force) {
+            return;
+        }
+        let screen = match reading
+            .screen
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            Some("OPEN") => "on",
+            Some("CLOSE") => "off",
+            _ => "unknown",
+        };
+        let mut p = json!({
+            "brightness": reading.brightness,
+            "screen": screen,
+            "volume": reading.volume,
+            "updated_at": rfc3339_millis(SystemTime::now()),
+        });
+        if let Some(raw) = &reading.screen
+            && screen == "unknown"
+        {
+            p["screen_raw"] = json!(raw);
+        }
+        if let Some(info) = self.info.as_ref().filter(|i| i.is_object()) {
+            for (out, keys) in [
+                ("sn", &["sn"][..]),
+                ("product_name", &["productName"][..]),
+                ("alias_name", &["aliasName"][..]),
+                ("firmware", &["mainVersion", "main"][..]),
+                ("model", &["model"][..]),
+                ("mac", &["mac"][..]),
+            ] {
+                if let Some(v) = keys
+                    .iter()
+                    .find_map(|k| field(info, k))
+                    .filter(|v| !v.is_null())
+                {
+                    p[out] = v.clone();
+                }
+            }
+        }
+        self.outbox.push_now(Message::state_json(
+            self.topics.playbox_state(&self.cfg.name),
+            &p,
+        ));
+        self.last = Some((reading, Instant::now()));
+    }
+
+    fn report_error(&self, kind: CommandKind, payload: &str, error: &str) {
+        warn!(
+            "playbox {}: {} command {:?} refused: {error}",
+            self.cfg.name,
+            kind.name(),
+            payload
+        );
+        let body = json!({"command": kind.name(), "payload": payload, "error": error});
+        let msg = Message {
+            topic: self.topics.playbox_error(&self.cfg.name),
+            payload: body.to_string().into(),
+            retain: false,
+        };
+        self.outbox.push_now(msg);
+    }
+
+    /// Apply one command, then read the box back and publish what it now shows.
+    async fn apply(&mut self, cmd: Command) {
+        let body = match cmd.kind.body(&cmd.payload) {
+            Ok(b) => b,
+            Err(e) => return self.report_error(cmd.kind, &cmd.payload, &e),
+        };
+        let f = cmd.kind.function();
+        let path = match self.read(f).await {
+            Ok(Some(_)) => self.paths[f.index()].clone().expect("read found it"),
+            Ok(None) => {
+                return self.report_error(
+                    cmd.kind,
+                    &cmd.payload,
+                    &format!("the box has no working {} path", f.name()),
+                );
+            }
+            Err(e) => {
+                return self.report_error(cmd.kind, &cmd.payload, &format!("box unreachable: {e}"));
+            }
+        };
+        let mut result = self.post(&path, &body).await;
+        // Older firmware takes whole numbers only.
+        if let (Err(BoxError::Code { code: 3, .. }), Some(v)) =
+            (&result, body.get("ratio").and_then(Value::as_f64))
+            && v.fract() != 0.0
+        {
+            result = self.post(&path, &json!({"ratio": v.round()})).await;
+        }
+        match result {
+            Ok(_) => {
+                info!(
+                    "playbox {}: {} set to {}",
+                    self.cfg.name,
+                    cmd.kind.name(),
+                    cmd.payload.trim()
+                );
+                if let Err(e) = self.poll().await {
+                    warn!(
+                        "playbox {}: read-back after a set failed: {e}",
+                        self.cfg.name
+                    );
+                }
+                // Publish even when unchanged: the reply to a command.
+                if let Some((reading, _)) = self.last.clone() {
+                    self.publish_state(reading, true);
+                }
+            }
+            Err(e) => self.report_error(cmd.kind, &cmd.payload, &e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_validated_strictly() {
+        assert_eq!(
+            CommandKind::Brightness.body("40").unwrap(),
+            json!({"ratio": 40.0})
+        );
+        assert_eq!(
+            CommandKind::Brightness.body(" 12.5\n").unwrap(),
+            json!({"ratio": 12.5})
+        );
+        for bad in ["abc", "-1", "100.5", "NaN", "inf", "", "40%"] {
+            assert!(CommandKind::Brightness.body(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            CommandKind::Screen.body("ON").unwrap(),
+            json!({"state": "OPEN"})
+        );
+        assert_eq!(
+            CommandKind::Screen.body("off").unwrap(),
+            json!({"state": "CLOSE"})
+        );
+        assert!(CommandKind::Screen.body("1").is_err());
+        assert!(CommandKind::Volume.body("101").is_err());
+        assert_eq!(CommandKind::from_topic("volume"), Some(CommandKind::Volume));
+        assert_eq!(CommandKind::from_topic("reboot"), None);
+    }
+}

@@ -418,3 +418,65 @@ async fn discover_finds_the_box_and_prints_valid_toml() {
     assert_eq!(cfg.playbox[0].url, sim.url());
     assert_eq!(cfg.playbox[0].sn, "2ZTA00000X0A00000000");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_firmware_fallback_login_other_paths_and_no_volume() {
+    let sim = PlayboxSim::start(PlayboxOptions {
+        documented_login: false,
+        brightness_path: 1,
+        screen_path: 2,
+        volume: None,
+        integer_only_brightness: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = Bridge::start(config(
+        broker,
+        dir.path(),
+        &box_entry("old", &sim, PASSWORD, ""),
+    ))
+    .await
+    .unwrap();
+    let state = obs
+        .wait_topic(&state_topic("old"), T, |_| true)
+        .await
+        .json();
+    assert_eq!(state["brightness"], 50.0);
+    assert_eq!(state["screen"], "on");
+    assert!(
+        state["volume"].is_null(),
+        "no volume endpoint: null, as the contract allows"
+    );
+    let link = obs
+        .wait_topic(&format!("{BASE}/bridge/link/playbox/old"), T, |r| {
+            r.json()["volume_path"].is_null() && r.json()["state"] == "up"
+        })
+        .await
+        .json();
+    assert_eq!(link["login_form"], "fallback");
+    assert_eq!(link["brightness_path"], "/terminal/core/v1/brightness");
+    assert_eq!(link["screen_path"], "/terminal/core/v1/screen/power-state");
+    // A fractional brightness is refused by this firmware, then sent rounded.
+    publish(
+        broker,
+        &format!("{BASE}/playbox/old/brightness/set"),
+        "33.4",
+        false,
+    )
+    .await;
+    sim.wait_until("brightness 33", T, |s| s.brightness() == 33.0)
+        .await;
+    // Probing only ever reads.
+    assert!(
+        sim.sets()
+            .iter()
+            .all(|(p, _)| p == "/terminal/core/v1/brightness"),
+        "{:?}",
+        sim.sets()
+    );
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -45,8 +45,12 @@ impl RestError {
 }
 
 fn transport(e: reqwest::Error) -> RestError {
-    // reqwest's message names the URL, which never carries a secret here (tokens travel
-    // in the Authorization header), but keep only the cause chain for brevity.
+    RestError::Transport(describe_http_error(&e))
+}
+
+/// A reqwest failure in a line: what kind, then the chain of causes. reqwest's own
+/// message names the URL; the cause chain says more and never carries a header.
+pub fn describe_http_error(e: &reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {
@@ -54,13 +58,13 @@ fn transport(e: reqwest::Error) -> RestError {
     } else {
         "transport error".to_string()
     };
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         text.push_str(": ");
         text.push_str(&s.to_string());
         src = s.source();
     }
-    RestError::Transport(text)
+    text
 }
 
 /// A token and how long the server says it lives.

@@ -98,20 +98,7 @@ pub fn client_id_for(name: &str) -> u32 {
 }
 
 fn unreachable(e: reqwest::Error) -> BoxError {
-    let mut text = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "transport error".to_string()
-    };
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    BoxError::Unreachable(text)
+    BoxError::Unreachable(crate::bvcsp::rest::describe_http_error(&e))
 }
 
 impl BoxClient {

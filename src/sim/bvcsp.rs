@@ -86,7 +86,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -1216,35 +1215,11 @@ enum LocationFilter {
 }
 
 fn make_tls() -> io::Result<TlsInfo> {
-    let key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .map_err(io::Error::other)?;
-    // CA:TRUE used as the leaf, like `openssl req -x509` output on real on-prem servers.
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bvcsp-sim");
-    let cert = params.self_signed(&key).map_err(io::Error::other)?;
-    let der = cert.der().clone();
-    let fingerprint = hex::encode(Sha256::digest(der.as_ref()));
-    let pem = cert.pem();
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
-    );
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(vec![der], key_der)
-        .map_err(io::Error::other)?;
-    // Never h2: the WebSocket upgrade needs HTTP/1.1.
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let c = crate::sim::cert::self_signed("bvcsp-sim", true)?;
     Ok(TlsInfo {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-        fingerprint,
-        pem,
+        acceptor: c.acceptor,
+        fingerprint: c.fingerprint,
+        pem: c.pem,
     })
 }
 

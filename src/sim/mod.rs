@@ -3,4 +3,5 @@
 
 pub mod broker;
 pub mod bvcsp;
+pub mod cert;
 pub mod playbox;

@@ -75,7 +75,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
 use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -703,30 +702,10 @@ impl Inner {
 }
 
 fn make_tls() -> io::Result<TlsInfo> {
-    let key = rcgen::KeyPair::generate().map_err(io::Error::other)?;
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .map_err(io::Error::other)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "taurus-sim");
-    let cert = params.self_signed(&key).map_err(io::Error::other)?;
-    let der = cert.der().clone();
-    let fingerprint = hex::encode(Sha256::digest(der.as_ref()));
-    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
-    );
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(vec![der], key_der)
-        .map_err(io::Error::other)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let c = crate::sim::cert::self_signed("taurus-sim", false)?;
     Ok(TlsInfo {
-        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
-        fingerprint,
+        acceptor: c.acceptor,
+        fingerprint: c.fingerprint,
     })
 }
 

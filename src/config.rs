@@ -254,14 +254,60 @@ pub struct MqttTlsConfig {
 pub struct StorageConfig {
     #[serde(default = "default_storage_dir")]
     pub dir: PathBuf,
+    /// Bound on the outbox: bytes, or a size like "256MiB". When it is reached, events
+    /// are never dropped: reading upstream pauses until the broker takes more.
+    #[serde(default = "default_max_bytes", deserialize_with = "size")]
+    pub max_bytes: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             dir: default_storage_dir(),
+            max_bytes: default_max_bytes(),
         }
     }
+}
+
+fn default_max_bytes() -> u64 {
+    crate::mqtt::outbox::DEFAULT_MAX_BYTES
+}
+
+/// A byte count: an integer, or a string with a unit (B, KB, MB, GB, KiB, MiB, GiB).
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Int(u64),
+        Text(String),
+    }
+    let text = match Size::deserialize(d)? {
+        Size::Int(n) => return Ok(n),
+        Size::Text(t) => t,
+    };
+    parse_size(&text).map_err(serde::de::Error::custom)
+}
+
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a size: `{text}` (e.g. 268435456 or \"256MiB\")"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        u => return Err(format!("unknown size unit `{u}` in `{text}`")),
+    };
+    Ok((n * mult as f64) as u64)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -617,6 +663,12 @@ impl Config {
             None => {}
         }
         self.mqtt.validate()?;
+        if self.storage.max_bytes < 1 << 20 {
+            return Err(ConfigError::new(
+                "storage.max_bytes",
+                "must be at least 1MiB",
+            ));
+        }
         if self.log.level.trim().is_empty() {
             return Err(ConfigError::new("log.level", "must not be empty"));
         }

@@ -25,6 +25,8 @@ pub enum StartError {
     Bvcsp(#[from] bvcsp::BvcspSetupError),
     #[error(transparent)]
     Playbox(#[from] playbox::PlayboxSetupError),
+    #[error(transparent)]
+    Outbox(#[from] crate::mqtt::outbox::OutboxError),
 }
 
 /// A running bridge.
@@ -35,6 +37,7 @@ pub struct Bridge {
     publisher: Publisher,
     upstream: CancellationToken,
     tasks: TaskTracker,
+    health: CancellationToken,
 }
 
 impl Bridge {
@@ -42,7 +45,7 @@ impl Bridge {
     pub async fn start(cfg: Config) -> Result<Bridge, StartError> {
         let started = SystemTime::now();
         let topics = Topics::new(&cfg.mqtt.base_topic);
-        let outbox = Arc::new(Outbox::default());
+        let outbox = Outbox::open(&cfg.storage.dir, cfg.storage.max_bytes)?;
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
         let filters = playbox::command_filters(&cfg.playbox, &topics);
         let publisher = Publisher::start(
@@ -80,6 +83,16 @@ impl Bridge {
             )?;
         }
         tasks.close();
+        let health = CancellationToken::new();
+        tokio::spawn(report_health(
+            outbox.clone(),
+            stats.clone(),
+            publisher.status(),
+            bvcsp_ctx.as_ref().map(|c| c.link.clone()),
+            topics.clone(),
+            started,
+            health.clone(),
+        ));
         info!("bvcsp2mqtt {} started", env!("CARGO_PKG_VERSION"));
         Ok(Bridge {
             outbox,
@@ -88,6 +101,7 @@ impl Bridge {
             publisher,
             upstream,
             tasks,
+            health,
         })
     }
 
@@ -108,6 +122,9 @@ impl Bridge {
             );
         }
         self.publisher.shutdown(Duration::from_secs(3)).await;
+        self.health.cancel();
+        let outbox = self.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
         info!("stopped");
     }
 
@@ -120,6 +137,52 @@ impl Bridge {
         self.publisher.abort().await;
         self.upstream.cancel();
         self.tasks.wait().await;
+    }
+}
+
+/// How often `{base}/bridge/health` is published.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Retained `{base}/bridge/health` every interval, and `outbox_full` on the BVCSP link
+/// topic as soon as the outbox fills or drains.
+async fn report_health(
+    outbox: Arc<Outbox>,
+    stats: Arc<bvcsp::Stats>,
+    mqtt: tokio::sync::watch::Receiver<MqttStatus>,
+    link: Option<Arc<crate::link::Link>>,
+    topics: Topics,
+    started: SystemTime,
+    cancel: CancellationToken,
+) {
+    let mut full = outbox.full();
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = full.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let is_full = *full.borrow_and_update();
+                if let Some(link) = &link {
+                    link.set_detail("outbox_full", serde_json::json!(is_full));
+                }
+            }
+            _ = tick.tick() => {
+                let o = outbox.stats();
+                let m = mqtt.borrow().clone();
+                let body = serde_json::json!({
+                    "uptime_s": started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+                    "outbox": o.to_json(),
+                    "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error},
+                    "bvcsp": stats.to_json(),
+                });
+                outbox.push_now(crate::mqtt::Message::state_json(topics.bridge_health(), &body));
+                if o.depth > 0 && o.oldest_age_ms > 60_000 {
+                    info!("outbox: {} waiting, oldest {} s, {} replayed", o.depth, o.oldest_age_ms / 1000, o.replayed + o.replayed_at_start);
+                }
+            }
+        }
     }
 }
 

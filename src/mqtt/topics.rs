@@ -46,6 +46,9 @@ impl Topics {
     pub fn bridge_info(&self) -> String {
         format!("{}/bridge/info", self.base)
     }
+    pub fn bridge_health(&self) -> String {
+        format!("{}/bridge/health", self.base)
+    }
     pub fn link_bvcsp(&self) -> String {
         format!("{}/bridge/link/bvcsp", self.base)
     }

@@ -379,7 +379,13 @@ async fn run_socket(
                     while let Some(Some(Ok(msg))) = live.ws.next().now_or_never() {
                         match msg {
                             WsMessage::Pong(_) => live.last_pong = Instant::now(),
-                            other => ingest_message(ctx, stream, memory, other, cancel).await,
+                            other => {
+                                // Inbound traffic proves the link alive too.
+                                if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
+                                    live.last_pong = live.last_pong.max(recent);
+                                }
+                                ingest_message(ctx, stream, memory, other, cancel).await
+                            }
                         }
                     }
                     if live.last_pong.elapsed() > cfg.pong_timeout {

@@ -39,6 +39,8 @@ impl Received {
 /// An MQTT client subscribed to everything, recording what arrives.
 pub struct Observer {
     pub log: Arc<Mutex<Vec<Received>>>,
+    /// Subscriptions acknowledged so far (one per (re)connect).
+    pub subacks: Arc<std::sync::atomic::AtomicUsize>,
     changed: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -52,7 +54,13 @@ impl Observer {
         let log = Arc::new(Mutex::new(Vec::new()));
         let changed = Arc::new(Notify::new());
         let subscribed = Arc::new(Notify::new());
-        let (l, c, s) = (log.clone(), changed.clone(), subscribed.clone());
+        let subacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (l, c, s, n) = (
+            log.clone(),
+            changed.clone(),
+            subscribed.clone(),
+            subacks.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 match events.poll().await {
@@ -61,7 +69,11 @@ impl Observer {
                             .try_subscribe("#", QoS::AtLeastOnce)
                             .expect("subscribe");
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => s.notify_one(),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        s.notify_one();
+                        c.notify_waiters();
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         l.lock().unwrap().push(Received {
                             topic: p.topic.clone(),
@@ -79,7 +91,20 @@ impl Observer {
         tokio::time::timeout(Duration::from_secs(10), subscribed.notified())
             .await
             .expect("observer subscribed");
-        Observer { log, changed, task }
+        Observer {
+            log,
+            subacks,
+            changed,
+            task,
+        }
+    }
+
+    /// Wait until the observer has subscribed `n` times in all (after a broker restart).
+    pub async fn wait_subscribed(&self, n: usize, deadline: Duration) {
+        self.wait_for("the observer to subscribe again", deadline, |_| {
+            (self.subacks.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(())
+        })
+        .await
     }
 
     pub fn all(&self) -> Vec<Received> {
@@ -312,4 +337,153 @@ pub async fn publish(broker: SocketAddr, topic: &str, payload: &str, retain: boo
         .await
         .expect("publish acknowledged");
     let _ = client.disconnect().await;
+}
+
+/// A real Mosquitto on a free port, persistence off (its default), that a test can kill
+/// and start again on the same port.
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    conf: std::path::PathBuf,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// `None` when mosquitto is not installed and this is not CI (under CI=true a missing
+    /// broker is a failure, not a skip).
+    pub fn start() -> Option<Mosquitto> {
+        let found = std::process::Command::new("mosquitto")
+            .arg("-h")
+            .output()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mosquitto is required under CI (apt-get install mosquitto)"
+            );
+            eprintln!("skipping: mosquitto is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            addr: ([127, 0, 0, 1], port).into(),
+            conf,
+            child: None,
+            _dir: dir,
+        };
+        m.up();
+        Some(m)
+    }
+
+    /// (Re)start it and wait until it accepts connections.
+    pub fn up(&mut self) {
+        assert!(self.child.is_none());
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(Instant::now() < end, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kill it hard (SIGKILL): sessions and retained messages are gone with it.
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A child process with its stderr collected.
+pub struct Daemon {
+    pub child: std::process::Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn spawn(config: &std::path::Path) -> Daemon {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the daemon");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        use std::io::Read;
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Daemon { child, stderr }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let end = std::time::Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "daemon did not exit within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

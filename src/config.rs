@@ -77,7 +77,36 @@ pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
+    pub service: ServiceConfig,
+    #[serde(default)]
     pub playbox: Vec<PlayboxConfig>,
+}
+
+/// Running as a service: stopping, health reports, the HTTP health listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// A graceful stop flushes queued messages to the broker for at most this long.
+    #[serde(default = "d_10s", with = "humantime_serde")]
+    pub grace_period: Duration,
+    /// Retained `{base}/bridge/health` is published this often.
+    #[serde(default = "d_30s", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` over HTTP.
+    #[serde(default)]
+    pub http: bool,
+    #[serde(default = "default_http_listen")]
+    pub http_listen: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("all service keys have defaults")
+    }
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:9782".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -663,6 +692,26 @@ impl Config {
             None => {}
         }
         self.mqtt.validate()?;
+        if self
+            .service
+            .http_listen
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(ConfigError::new(
+                "service.http_listen",
+                format!(
+                    "expected address:port, e.g. 127.0.0.1:9782, got `{}`",
+                    self.service.http_listen
+                ),
+            ));
+        }
+        if self.service.health_interval < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "service.health_interval",
+                "must be at least 1s",
+            ));
+        }
         if self.storage.max_bytes < 1 << 20 {
             return Err(ConfigError::new(
                 "storage.max_bytes",

@@ -3,6 +3,7 @@
 pub mod bvcsp;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;

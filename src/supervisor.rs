@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::health::{Heartbeats, Probe};
 use crate::mqtt::publisher::{MqttSetupError, bridge_info};
 use crate::mqtt::{MqttStatus, Outbox, Publisher, Topics};
 use crate::{bvcsp, playbox};
@@ -27,6 +28,8 @@ pub enum StartError {
     Playbox(#[from] playbox::PlayboxSetupError),
     #[error(transparent)]
     Outbox(#[from] crate::mqtt::outbox::OutboxError),
+    #[error("service.http_listen {0}: {1}")]
+    Http(String, std::io::Error),
 }
 
 /// A running bridge.
@@ -38,6 +41,10 @@ pub struct Bridge {
     upstream: CancellationToken,
     tasks: TaskTracker,
     health: CancellationToken,
+    pub probe: Probe,
+    /// Where the HTTP health listener is (when `service.http` is on).
+    pub http_addr: Option<std::net::SocketAddr>,
+    pub grace: Duration,
 }
 
 impl Bridge {
@@ -46,6 +53,9 @@ impl Bridge {
         let started = SystemTime::now();
         let topics = Topics::new(&cfg.mqtt.base_topic);
         let outbox = Outbox::open(&cfg.storage.dir, cfg.storage.max_bytes)?;
+        let latency = crate::health::latency_histogram();
+        outbox.observe_latency(latency.clone());
+        let heartbeats = Arc::new(Heartbeats::default());
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
         let filters = playbox::command_filters(&cfg.playbox, &topics);
         let publisher = Publisher::start(
@@ -54,6 +64,7 @@ impl Bridge {
             topics.clone(),
             filters,
             Some(incoming_tx),
+            heartbeats.clone(),
         )?;
         outbox.push_now(bridge_info(&topics, started, sources(&cfg)));
 
@@ -67,12 +78,14 @@ impl Bridge {
                 outbox.clone(),
                 topics.clone(),
                 stats.clone(),
+                heartbeats.clone(),
             )?;
             tasks.spawn(bvcsp::run(ctx.clone(), relogin_rx, upstream.clone()));
             bvcsp_ctx = Some(ctx);
         }
+        let mut playbox_links = Vec::new();
         if !cfg.playbox.is_empty() {
-            playbox::start(
+            playbox_links = playbox::start(
                 &cfg.playbox,
                 &cfg.storage.dir,
                 outbox.clone(),
@@ -80,19 +93,36 @@ impl Bridge {
                 incoming_rx,
                 &tasks,
                 upstream.clone(),
+                heartbeats.clone(),
             )?;
         }
         tasks.close();
         let health = CancellationToken::new();
-        tokio::spawn(report_health(
-            outbox.clone(),
-            stats.clone(),
-            publisher.status(),
-            bvcsp_ctx.as_ref().map(|c| c.link.clone()),
-            topics.clone(),
+        let probe = Probe {
             started,
+            outbox: outbox.clone(),
+            bvcsp_stats: stats.clone(),
+            mqtt: publisher.status(),
+            bvcsp_link: bvcsp_ctx.as_ref().map(|c| c.link.clone()),
+            playbox_links,
+            heartbeats: heartbeats.clone(),
+            publish_latency: latency,
+        };
+        tokio::spawn(crate::health::report_loop(
+            probe.clone(),
+            topics.clone(),
+            cfg.service.health_interval,
             health.clone(),
         ));
+        tokio::spawn(crate::health::watchdog_loop(heartbeats, health.clone()));
+        let mut http_addr = None;
+        if cfg.service.http {
+            let addr = cfg.service.http_listen.parse().expect("validated");
+            let bound = crate::health::serve_http(addr, probe.clone(), health.clone())
+                .await
+                .map_err(|e| StartError::Http(cfg.service.http_listen.clone(), e))?;
+            http_addr = Some(bound);
+        }
         info!("bvcsp2mqtt {} started", env!("CARGO_PKG_VERSION"));
         Ok(Bridge {
             outbox,
@@ -102,6 +132,9 @@ impl Bridge {
             upstream,
             tasks,
             health,
+            probe,
+            http_addr,
+            grace: cfg.service.grace_period,
         })
     }
 
@@ -140,52 +173,6 @@ impl Bridge {
     }
 }
 
-/// How often `{base}/bridge/health` is published.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
-
-/// Retained `{base}/bridge/health` every interval, and `outbox_full` on the BVCSP link
-/// topic as soon as the outbox fills or drains.
-async fn report_health(
-    outbox: Arc<Outbox>,
-    stats: Arc<bvcsp::Stats>,
-    mqtt: tokio::sync::watch::Receiver<MqttStatus>,
-    link: Option<Arc<crate::link::Link>>,
-    topics: Topics,
-    started: SystemTime,
-    cancel: CancellationToken,
-) {
-    let mut full = outbox.full();
-    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = full.changed() => {
-                if r.is_err() {
-                    return;
-                }
-                let is_full = *full.borrow_and_update();
-                if let Some(link) = &link {
-                    link.set_detail("outbox_full", serde_json::json!(is_full));
-                }
-            }
-            _ = tick.tick() => {
-                let o = outbox.stats();
-                let m = mqtt.borrow().clone();
-                let body = serde_json::json!({
-                    "uptime_s": started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-                    "outbox": o.to_json(),
-                    "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error},
-                    "bvcsp": stats.to_json(),
-                });
-                outbox.push_now(crate::mqtt::Message::state_json(topics.bridge_health(), &body));
-                if o.depth > 0 && o.oldest_age_ms > 60_000 {
-                    info!("outbox: {} waiting, oldest {} s, {} replayed", o.depth, o.oldest_age_ms / 1000, o.replayed + o.replayed_at_start);
-                }
-            }
-        }
-    }
-}
-
 /// The configured sources for `bridge/info`, without secrets.
 fn sources(cfg: &Config) -> serde_json::Value {
     let bvcsp = cfg.bvcsp.as_ref().map(|b| {
@@ -203,10 +190,27 @@ fn sources(cfg: &Config) -> serde_json::Value {
     serde_json::json!({"bvcsp": bvcsp, "playbox": playboxes})
 }
 
-/// Run until `shutdown` resolves, then stop gracefully.
+/// Run until `shutdown` resolves, then stop gracefully. Tells systemd (when it started
+/// us) READY=1 once the broker is connected, and STOPPING=1 when stopping.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let bridge = Bridge::start(cfg).await?;
-    shutdown.await;
-    bridge.stop(DEFAULT_GRACE).await;
+    let mut mqtt = bridge.mqtt_status();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => {}
+        r = mqtt.wait_for(|s| s.connected) => {
+            // The watch guard must not live across the await: it blocks the publisher.
+            let connected = r.is_ok();
+            drop(r);
+            if connected {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                info!("ready: connected to the broker");
+            }
+            shutdown.await;
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let grace = bridge.grace;
+    bridge.stop(grace).await;
     Ok(())
 }

@@ -55,11 +55,30 @@ pub struct Stats {
     pub login_failures: AtomicU64,
     pub refreshes: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Unix milliseconds of the last event read (0: none yet).
+    pub last_event_ms: AtomicU64,
 }
 
 impl Stats {
     pub fn of(&self, s: Stream) -> &StreamStats {
         &self.streams[Stream::ALL.iter().position(|x| *x == s).unwrap_or(0)]
+    }
+
+    pub fn event_seen(&self) {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last_event_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the last event was read, RFC 3339.
+    pub fn last_event_at(&self) -> Option<String> {
+        let ms = self
+            .last_event_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (ms > 0).then(|| model::rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)))
     }
 
     /// Plain numbers, for health reports.
@@ -118,6 +137,7 @@ pub struct Ctx {
     /// Set when the bridge is killed rather than stopped: no goodbye to the server.
     pub skip_logout: AtomicBool,
     pub stats: Arc<Stats>,
+    pub heartbeats: Arc<crate::health::Heartbeats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +156,7 @@ impl Ctx {
         outbox: Arc<Outbox>,
         topics: Topics,
         stats: Arc<Stats>,
+        heartbeats: Arc<crate::health::Heartbeats>,
     ) -> Result<(Arc<Ctx>, mpsc::Receiver<u64>), BvcspSetupError> {
         let base = cfg.base_url();
         let tls_cfg = if base.scheme() == "https" {
@@ -184,6 +205,7 @@ impl Ctx {
             query_warned: AtomicBool::new(false),
             skip_logout: AtomicBool::new(false),
             stats,
+            heartbeats,
             cfg,
         };
         Ok((Arc::new(ctx), relogin_rx))

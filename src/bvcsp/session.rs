@@ -17,6 +17,9 @@ use super::{Ctx, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link::LinkState;
 
+/// The session's heartbeat name.
+const SESSION: &str = "bvcsp-session";
+
 /// A session that lasted this long counts as healthy.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// Never refresh more often than this, whatever lifetime the server announces.
@@ -60,7 +63,8 @@ async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
 }
 
 /// Sleep, or return false when cancelled.
-async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+async fn pause(ctx: &Ctx, cancel: &CancellationToken, d: Duration) -> bool {
+    ctx.heartbeats.beat(SESSION, d + Duration::from_secs(30));
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -79,17 +83,22 @@ pub async fn run_session(
     let mut generation = 0u64;
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
+    let _alive = crate::health::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
     loop {
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
             info!("logging in again ({reason}) in {d:.1?}");
             ctx.link.set(LinkState::Connecting, Some(reason), None);
-            if !pause(cancel, d).await {
+            if !pause(ctx, cancel, d).await {
                 return last;
             }
         } else {
             ctx.link.set(LinkState::Connecting, None, None);
         }
+        ctx.heartbeats.beat(
+            SESSION,
+            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+        );
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return last,
             r = obtain(ctx) => r,
@@ -118,7 +127,7 @@ pub async fn run_session(
                         d
                     }
                 };
-                if !pause(cancel, d).await {
+                if !pause(ctx, cancel, d).await {
                     return last;
                 }
                 continue;
@@ -199,6 +208,12 @@ async fn maintain(
     let mut refresh_backoff = ctx.net_backoff().build();
     let mut snapshot_retry: Option<Instant> = None;
     loop {
+        // Asleep until the refresh (or a request), by design; plus time for the calls.
+        let wake = refresh_at.saturating_duration_since(Instant::now());
+        ctx.heartbeats.beat(
+            SESSION,
+            wake + ctx.cfg.request_timeout * 4 + Duration::from_secs(60),
+        );
         tokio::select! {
             _ = cancel.cancelled() => return Outcome::Cancelled,
             _ = sleep_until(refresh_at.into()) => {
@@ -290,6 +305,10 @@ async fn snapshot(
     let mut seen = 0u64;
     let mut devices = 0usize;
     loop {
+        ctx.heartbeats.beat(
+            SESSION,
+            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+        );
         let reply = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             r = ctx.rest.device_page(&token.value, page, size) => r?,

@@ -185,6 +185,8 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
     let mut backoff = builder.build();
     let mut memory = StreamMemory::new();
     let mut first_connect = true;
+    let _alive =
+        crate::health::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
     let mut last_failure: Option<String> = None;
     let mut failures = 0u64;
     // Streams after the first open one after another, not all at once.
@@ -199,10 +201,14 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
         }
     }
     loop {
+        // Waiting for a token is waiting by design (the session may be backing off).
+        ctx.heartbeats.beat(name, Duration::from_secs(24 * 3600));
         let token = tokio::select! {
             _ = cancel.cancelled() => return,
             t = wait_for_token(&mut token_rx) => match t { Some(t) => t, None => return },
         };
+        ctx.heartbeats
+            .beat(name, ctx.cfg.request_timeout + Duration::from_secs(30));
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
             r = connect(&ctx, stream, &token) => r,
@@ -279,6 +285,8 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                     }
                     ConnectError::NotFound => {
                         // A wrong path does not fix itself quickly: retry slowly.
+                        ctx.heartbeats
+                            .beat(name, ctx.cfg.reconnect_max + Duration::from_secs(30));
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
@@ -294,6 +302,7 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
             .of(stream)
             .reconnects
             .fetch_add(1, Ordering::Relaxed);
+        ctx.heartbeats.beat(name, delay + Duration::from_secs(30));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -373,6 +382,7 @@ async fn run_socket(
                 return End::Cancelled;
             }
             _ = tick.tick() => {
+                ctx.heartbeats.beat(stream.name(), cfg.keepalive_interval * 3 + cfg.request_timeout);
                 if live.last_pong.elapsed() > cfg.pong_timeout {
                     // Pongs may be sitting unread behind frames that waited for a full
                     // outbox: read what is already buffered before calling the link dead.
@@ -579,6 +589,7 @@ async fn ingest_text(
         }
     };
     let stats = ctx.stats.of(stream);
+    ctx.stats.event_seen();
     for value in values {
         stats.events_in.fetch_add(1, Ordering::Relaxed);
         log_shape(stream, memory, &value);

@@ -117,6 +117,8 @@ struct Store {
 }
 
 pub struct Outbox {
+    /// Time from queueing to the broker's acknowledgement.
+    latency: Mutex<Option<prometheus_client::metrics::histogram::Histogram>>,
     inner: Mutex<Inner>,
     max_bytes: u64,
     store: Option<Arc<Store>>,
@@ -147,6 +149,7 @@ impl Outbox {
     /// An outbox in memory only: it survives broker outages, not a crash.
     pub fn memory(max_bytes: u64) -> Outbox {
         Outbox {
+            latency: Mutex::new(None),
             inner: Mutex::new(Inner::default()),
             max_bytes: max_bytes.max(1),
             store: None,
@@ -329,6 +332,14 @@ impl Outbox {
             let inner = &mut *g;
             match inner.entries.remove(&id) {
                 Some(e) => {
+                    if let Some(h) = self
+                        .latency
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                    {
+                        h.observe(e.queued_at.elapsed().as_secs_f64());
+                    }
                     inner.acked += 1;
                     inner.bytes -= e.cost();
                     if e.msg.retain {
@@ -400,6 +411,11 @@ impl Outbox {
     /// Resolves when there may be something to send.
     pub async fn sendable(&self) {
         self.sendable.notified().await;
+    }
+
+    /// Record the time to acknowledgement of every message in `h`.
+    pub fn observe_latency(&self, h: prometheus_client::metrics::histogram::Histogram) {
+        *self.latency.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 
     /// Changes to `true` while events wait for space.

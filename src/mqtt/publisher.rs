@@ -178,6 +178,7 @@ impl Publisher {
         topics: Topics,
         subscriptions: Vec<String>,
         incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
+        heartbeats: Arc<crate::health::Heartbeats>,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
         let (client, eventloop) = AsyncClient::new(opts, WINDOW + 4);
@@ -204,7 +205,15 @@ impl Publisher {
             .with_factor(2.0)
             .with_jitter()
             .without_max_times();
-        tasks.spawn(drive(shared.clone(), eventloop, backoff, stop.clone()));
+        let alive = cfg.keepalive * 3 + Duration::from_secs(15);
+        tasks.spawn(drive(
+            shared.clone(),
+            eventloop,
+            backoff,
+            stop.clone(),
+            heartbeats,
+            alive,
+        ));
         tasks.spawn(feed(shared.clone(), stop.clone()));
         tasks.close();
         Ok(Publisher {
@@ -270,11 +279,17 @@ async fn drive(
     mut eventloop: EventLoop,
     builder: ExponentialBuilder,
     stop: CancellationToken,
+    heartbeats: Arc<crate::health::Heartbeats>,
+    alive: Duration,
 ) {
+    // poll() yields at least once per keepalive (the ping) while connected, and within
+    // the connect timeout while not.
+    let _alive = crate::health::BeatGuard::new(&heartbeats, "mqtt", alive);
     let mut backoff = builder.build();
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
     loop {
+        heartbeats.beat("mqtt", alive);
         let event = tokio::select! {
             _ = stop.cancelled() => break,
             ev = eventloop.poll() => ev,
@@ -388,6 +403,7 @@ async fn drive(
                     warn!("mqtt still unreachable after {repeats} attempts: {text}");
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                heartbeats.beat("mqtt", delay + alive);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

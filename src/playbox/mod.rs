@@ -66,6 +66,7 @@ pub fn command_filters(boxes: &[PlayboxConfig], topics: &Topics) -> Vec<String> 
 }
 
 /// Start every box's loop and the command router. Returns when all are started.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     boxes: &[PlayboxConfig],
     storage: &Path,
@@ -74,8 +75,10 @@ pub fn start(
     incoming: mpsc::Receiver<Incoming>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
-) -> Result<(), PlayboxSetupError> {
+    heartbeats: Arc<crate::health::Heartbeats>,
+) -> Result<Vec<(String, Arc<crate::link::Link>)>, PlayboxSetupError> {
     let mut routes = HashMap::new();
+    let mut links = Vec::new();
     for cfg in boxes {
         let err = |message: String| PlayboxSetupError::Setup {
             name: cfg.name.clone(),
@@ -88,11 +91,18 @@ pub fn start(
         if cfg.commands {
             routes.insert(cfg.name.clone(), tx);
         }
-        let runner = poller::BoxRunner::new(cfg.clone(), client, outbox.clone(), topics.clone());
+        let runner = poller::BoxRunner::new(
+            cfg.clone(),
+            client,
+            outbox.clone(),
+            topics.clone(),
+            heartbeats.clone(),
+        );
+        links.push((cfg.name.clone(), runner.link()));
         tracker.spawn(runner.run(rx, cancel.clone()));
     }
     tracker.spawn(route_commands(incoming, routes, topics, cancel));
-    Ok(())
+    Ok(links)
 }
 
 /// Hand each command message to its box.

@@ -168,6 +168,7 @@ pub struct BoxRunner {
     last: Option<(Reading, Instant)>,
     refused: u32,
     password_seen: Secret,
+    heartbeats: Arc<crate::health::Heartbeats>,
 }
 
 impl BoxRunner {
@@ -176,6 +177,7 @@ impl BoxRunner {
         client: BoxClient,
         outbox: Arc<Outbox>,
         topics: Topics,
+        heartbeats: Arc<crate::health::Heartbeats>,
     ) -> BoxRunner {
         let link = Link::new(
             &format!("playbox/{}", cfg.name),
@@ -199,6 +201,7 @@ impl BoxRunner {
             last: None,
             refused: 0,
             password_seen,
+            heartbeats,
         }
     }
 
@@ -206,7 +209,15 @@ impl BoxRunner {
         &self.cfg.name
     }
 
+    pub fn link(&self) -> Arc<Link> {
+        self.link.clone()
+    }
+
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let beat_name = format!("playbox/{}", self.cfg.name);
+        let heartbeats = self.heartbeats.clone();
+        let _alive =
+            crate::health::BeatGuard::new(&heartbeats, &beat_name, self.cfg.request_timeout * 10);
         let net = ExponentialBuilder::default()
             .with_min_delay(Duration::from_secs(1))
             .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
@@ -220,6 +231,12 @@ impl BoxRunner {
         let mut auth_backoff = auth.build();
         let mut next_poll = Instant::now();
         loop {
+            // A poll is a handful of requests, each bounded by request_timeout.
+            let wait = next_poll.saturating_duration_since(Instant::now());
+            heartbeats.beat(
+                &beat_name,
+                wait + self.cfg.request_timeout * 10 + Duration::from_secs(30),
+            );
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = sleep_until(next_poll.into()) => {

@@ -427,10 +427,15 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(config: &std::path::Path) -> Daemon {
+        Daemon::spawn_with_env(config, &[])
+    }
+
+    pub fn spawn_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"))
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

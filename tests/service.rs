@@ -233,7 +233,7 @@ async fn speaks_the_systemd_notify_protocol() {
         ],
     );
     let mut seen: Vec<String> = Vec::new();
-    let mut read_until = |want: &str, seen: &mut Vec<String>| {
+    let read_until = |want: &str, seen: &mut Vec<String>| {
         let end = std::time::Instant::now() + T;
         let mut buf = [0u8; 512];
         while !seen.iter().any(|m| m.contains(want)) {

@@ -1,5 +1,6 @@
 //! bvcsp2mqtt: BVCSP event streams and NovaStar play boxes to MQTT.
 
+pub mod bench;
 pub mod bvcsp;
 pub mod config;
 pub mod demo;

@@ -42,6 +42,15 @@ enum Command {
     },
     /// Validate the configuration and print it with secrets redacted
     CheckConfig,
+    /// End-to-end benchmark: simulator flood, real broker, the bridge as its own process
+    Bench {
+        /// A small run: checks loss and duplicates only (what CI runs)
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of every scenario (medians are printed)
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
     /// Find NovaStar play boxes on the network (UDP search) and print ready-to-paste [[playbox]] entries
     Discover {
         /// Also ask this address directly (repeatable); replies to a broadcast are often firewalled
@@ -94,6 +103,29 @@ fn main() -> ExitCode {
                     bvcsp2mqtt::run(cfg, shutdown_signal())
                         .await
                         .context("cannot start")
+                })
+            }))
+        }
+        Command::Bench { quick, repeat } => {
+            init_tracing(&LogConfig {
+                level: "warn,rumqttd=off".into(),
+                format: LogFormat::Text,
+            });
+            exit_with(runtime().and_then(|rt| {
+                rt.block_on(async {
+                    let cfg = bvcsp2mqtt::bench::BenchConfig {
+                        quick,
+                        repeat,
+                        bridge_exe: std::env::current_exe()
+                            .context("cannot find this executable")?,
+                    };
+                    let (broker, figures) = bvcsp2mqtt::bench::run(&cfg)
+                        .await
+                        .context("benchmark failed")?;
+                    println!("{}", bvcsp2mqtt::bench::render(&broker, repeat, &figures));
+                    let lost: u64 = figures.iter().map(|f| f.lost + f.duplicates).sum();
+                    anyhow::ensure!(lost == 0, "messages were lost or duplicated");
+                    Ok(())
                 })
             }))
         }

@@ -1,0 +1,707 @@
+//! `bvcsp2mqtt bench`: the bridge end to end under load. The BVCSP simulator floods,
+//! a real broker carries the messages (Mosquitto with `set_tcp_nodelay true` when
+//! installed, else the embedded one), the bridge runs as its own process with its
+//! durable outbox (so its CPU and memory are its own), and a subscriber counts every
+//! message, de-duplicates it and measures latency from the time the simulator sent the
+//! frame. A direct publisher to the same broker gives the rig's own ceiling, measured in
+//! the same run, because only ratios taken side by side mean anything on a shared machine.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+
+use crate::bvcsp::Stream;
+use crate::sim::broker::EmbeddedBroker;
+use crate::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+
+const BASE: &str = "bench";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0}: timed out")]
+    Timeout(String),
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> BenchError + '_ {
+    move |e| BenchError::Setup(format!("{what}: {e}"))
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// A small run (for CI): correctness only, timings not meaningful.
+    pub quick: bool,
+    pub repeat: usize,
+    /// The bvcsp2mqtt binary to run as the bridge.
+    pub bridge_exe: PathBuf,
+}
+
+/// One scenario's figures (one run).
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    pub scenario: String,
+    pub events: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub cpu_s_per_1000: f64,
+    pub cpu_s: f64,
+    pub peak_rss_mb: f64,
+    pub ceiling: f64,
+}
+
+/// What the subscriber saw.
+#[derive(Default)]
+struct Seen {
+    counts: HashMap<String, u32>,
+    latencies_ns: Vec<u64>,
+    last_at: Option<Instant>,
+    received: u64,
+    link_up: bool,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The broker for the run.
+struct Broker {
+    addr: SocketAddr,
+    kind: &'static str,
+    child: Option<std::process::Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_broker() -> Result<Broker, BenchError> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(setup("port"))?
+        .local_addr()
+        .map_err(setup("port"))?
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    if std::process::Command::new("mosquitto")
+        .arg("-h")
+        .output()
+        .is_ok()
+    {
+        let dir = tempfile::tempdir().map_err(setup("temp dir"))?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
+                 max_queued_messages 0\nmax_inflight_messages 0\n"
+            ),
+        )
+        .map_err(setup("mosquitto config"))?;
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(setup("mosquitto"))?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > end {
+                return Err(BenchError::Timeout("mosquitto start".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Ok(Broker {
+            addr,
+            kind: "mosquitto",
+            child: Some(child),
+            _dir: Some(dir),
+        });
+    }
+    let b = EmbeddedBroker::start(port).map_err(setup("embedded broker"))?;
+    Ok(Broker {
+        addr: b.addr,
+        kind: "embedded rumqttd",
+        child: None,
+        _dir: None,
+    })
+}
+
+/// Subscribes to everything under the bench base topic and counts.
+struct Subscriber {
+    seen: Arc<Mutex<Seen>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscriber {
+    async fn start(broker: SocketAddr) -> Result<Subscriber, BenchError> {
+        let mut opts = MqttOptions::new(
+            format!("bench-sub-{}", rand::random::<u32>()),
+            "127.0.0.1",
+            broker.port(),
+        );
+        opts.set_max_packet_size(16 << 20, 16 << 20)
+            .set_inflight(1000);
+        let (client, mut events) = AsyncClient::new(opts, 100);
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (s, c) = (seen.clone(), client.clone());
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = c.try_subscribe(format!("{BASE}/#"), QoS::AtLeastOnce);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => record(&s, &p.topic, &p.payload),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .map_err(|_| BenchError::Timeout("subscriber".into()))?
+            .map_err(setup("subscriber"))?;
+        Ok(Subscriber { seen, task })
+    }
+
+    fn reset(&self) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let link_up = g.link_up;
+        *g = Seen {
+            link_up,
+            ..Default::default()
+        };
+    }
+
+    async fn wait(
+        &self,
+        what: &str,
+        deadline: Duration,
+        f: impl Fn(&Seen) -> bool,
+    ) -> Result<(), BenchError> {
+        let end = Instant::now() + deadline;
+        loop {
+            if f(&self.seen.lock().unwrap_or_else(|p| p.into_inner())) {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                return Err(BenchError::Timeout(what.into()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
+    let now = now_ns();
+    if topic.ends_with("/bridge/link/bvcsp") {
+        let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        seen.lock().unwrap_or_else(|p| p.into_inner()).link_up = v["state"] == "up";
+        return;
+    }
+    let v: Value = match serde_json::from_slice(payload) {
+        Ok(v) => v,
+        Err(_) => return,
+    };
+    // Bridge output carries the frame in `raw`; the direct publisher sends the frame itself.
+    let frame = if v.get("raw").is_some() {
+        &v["raw"]
+    } else {
+        &v
+    };
+    let (Some(key), Some(sent)) = (frame["key"].as_str(), frame["sent_ns"].as_u64()) else {
+        return;
+    };
+    let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
+    let n = g.counts.entry(key.to_string()).or_default();
+    *n += 1;
+    if *n == 1 {
+        g.received += 1;
+        g.latencies_ns.push(now.saturating_sub(sent));
+    }
+    g.last_at = Some(Instant::now());
+}
+
+/// The bridge as its own process, measured through /proc.
+struct BridgeProc {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for BridgeProc {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl BridgeProc {
+    fn spawn(
+        exe: &Path,
+        sim: &BvcspSim,
+        broker: SocketAddr,
+        streams: &str,
+    ) -> Result<BridgeProc, BenchError> {
+        let dir = tempfile::tempdir().map_err(setup("temp dir"))?;
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[bvcsp]\nurl = \"{}\"\nusername = \"admin\"\npassword = \"123456\"\nstreams = [{streams}]\n\
+                 reopen_stagger = \"100ms\"\ngps_batch_window = \"200ms\"\n\
+                 [mqtt]\nurl = \"mqtt://{broker}\"\nbase_topic = \"{BASE}\"\nclient_id = \"bench-bridge-{}\"\n\
+                 [storage]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
+                sim.url(),
+                rand::random::<u32>(),
+                dir.path().join("state").display()
+            ),
+        )
+        .map_err(setup("bridge config"))?;
+        let child = std::process::Command::new(exe)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(setup("bridge process"))?;
+        Ok(BridgeProc { child, _dir: dir })
+    }
+
+    /// CPU time of all the bridge's threads, from /proc/PID/task/*/schedstat (ns).
+    fn cpu_ns(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// Peak resident memory (VmHWM), MB.
+    fn peak_rss_mb(&self) -> f64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+fn alarm(key: &str) -> Value {
+    json!({"key": key, "type": 5, "time": 1717400123, "userID": "", "userName": "", "devID": "PU_1",
+        "devName": "Helmet 07", "subDevIdx": 65536, "status": 0, "desc": "SOS", "lat": 31.849722,
+        "lng": 117.207138, "payload": "", "sent_ns": now_ns()})
+}
+
+/// Fields drop in order: the bridge stops first, then the subscriber, then the simulator.
+struct Rig {
+    bridge: BridgeProc,
+    sub: Subscriber,
+    sim: BvcspSim,
+}
+
+async fn rig(
+    cfg: &BenchConfig,
+    broker: &Broker,
+    devices: usize,
+    streams: &str,
+) -> Result<Rig, BenchError> {
+    let devices: Vec<SimDevice> = (0..devices.max(1))
+        .map(|i| SimDevice::new(&format!("PU_{i}"), "Unit", true))
+        .collect();
+    let sim = BvcspSim::start(SimOptions {
+        devices,
+        idle_close: None,
+        ..Default::default()
+    })
+    .await
+    .map_err(setup("simulator"))?;
+    let sub = Subscriber::start(broker.addr).await?;
+    let bridge = BridgeProc::spawn(&cfg.bridge_exe, &sim, broker.addr, streams)?;
+    sub.wait("bridge up", Duration::from_secs(60), |s| s.link_up)
+        .await?;
+    Ok(Rig { bridge, sub, sim })
+}
+
+fn figures(
+    name: &str,
+    events: u64,
+    rig: &Rig,
+    started: Instant,
+    cpu0: u64,
+    ceiling: f64,
+) -> Figures {
+    let g = rig.sub.seen.lock().unwrap_or_else(|p| p.into_inner());
+    let mut lat = g.latencies_ns.clone();
+    lat.sort_unstable();
+    let duplicates: u64 = g
+        .counts
+        .values()
+        .map(|n| u64::from(n.saturating_sub(1)))
+        .sum();
+    let elapsed = g
+        .last_at
+        .map(|t| t.duration_since(started))
+        .unwrap_or_default()
+        .as_secs_f64();
+    let cpu_s = (rig.bridge.cpu_ns().saturating_sub(cpu0)) as f64 / 1e9;
+    Figures {
+        scenario: name.into(),
+        events,
+        received: g.received,
+        lost: events.saturating_sub(g.received),
+        duplicates,
+        throughput: if elapsed > 0.0 {
+            g.received as f64 / elapsed
+        } else {
+            0.0
+        },
+        p50_ms: percentile(&lat, 0.50),
+        p95_ms: percentile(&lat, 0.95),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: percentile(&lat, 1.0),
+        cpu_s_per_1000: if g.received > 0 {
+            cpu_s / (g.received as f64 / 1000.0)
+        } else {
+            0.0
+        },
+        cpu_s,
+        peak_rss_mb: rig.bridge.peak_rss_mb(),
+        ceiling,
+    }
+}
+
+/// The rig's own ceiling: a direct QoS 1 publisher of alarm-sized messages.
+async fn ceiling(broker: &Broker, n: u64) -> Result<f64, BenchError> {
+    let sub = Subscriber::start(broker.addr).await?;
+    let mut opts = MqttOptions::new(
+        format!("bench-pub-{}", rand::random::<u32>()),
+        "127.0.0.1",
+        broker.addr.port(),
+    );
+    opts.set_max_packet_size(16 << 20, 16 << 20)
+        .set_inflight(100);
+    opts.set_clean_session(true);
+    let (client, mut events) = AsyncClient::new(opts, 1000);
+    let driver = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let started = Instant::now();
+    let padding = "x".repeat(420);
+    for i in 0..n {
+        let body = json!({"key": format!("c{i}"), "sent_ns": now_ns(), "pad": padding}).to_string();
+        client
+            .publish(format!("{BASE}/ceiling"), QoS::AtLeastOnce, false, body)
+            .await
+            .map_err(setup("direct publish"))?;
+    }
+    sub.wait("ceiling messages", Duration::from_secs(120), |s| {
+        s.received >= n
+    })
+    .await?;
+    let elapsed = sub
+        .seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last_at
+        .map(|t| t - started)
+        .unwrap_or_default();
+    driver.abort();
+    Ok(n as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
+/// (a) N alarms as fast as the simulator can send them.
+async fn burst(cfg: &BenchConfig, broker: &Broker, n: u64) -> Result<Figures, BenchError> {
+    let ceil = ceiling(broker, n).await?;
+    let rig = rig(cfg, broker, 1, "\"alarm\"").await?;
+    rig.sub.reset();
+    let cpu0 = rig.bridge.cpu_ns();
+    let started = Instant::now();
+    for i in 0..n {
+        rig.sim.inject(Stream::Alarm, alarm(&format!("a{i}")));
+    }
+    let _ = rig
+        .sub
+        .wait("burst delivered", Duration::from_secs(300), |s| {
+            s.received >= n
+        })
+        .await;
+    Ok(figures("a: burst of alarms", n, &rig, started, cpu0, ceil))
+}
+
+/// (b) alarms at a steady rate.
+async fn steady(
+    cfg: &BenchConfig,
+    broker: &Broker,
+    per_s: u64,
+    secs: u64,
+) -> Result<Figures, BenchError> {
+    let rig = rig(cfg, broker, 1, "\"alarm\"").await?;
+    rig.sub.reset();
+    let cpu0 = rig.bridge.cpu_ns();
+    let started = Instant::now();
+    let per_tick = (per_s / 100).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0u64;
+    let total = per_s * secs;
+    while sent < total {
+        tick.tick().await;
+        for _ in 0..per_tick.min(total - sent) {
+            rig.sim.inject(Stream::Alarm, alarm(&format!("s{sent}")));
+            sent += 1;
+        }
+    }
+    let _ = rig
+        .sub
+        .wait("steady delivered", Duration::from_secs(60), |s| {
+            s.received >= total
+        })
+        .await;
+    let mut f = figures("b: steady alarms", total, &rig, started, cpu0, 0.0);
+    f.throughput = f.received as f64 / secs as f64;
+    Ok(f)
+}
+
+/// (c) many devices sending GPS at 1 Hz; then (d) the same fleet at rest.
+async fn gps_and_idle(
+    cfg: &BenchConfig,
+    broker: &Broker,
+    devices: usize,
+    secs: u64,
+    idle_secs: u64,
+) -> Result<(Figures, Figures), BenchError> {
+    let rig = rig(cfg, broker, devices, "\"location\", \"online_status\"").await?;
+    let end = Instant::now() + Duration::from_secs(120);
+    while rig.sim.subscribed().len() < devices {
+        if Instant::now() > end {
+            return Err(BenchError::Timeout("GPS subscription".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the snapshot's retained messages drain: they are not part of the measurement.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rig.sub.reset();
+    let cpu0 = rig.bridge.cpu_ns();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let per_tick = (devices / 10).max(1);
+    let mut sent = 0u64;
+    for second in 0..secs {
+        for slice in 0..10usize {
+            tick.tick().await;
+            for d in (slice * per_tick)..((slice + 1) * per_tick).min(devices) {
+                let key = format!("g{second}-{d}");
+                rig.sim.inject(
+                    Stream::Location,
+                    json!({"devId": format!("PU_{d}"), "lat": 31.8, "lng": 117.2, "key": key, "sent_ns": now_ns()}),
+                );
+                sent += 1;
+            }
+        }
+    }
+    let _ = rig
+        .sub
+        .wait("GPS delivered", Duration::from_secs(60), |s| {
+            s.received >= sent
+        })
+        .await;
+    let mut gps = figures("c: GPS at 1 Hz", sent, &rig, started, cpu0, 0.0);
+    gps.throughput = gps.received as f64 / secs as f64;
+
+    let cpu_idle0 = rig.bridge.cpu_ns();
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_cpu = (rig.bridge.cpu_ns().saturating_sub(cpu_idle0)) as f64 / 1e9;
+    let idle = Figures {
+        scenario: "d: idle fleet".into(),
+        cpu_s: idle_cpu,
+        peak_rss_mb: rig.bridge.peak_rss_mb(),
+        ..Default::default()
+    };
+    Ok((gps, idle))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The median of each figure over the repetitions; losses and duplicates are summed.
+pub fn combine(runs: &[Figures]) -> Figures {
+    let m = |f: fn(&Figures) -> f64| median(runs.iter().map(f).collect());
+    Figures {
+        scenario: runs.first().map(|r| r.scenario.clone()).unwrap_or_default(),
+        events: runs.iter().map(|r| r.events).sum(),
+        received: runs.iter().map(|r| r.received).sum(),
+        lost: runs.iter().map(|r| r.lost).sum(),
+        duplicates: runs.iter().map(|r| r.duplicates).sum(),
+        throughput: m(|r| r.throughput),
+        p50_ms: m(|r| r.p50_ms),
+        p95_ms: m(|r| r.p95_ms),
+        p99_ms: m(|r| r.p99_ms),
+        max_ms: m(|r| r.max_ms),
+        cpu_s_per_1000: m(|r| r.cpu_s_per_1000),
+        cpu_s: m(|r| r.cpu_s),
+        peak_rss_mb: m(|r| r.peak_rss_mb),
+        ceiling: m(|r| r.ceiling),
+    }
+}
+
+/// Run every scenario `repeat` times; returns the combined figures per scenario.
+pub async fn run(cfg: &BenchConfig) -> Result<(String, Vec<Figures>), BenchError> {
+    let broker = start_broker()?;
+    let (burst_n, rate, rate_secs, fleet, gps_secs, idle_secs) = if cfg.quick {
+        (2_000, 200, 2, 200, 2, 1)
+    } else {
+        (100_000, 1_000, 20, 10_000, 30, 10)
+    };
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut c = Vec::new();
+    let mut d = Vec::new();
+    for i in 0..cfg.repeat.max(1) {
+        eprintln!(
+            "run {}/{}: burst of {burst_n} alarms",
+            i + 1,
+            cfg.repeat.max(1)
+        );
+        a.push(burst(cfg, &broker, burst_n).await?);
+        eprintln!(
+            "run {}/{}: {rate} alarms/s for {rate_secs} s",
+            i + 1,
+            cfg.repeat.max(1)
+        );
+        b.push(steady(cfg, &broker, rate, rate_secs).await?);
+        eprintln!(
+            "run {}/{}: {fleet} devices, GPS at 1 Hz for {gps_secs} s, then idle {idle_secs} s",
+            i + 1,
+            cfg.repeat.max(1)
+        );
+        let (g, idle) = gps_and_idle(cfg, &broker, fleet, gps_secs, idle_secs).await?;
+        c.push(g);
+        d.push(idle);
+    }
+    Ok((
+        broker.kind.to_string(),
+        vec![combine(&a), combine(&b), combine(&c), combine(&d)],
+    ))
+}
+
+/// The results as a table.
+pub fn render(broker: &str, repeat: usize, figures: &[Figures]) -> String {
+    let mut out = format!(
+        "bvcsp2mqtt bench — broker: {broker}; medians of {repeat} run(s); bridge = separate process, durable outbox on, QoS 1\n\n"
+    );
+    out.push_str(&format!(
+        "{:<20} {:>8} {:>6} {:>5} {:>10} {:>9} {:>7} {:>7} {:>7} {:>8} {:>10} {:>8}\n",
+        "scenario",
+        "events",
+        "lost",
+        "dup",
+        "events/s",
+        "ceiling",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "CPU s/1k",
+        "RSS MB"
+    ));
+    for f in figures {
+        let ratio = if f.ceiling > 0.0 {
+            format!("{:.2}", f.throughput / f.ceiling)
+        } else {
+            "-".into()
+        };
+        let ceiling = if f.ceiling > 0.0 {
+            format!("{:.0}", f.ceiling)
+        } else {
+            "-".into()
+        };
+        if f.events == 0 {
+            out.push_str(&format!(
+                "{:<20} {:>8} {:>6} {:>5} {:>10} {:>9} {:>7} {:>7} {:>7} {:>8} {:>10} {:>8.1}   (CPU {:.3} s at rest)\n",
+                f.scenario, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", f.peak_rss_mb, f.cpu_s
+            ));
+            continue;
+        }
+        out.push_str(&format!(
+            "{:<20} {:>8} {:>6} {:>5} {:>10.0} {:>9} {:>7} {:>7.2} {:>7.2} {:>8.1} {:>10.4} {:>8.1}\n",
+            f.scenario,
+            f.events,
+            f.lost,
+            f.duplicates,
+            f.throughput,
+            ceiling,
+            ratio,
+            f.p50_ms,
+            f.p99_ms,
+            f.max_ms,
+            f.cpu_s_per_1000,
+            f.peak_rss_mb
+        ));
+    }
+    out
+}

@@ -181,7 +181,11 @@ impl Publisher {
         heartbeats: Arc<crate::health::Heartbeats>,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
-        let (client, eventloop) = AsyncClient::new(opts, WINDOW + 4);
+        let (client, mut eventloop) = AsyncClient::new(opts, WINDOW + 4);
+        // Small publishes must not wait for Nagle: latency matters more than packets.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let (status, _) = watch::channel(MqttStatus::default());
         let shared = Arc::new(Shared {
             outbox,

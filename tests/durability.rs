@@ -12,6 +12,7 @@ use std::time::Duration;
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt::sim::eventually;
 use common::*;
 use serde_json::json;
 
@@ -222,11 +223,7 @@ async fn coalesced_state_ends_with_the_newest_value() {
         );
     }
     let b = &bridge;
-    let end = std::time::Instant::now() + T;
-    while b.outbox.stats().coalesced < 40 {
-        assert!(std::time::Instant::now() < end, "{:?}", b.outbox.stats());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("40 fixes coalesced", T, || b.outbox.stats().coalesced >= 40).await;
     proxy.restore();
     let topic = format!("{BASE}/device/PU_1/location");
     obs.wait_topic(&topic, T, |r| r.json()["lat"] == 30.49)
@@ -265,26 +262,14 @@ async fn a_full_outbox_pauses_reading_and_drops_no_alarm() {
     for k in &keys {
         assert_eq!(sim.inject(Stream::Alarm, alarm(k)), 1);
     }
-    let end = std::time::Instant::now() + T;
-    while !bridge.outbox.stats().full {
-        assert!(
-            std::time::Instant::now() < end,
-            "{:?}",
-            bridge.outbox.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the outbox full", T, || bridge.outbox.stats().full).await;
     let at_full = bridge.outbox.stats();
     // Said on the link (delivered once the broker is back, if still full then) and in the log.
     let ctx = bridge.bvcsp.as_ref().unwrap();
-    let end = std::time::Instant::now() + T;
-    while ctx.link.snapshot().details.get("outbox_full") != Some(&json!(true)) {
-        assert!(
-            std::time::Instant::now() < end,
-            "link does not say the outbox is full"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the link saying the outbox is full", T, || {
+        ctx.link.snapshot().details.get("outbox_full") == Some(&json!(true))
+    })
+    .await;
     assert!(
         at_full.bytes <= (1 << 20) + 64 * 1024,
         "the bound holds: {at_full:?}"

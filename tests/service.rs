@@ -10,6 +10,7 @@ use std::time::Duration;
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt::sim::eventually;
 use common::*;
 use serde_json::json;
 
@@ -171,22 +172,14 @@ async fn metrics_health_and_readiness_follow_the_bridge() {
 
     // The broker goes away: not ready; back: ready.
     proxy.cut();
-    let end = std::time::Instant::now() + T;
-    while get(http, "/readyz").0 != 503 {
-        assert!(std::time::Instant::now() < end, "readyz did not flip");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("readyz to flip to 503", T, || get(http, "/readyz").0 == 503).await;
     assert_eq!(get(http, "/healthz").0, 200, "alive, just not ready");
     assert_eq!(
         sample(&parse_metrics(&get(http, "/metrics").1), "bvcsp2mqtt_ready"),
         0.0
     );
     proxy.restore();
-    let end = std::time::Instant::now() + T;
-    while get(http, "/readyz").0 != 200 {
-        assert!(std::time::Instant::now() < end, "readyz did not come back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("readyz back to 200", T, || get(http, "/readyz").0 == 200).await;
     bridge.stop(Duration::from_secs(5)).await;
 }
 
@@ -290,11 +283,10 @@ async fn a_second_signal_exits_at_once() {
         json!({"key": "stuck", "type": 5, "devID": "PU_1", "status": 0, "time": 1717400000}),
     );
     d.signal("-TERM");
-    let end = std::time::Instant::now() + T;
-    while !d.log().contains("signal received") {
-        assert!(std::time::Instant::now() < end, "{}", d.log());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the daemon to log the signal", T, || {
+        d.log().contains("signal received")
+    })
+    .await;
     let second = std::time::Instant::now();
     d.signal("-TERM");
     let status = d.wait_exit(Duration::from_secs(5)).await;

@@ -1481,16 +1481,7 @@ impl BvcspSim {
     /// Poll `f` every 10 ms until it holds; panic naming `what` after `deadline` (measured
     /// on the wall clock, so it also works under a paused tokio clock).
     pub async fn wait_until<F: Fn(&BvcspSim) -> bool>(&self, what: &str, deadline: Duration, f: F) {
-        let end = std::time::Instant::now() + deadline;
-        loop {
-            if f(self) {
-                return;
-            }
-            if std::time::Instant::now() >= end {
-                panic!("bvcsp sim: timed out after {deadline:?} waiting until {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        super::eventually(what, deadline, || f(self)).await
     }
 
     /// Stop accepting and drop every connection. Also happens when the last clone drops.

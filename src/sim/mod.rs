@@ -5,3 +5,18 @@ pub mod broker;
 pub mod bvcsp;
 pub mod cert;
 pub mod playbox;
+
+use std::time::{Duration, Instant};
+
+/// Poll `ready` every 10 ms until it holds; panic naming `what` after `deadline`. The
+/// deadline is on the wall clock, so it also works under a paused tokio clock.
+pub async fn eventually(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !ready() {
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

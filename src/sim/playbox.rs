@@ -1075,16 +1075,7 @@ impl PlayboxSim {
         deadline: Duration,
         f: F,
     ) {
-        let end = std::time::Instant::now() + deadline;
-        loop {
-            if f(self) {
-                return;
-            }
-            if std::time::Instant::now() >= end {
-                panic!("playbox sim: timed out after {deadline:?} waiting until {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        super::eventually(what, deadline, || f(self)).await
     }
 
     /// Stop listening and drop every connection. Also happens when the last clone drops.

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use crate::bvcsp::Stream;
 use crate::sim::broker::EmbeddedBroker;
 use crate::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use crate::sim::mosquitto::Mosquitto;
 
 const BASE: &str = "bench";
 
@@ -78,72 +79,30 @@ fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// The broker for the run.
+/// The broker for the run: Mosquitto when installed, else the embedded one.
 struct Broker {
     addr: SocketAddr,
     kind: &'static str,
-    child: Option<std::process::Child>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    _mosquitto: Option<Mosquitto>,
 }
 
 fn start_broker() -> Result<Broker, BenchError> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(setup("port"))?
-        .local_addr()
-        .map_err(setup("port"))?
-        .port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    if std::process::Command::new("mosquitto")
-        .arg("-h")
-        .output()
-        .is_ok()
-    {
-        let dir = tempfile::tempdir().map_err(setup("temp dir"))?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n\
-                 max_queued_messages 0\nmax_inflight_messages 0\n"
-            ),
+    if Mosquitto::installed() {
+        let m = Mosquitto::start(
+            "set_tcp_nodelay true\nmax_queued_messages 0\nmax_inflight_messages 0",
         )
-        .map_err(setup("mosquitto config"))?;
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(setup("mosquitto"))?;
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if Instant::now() > end {
-                return Err(BenchError::Timeout("mosquitto start".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        .map_err(setup("mosquitto"))?;
         return Ok(Broker {
-            addr,
+            addr: m.addr,
             kind: "mosquitto",
-            child: Some(child),
-            _dir: Some(dir),
+            _mosquitto: Some(m),
         });
     }
-    let b = EmbeddedBroker::start(port).map_err(setup("embedded broker"))?;
+    let b = EmbeddedBroker::start(0).map_err(setup("embedded broker"))?;
     Ok(Broker {
         addr: b.addr,
         kind: "embedded rumqttd",
-        child: None,
-        _dir: None,
+        _mosquitto: None,
     })
 }
 

@@ -647,16 +647,7 @@ async fn alarms_survive_a_broker_outage() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let topic = format!("{BASE}/device/PU_264F708E/alarm/sos");
-    let received = obs
-        .wait_for("every alarm across the outage", T, |log| {
-            let got: Vec<String> = log
-                .iter()
-                .filter(|r| r.topic == topic)
-                .filter_map(|r| r.json()["raw"]["key"].as_str().map(String::from))
-                .collect();
-            keys.iter().all(|k| got.contains(k)).then_some(got)
-        })
-        .await;
+    let received = obs.wait_keys(&topic, &keys, T).await;
     let unique: BTreeSet<&String> = received.iter().collect();
     assert_eq!(unique.len(), keys.len(), "lost none");
     eprintln!(

@@ -11,21 +11,12 @@ use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt::sim::bvcsp::BvcspSim;
 use bvcsp2mqtt::sim::eventually;
 use common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
-
-async fn sim() -> BvcspSim {
-    BvcspSim::start(SimOptions {
-        devices: vec![SimDevice::new("PU_1", "Helmet", true)],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-}
 
 fn alarm(key: &str) -> serde_json::Value {
     json!({"key": key, "type": 5, "time": 1717400123, "devID": "PU_1", "devName": "Helmet",
@@ -39,16 +30,7 @@ fn sos_topic() -> String {
 /// Wait until every key has arrived; returns (distinct, duplicates).
 async fn wait_all_keys(obs: &Observer, keys: &[String]) -> (usize, usize) {
     let topic = sos_topic();
-    let got = obs
-        .wait_for("every alarm", T, |log| {
-            let got: Vec<String> = log
-                .iter()
-                .filter(|r| r.topic == topic)
-                .filter_map(|r| r.json()["raw"]["key"].as_str().map(String::from))
-                .collect();
-            keys.iter().all(|k| got.contains(k)).then_some(got)
-        })
-        .await;
+    let got = obs.wait_keys(&topic, keys, T).await;
     let distinct: BTreeSet<&String> = got.iter().collect();
     // Nothing arrives that was not sent, and event ids are stable across redeliveries.
     assert!(distinct.iter().all(|k| keys.contains(k)));
@@ -67,10 +49,10 @@ async fn wait_all_keys(obs: &Observer, keys: &[String]) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_killed_and_restarted_mid_stream_loses_nothing() {
-    let Some(mut mq) = Mosquitto::start() else {
+    let Some(mut mq) = mosquitto() else {
         return;
     };
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let proxy = Proxy::start(mq.addr).await;
     let obs = Observer::start(mq.addr).await;
     let bridge = Bridge::start(bridge_config(&sim, proxy.addr, "streams = [\"alarm\"]"))
@@ -99,7 +81,7 @@ async fn mosquitto_killed_and_restarted_mid_stream_loses_nothing() {
     mq.down();
     sim.wait_until("80 more alarms during the outage", T, delivered(180))
         .await;
-    mq.up();
+    mq.up().unwrap();
     obs.wait_subscribed(2, T).await;
     proxy.restore();
     injector.await.unwrap();
@@ -131,10 +113,10 @@ fn count_alarm_rows(storage: &std::path::Path) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_the_broker_is_down_loses_nothing() {
-    let Some(mut mq) = Mosquitto::start() else {
+    let Some(mut mq) = mosquitto() else {
         return;
     };
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let obs = Observer::start(mq.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("state");
@@ -176,7 +158,7 @@ async fn kill_9_while_the_broker_is_down_loses_nothing() {
     daemon.signal("-KILL");
     daemon.wait_exit(Duration::from_secs(5)).await;
 
-    mq.up();
+    mq.up().unwrap();
     obs.wait_subscribed(2, T).await;
     let daemon = Daemon::spawn(&config);
     let (distinct, duplicates) = wait_all_keys(&obs, &keys).await;
@@ -213,7 +195,7 @@ async fn cut_rig(sim: &BvcspSim, extra_storage: &str) -> (SocketAddr, Proxy, Obs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_state_ends_with_the_newest_value() {
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let (broker, proxy, obs, bridge) = cut_rig(&sim, "").await;
     proxy.cut();
     for i in 0..50 {
@@ -253,7 +235,7 @@ async fn coalesced_state_ends_with_the_newest_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_pauses_reading_and_drops_no_alarm() {
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let (_broker, proxy, obs, bridge) = cut_rig(&sim, "1MiB").await;
     proxy.cut();
     let keys: Vec<String> = (0..3000)

@@ -9,21 +9,12 @@ use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt::sim::bvcsp::BvcspSim;
 use bvcsp2mqtt::sim::eventually;
 use common::*;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
-
-async fn sim() -> BvcspSim {
-    BvcspSim::start(SimOptions {
-        devices: vec![SimDevice::new("PU_1", "Helmet", true)],
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-}
 
 /// A plain HTTP/1.1 GET; (status, body).
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -101,7 +92,7 @@ fn sample(samples: &[(String, f64)], series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_follow_the_bridge() {
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let broker = broker();
     let proxy = Proxy::start(broker).await;
     let obs = Observer::start(broker).await;
@@ -208,7 +199,7 @@ fn daemon_config(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn speaks_the_systemd_notify_protocol() {
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     let broker = broker();
     let obs = Observer::start(broker).await;
     let dir = tempfile::tempdir().unwrap();
@@ -266,7 +257,7 @@ async fn speaks_the_systemd_notify_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let sim = sim().await;
+    let sim = one_device_sim().await;
     // A broker that is not there: the graceful stop would wait out its grace period.
     let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

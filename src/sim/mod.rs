@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod bvcsp;
 pub mod cert;
+pub mod mosquitto;
 pub mod playbox;
 
 use std::time::{Duration, Instant};

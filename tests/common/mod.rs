@@ -9,6 +9,7 @@ use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::{self, Config};
 use bvcsp2mqtt::sim::broker::EmbeddedBroker;
 use bvcsp2mqtt::sim::bvcsp::BvcspSim;
+pub use bvcsp2mqtt::sim::mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -161,6 +162,20 @@ impl Observer {
                 .rev()
                 .find(|r| r.topic == topic && pred(r))
                 .cloned()
+        })
+        .await
+    }
+
+    /// Wait until an alarm with each of `keys` (its `raw.key`) has arrived on `topic`;
+    /// returns the keys in arrival order, redeliveries included.
+    pub async fn wait_keys(&self, topic: &str, keys: &[String], deadline: Duration) -> Vec<String> {
+        self.wait_for(&format!("every key on {topic}"), deadline, |log| {
+            let got: Vec<String> = log
+                .iter()
+                .filter(|r| r.topic == topic)
+                .filter_map(|r| r.json()["raw"]["key"].as_str().map(String::from))
+                .collect();
+            keys.iter().all(|k| got.contains(k)).then_some(got)
         })
         .await
     }
@@ -339,84 +354,18 @@ pub async fn publish(broker: SocketAddr, topic: &str, payload: &str, retain: boo
     let _ = client.disconnect().await;
 }
 
-/// A real Mosquitto on a free port, persistence off (its default), that a test can kill
-/// and start again on the same port.
-pub struct Mosquitto {
-    pub addr: SocketAddr,
-    conf: std::path::PathBuf,
-    child: Option<std::process::Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// `None` when mosquitto is not installed and this is not CI (under CI=true a missing
-    /// broker is a failure, not a skip).
-    pub fn start() -> Option<Mosquitto> {
-        let found = std::process::Command::new("mosquitto")
-            .arg("-h")
-            .output()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "mosquitto is required under CI (apt-get install mosquitto)"
-            );
-            eprintln!("skipping: mosquitto is not installed");
-            return None;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
-        )
-        .unwrap();
-        let mut m = Mosquitto {
-            addr: ([127, 0, 0, 1], port).into(),
-            conf,
-            child: None,
-            _dir: dir,
-        };
-        m.up();
-        Some(m)
+/// A real Mosquitto, or `None` when it is not installed and this is not CI (under
+/// CI=true a missing broker is a failure, not a skip).
+pub fn mosquitto() -> Option<Mosquitto> {
+    if !Mosquitto::installed() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "mosquitto is required under CI (apt-get install mosquitto)"
+        );
+        eprintln!("skipping: mosquitto is not installed");
+        return None;
     }
-
-    /// (Re)start it and wait until it accepts connections.
-    pub fn up(&mut self) {
-        assert!(self.child.is_none());
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        self.child = Some(child);
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(Instant::now() < end, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kill it hard (SIGKILL): sessions and retained messages are gone with it.
-    pub fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.down();
-    }
+    Some(Mosquitto::start("max_queued_messages 100000").expect("start mosquitto"))
 }
 
 /// A child process with its stderr collected.
@@ -491,4 +440,16 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A BVCSP simulator with one online device, `PU_1`.
+pub async fn one_device_sim() -> BvcspSim {
+    BvcspSim::start(bvcsp2mqtt::sim::bvcsp::SimOptions {
+        devices: vec![bvcsp2mqtt::sim::bvcsp::SimDevice::new(
+            "PU_1", "Helmet", true,
+        )],
+        ..Default::default()
+    })
+    .await
+    .expect("simulator")
 }

@@ -38,6 +38,33 @@ async fn sim() -> PlayboxSim {
         .expect("play-box simulator")
 }
 
+/// A bridge with one box, its broker, an observer and its storage directory.
+struct BoxRig {
+    broker: SocketAddr,
+    obs: Observer,
+    dir: tempfile::TempDir,
+    bridge: Bridge,
+}
+
+async fn one_box(name: &str, sim: &PlayboxSim, password: &str) -> BoxRig {
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = Bridge::start(config(
+        broker,
+        dir.path(),
+        &box_entry(name, sim, password, ""),
+    ))
+    .await
+    .unwrap();
+    BoxRig {
+        broker,
+        obs,
+        dir,
+        bridge,
+    }
+}
+
 fn state_topic(name: &str) -> String {
     format!("{BASE}/playbox/{name}/state")
 }
@@ -46,16 +73,12 @@ fn state_topic(name: &str) -> String {
 async fn state_and_availability_are_published_and_follow_the_box() {
     let sim = sim().await;
     let viplex = sim.viplex_login().await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(config(
+    let BoxRig {
         broker,
-        dir.path(),
-        &box_entry("lobby", &sim, PASSWORD, ""),
-    ))
-    .await
-    .unwrap();
+        obs,
+        dir,
+        bridge,
+    } = one_box("lobby", &sim, PASSWORD).await;
 
     let state = obs
         .wait_topic(&state_topic("lobby"), T, |_| true)
@@ -137,16 +160,12 @@ async fn state_and_availability_are_published_and_follow_the_box() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_never_locks_the_box_out() {
     let sim = sim().await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(config(
-        broker,
-        dir.path(),
-        &box_entry("lobby", &sim, "wrong-one", ""),
-    ))
-    .await
-    .unwrap();
+    let BoxRig {
+        broker: _broker,
+        obs,
+        dir: _dir,
+        bridge,
+    } = one_box("lobby", &sim, "wrong-one").await;
     let link = obs
         .wait_topic(&format!("{BASE}/bridge/link/playbox/lobby"), T, |r| {
             r.json()["state"] == "auth_failed"
@@ -184,16 +203,12 @@ async fn a_wrong_password_never_locks_the_box_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebooting_box_goes_offline_and_comes_back() {
     let sim = sim().await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(config(
-        broker,
-        dir.path(),
-        &box_entry("lobby", &sim, PASSWORD, ""),
-    ))
-    .await
-    .unwrap();
+    let BoxRig {
+        broker: _broker,
+        obs,
+        dir: _dir,
+        bridge,
+    } = one_box("lobby", &sim, PASSWORD).await;
     let avail = format!("{BASE}/playbox/lobby/availability");
     obs.wait_topic(&avail, T, |r| r.text() == "online").await;
     sim.reboot(Duration::from_secs(3)).await;
@@ -340,16 +355,12 @@ async fn a_hung_box_does_not_delay_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_certificate_is_refused_loudly() {
     let sim = sim().await;
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(config(
+    let BoxRig {
         broker,
-        dir.path(),
-        &box_entry("lobby", &sim, PASSWORD, ""),
-    ))
-    .await
-    .unwrap();
+        obs,
+        dir,
+        bridge,
+    } = one_box("lobby", &sim, PASSWORD).await;
     obs.wait_topic(&state_topic("lobby"), T, |_| true).await;
     bridge.stop(Duration::from_secs(5)).await;
 
@@ -431,16 +442,12 @@ async fn older_firmware_fallback_login_other_paths_and_no_volume() {
     })
     .await
     .unwrap();
-    let broker = broker();
-    let obs = Observer::start(broker).await;
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = Bridge::start(config(
+    let BoxRig {
         broker,
-        dir.path(),
-        &box_entry("old", &sim, PASSWORD, ""),
-    ))
-    .await
-    .unwrap();
+        obs,
+        dir: _dir,
+        bridge,
+    } = one_box("old", &sim, PASSWORD).await;
     let state = obs
         .wait_topic(&state_topic("old"), T, |_| true)
         .await

@@ -153,6 +153,23 @@ pub fn shape(v: &Value) -> String {
     }
 }
 
+/// A fingerprint of `shape(v)` computed without building the string: checked on every
+/// frame, while the string is only needed for the log line of a new shape.
+pub fn shape_key(v: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match v {
+        Value::Object(m) => {
+            // serde_json's map is ordered by key, so the order is already canonical.
+            for k in m.keys() {
+                k.hash(&mut h);
+            }
+        }
+        other => shape(other).hash(&mut h),
+    }
+    h.finish()
+}
+
 static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -696,6 +713,16 @@ mod tests {
         assert_eq!(payload(&n.messages[0])["operation"], "start-speak");
         let n = normalise(Stream::Conference, json!({"x": 1}), UNIX_EPOCH, &topics());
         assert_eq!(n.messages[0].topic, "b/conference/_/_");
+    }
+
+    #[test]
+    fn shape_keys_follow_field_names_not_values() {
+        let a = json!({"devId": "PU_1", "lat": 1.0});
+        let b = json!({"lat": 2.0, "devId": "PU_2"});
+        let c = json!({"devId": "PU_1", "lat": 1.0, "height": 3});
+        assert_eq!(shape_key(&a), shape_key(&b));
+        assert_ne!(shape_key(&a), shape_key(&c));
+        assert_eq!(shape(&b), "devId,lat");
     }
 
     #[test]

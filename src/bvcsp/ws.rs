@@ -133,7 +133,7 @@ fn fall_back_to_query(ctx: &Ctx) {
 struct StreamMemory {
     recent: HashSet<String>,
     recent_order: VecDeque<String>,
-    shapes: HashSet<String>,
+    shapes: HashSet<u64>,
     last_malformed_log: Option<Instant>,
     suppressed: u64,
 }
@@ -613,10 +613,10 @@ async fn ingest_text(
         if stream == Stream::Location
             && let Some(m) = messages.first()
         {
-            ctx.located
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(m.topic.clone());
+            let mut located = ctx.located.lock().unwrap_or_else(|p| p.into_inner());
+            if !located.contains(&m.topic) {
+                located.insert(m.topic.clone());
+            }
         }
         for m in messages {
             // A full outbox makes this wait; a stop must not wait behind it.
@@ -633,8 +633,8 @@ fn log_shape(stream: Stream, memory: &mut StreamMemory, value: &serde_json::Valu
     if memory.shapes.len() >= MAX_SHAPES {
         return;
     }
-    let shape = model::shape(value);
-    if memory.shapes.insert(shape.clone()) {
+    if memory.shapes.insert(model::shape_key(value)) {
+        let shape = model::shape(value);
         let what = if memory.shapes.len() == 1 {
             "first frame"
         } else {

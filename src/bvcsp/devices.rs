@@ -85,14 +85,6 @@ impl Registry {
         v
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().devices.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Changes whenever a device not seen before appears.
     pub fn watch_added(&self) -> watch::Receiver<usize> {
         self.added.subscribe()

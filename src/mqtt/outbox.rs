@@ -410,11 +410,6 @@ impl Outbox {
         self.sendable.notify_one();
     }
 
-    pub fn has_unsent(&self) -> bool {
-        let g = self.lock();
-        g.entries.range(g.cursor..g.durable).next().is_some()
-    }
-
     pub fn depth(&self) -> usize {
         self.lock().entries.len()
     }

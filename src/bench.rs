@@ -41,6 +41,14 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// The bvcsp2mqtt binary to run as the bridge.
     pub bridge_exe: PathBuf,
+    /// Which scenarios to run (`a`–`d`); empty means all. `c` and `d` share one fleet.
+    pub scenarios: Vec<char>,
+}
+
+impl BenchConfig {
+    fn wants(&self, scenario: char) -> bool {
+        self.scenarios.is_empty() || self.scenarios.contains(&scenario)
+    }
 }
 
 /// One scenario's figures (one run).
@@ -184,6 +192,24 @@ impl Subscriber {
     }
 }
 
+/// The two fields the subscriber needs, read without building the whole payload: the
+/// bridge's messages carry the frame in `raw`, the direct publisher sends it bare.
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow)]
+    raw: Option<ProbeFrame<'a>>,
+    #[serde(borrow)]
+    key: Option<std::borrow::Cow<'a, str>>,
+    sent_ns: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeFrame<'a> {
+    #[serde(borrow)]
+    key: Option<std::borrow::Cow<'a, str>>,
+    sent_ns: Option<u64>,
+}
+
 fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
     let now = now_ns();
     if topic.ends_with("/bridge/link/bvcsp") {
@@ -191,21 +217,18 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
         seen.lock().unwrap_or_else(|p| p.into_inner()).link_up = v["state"] == "up";
         return;
     }
-    let v: Value = match serde_json::from_slice(payload) {
-        Ok(v) => v,
-        Err(_) => return,
+    let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
+        return;
     };
-    // Bridge output carries the frame in `raw`; the direct publisher sends the frame itself.
-    let frame = if v.get("raw").is_some() {
-        &v["raw"]
-    } else {
-        &v
+    let (key, sent) = match probe.raw {
+        Some(frame) => (frame.key, frame.sent_ns),
+        None => (probe.key, probe.sent_ns),
     };
-    let (Some(key), Some(sent)) = (frame["key"].as_str(), frame["sent_ns"].as_u64()) else {
+    let (Some(key), Some(sent)) = (key, sent) else {
         return;
     };
     let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
-    let n = g.counts.entry(key.to_string()).or_default();
+    let n = g.counts.entry(key.into_owned()).or_default();
     *n += 1;
     if *n == 1 {
         g.received += 1;
@@ -580,32 +603,32 @@ pub async fn run(cfg: &BenchConfig) -> Result<(String, Vec<Figures>), BenchError
     let mut b = Vec::new();
     let mut c = Vec::new();
     let mut d = Vec::new();
-    for i in 0..cfg.repeat.max(1) {
-        eprintln!(
-            "run {}/{}: burst of {burst_n} alarms",
-            i + 1,
-            cfg.repeat.max(1)
-        );
-        a.push(burst(cfg, &broker, burst_n).await?);
-        eprintln!(
-            "run {}/{}: {rate} alarms/s for {rate_secs} s",
-            i + 1,
-            cfg.repeat.max(1)
-        );
-        b.push(steady(cfg, &broker, rate, rate_secs).await?);
-        eprintln!(
-            "run {}/{}: {fleet} devices, GPS at 1 Hz for {gps_secs} s, then idle {idle_secs} s",
-            i + 1,
-            cfg.repeat.max(1)
-        );
-        let (g, idle) = gps_and_idle(cfg, &broker, fleet, gps_secs, idle_secs).await?;
-        c.push(g);
-        d.push(idle);
+    let runs = cfg.repeat.max(1);
+    for i in 1..=runs {
+        if cfg.wants('a') {
+            eprintln!("run {i}/{runs}: burst of {burst_n} alarms");
+            a.push(burst(cfg, &broker, burst_n).await?);
+        }
+        if cfg.wants('b') {
+            eprintln!("run {i}/{runs}: {rate} alarms/s for {rate_secs} s");
+            b.push(steady(cfg, &broker, rate, rate_secs).await?);
+        }
+        if cfg.wants('c') || cfg.wants('d') {
+            eprintln!(
+                "run {i}/{runs}: {fleet} devices, GPS at 1 Hz for {gps_secs} s, then idle {idle_secs} s"
+            );
+            let (g, idle) = gps_and_idle(cfg, &broker, fleet, gps_secs, idle_secs).await?;
+            c.push(g);
+            d.push(idle);
+        }
     }
-    Ok((
-        broker.kind.to_string(),
-        vec![combine(&a), combine(&b), combine(&c), combine(&d)],
-    ))
+    let figures = [a, b, c, d]
+        .iter()
+        .zip(['a', 'b', 'c', 'd'])
+        .filter(|(runs, s)| !runs.is_empty() && cfg.wants(*s))
+        .map(|(runs, _)| combine(runs))
+        .collect();
+    Ok((broker.kind.to_string(), figures))
 }
 
 /// The results as a table.

@@ -50,6 +50,9 @@ enum Command {
         /// Repetitions of every scenario (medians are printed)
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Run only these scenarios (a: burst, b: steady, c: GPS fleet, d: idle fleet)
+        #[arg(long, value_delimiter = ',', value_parser = ["a", "b", "c", "d"])]
+        scenario: Vec<String>,
     },
     /// Find NovaStar play boxes on the network (UDP search) and print ready-to-paste [[playbox]] entries
     Discover {
@@ -106,7 +109,11 @@ fn main() -> ExitCode {
                 })
             }))
         }
-        Command::Bench { quick, repeat } => {
+        Command::Bench {
+            quick,
+            repeat,
+            scenario,
+        } => {
             init_tracing(&LogConfig {
                 level: "warn,rumqttd=off".into(),
                 format: LogFormat::Text,
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
                         repeat,
                         bridge_exe: std::env::current_exe()
                             .context("cannot find this executable")?,
+                        scenarios: scenario.iter().filter_map(|s| s.chars().next()).collect(),
                     };
                     let (broker, figures) = bvcsp2mqtt::bench::run(&cfg)
                         .await

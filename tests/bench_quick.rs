@@ -7,6 +7,7 @@ async fn quick_bench_loses_and_duplicates_nothing() {
         quick: true,
         repeat: 1,
         bridge_exe: env!("CARGO_BIN_EXE_bvcsp2mqtt").into(),
+        scenarios: Vec::new(),
     };
     let (broker, figures) = bvcsp2mqtt::bench::run(&cfg).await.expect("bench runs");
     eprintln!("{}", bvcsp2mqtt::bench::render(&broker, 1, &figures));
@@ -15,5 +16,6 @@ async fn quick_bench_loses_and_duplicates_nothing() {
         assert_eq!(f.duplicates, 0, "{}: duplicates", f.scenario);
         assert_eq!(f.received, f.events, "{}", f.scenario);
     }
+    assert_eq!(figures.len(), 4, "every scenario reported");
     assert!(figures[0].events > 0 && figures[2].events > 0);
 }

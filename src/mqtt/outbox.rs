@@ -9,13 +9,22 @@
 //! outbox holds `storage.max_bytes`, `push` waits, which stops reading upstream until
 //! the broker drains it (and `full()` says so).
 //!
-//! The store is SQLite in WAL mode with `synchronous = NORMAL`: a committed write
-//! survives a crash of the process; a power cut can lose the last moments of writes.
+//! The store is SQLite in WAL mode with `synchronous = NORMAL`: a committed write is in
+//! the kernel's page cache before the message may be sent, so it survives a crash or
+//! `kill -9` of the process. A power cut (or a kernel crash) can lose what was committed
+//! since the last checkpoint, about a second's worth, and never corrupts the store.
 //! Writes go through one writer thread that commits whatever has queued up in one
-//! transaction (group commit), so many producers cost one commit.
+//! transaction (group commit), so many producers cost one commit. Checkpoints (the only
+//! fsyncs) run on a thread of their own, so a commit never waits behind one. Rows of
+//! acknowledged messages are deleted lazily, with the next commit or within
+//! `DELETE_DELAY`: a crash in between sends those few again (at-least-once allows it).
+//!
+//! Memory is bounded however long the broker is away: at most `RESIDENT_MAX` messages
+//! are held in memory; later ones live on disk only and are read back in order, in
+//! batches, as the broker takes the earlier ones.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +40,16 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 const MAX_UNCOMMITTED: u64 = 4096;
 /// Per-entry overhead counted against the bound (ids, indexes, bookkeeping).
 const ENTRY_OVERHEAD: u64 = 64;
+/// Messages held in memory at most (in flight and next to send); the rest wait on disk.
+const RESIDENT_MAX: usize = 1024;
+/// Rows read back from disk at a time; a read is asked for when this many fit.
+const REFILL_BATCH: usize = 512;
+/// Deletes of acknowledged rows wait at most this long for a commit to ride along with.
+const DELETE_DELAY: Duration = Duration::from_millis(200);
+/// ...or until this many have gathered.
+const DELETE_BATCH: usize = 4096;
+/// How often the WAL is checkpointed (copied into the database and synced) while writing.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -59,9 +78,18 @@ struct Inner {
     cursor: u64,
     /// Ids below this are on disk (all of them, without a store).
     durable: u64,
+    /// Bytes of every unacknowledged message, in memory or on disk only.
     bytes: u64,
-    /// Retained topic -> newest entry id for it, for coalescing.
-    newest_state: HashMap<String, u64>,
+    /// Messages from this id on live on disk only (`entries` holds those below it).
+    spill_from: Option<u64>,
+    /// How many messages live on disk only.
+    spilled: usize,
+    /// Disk-only messages superseded (coalesced) before they were read back.
+    spilled_gone: HashSet<u64>,
+    /// The writer has been asked to read the next batch back from disk.
+    refill_asked: bool,
+    /// Retained topic -> newest entry (id, cost) for it, for coalescing.
+    newest_state: HashMap<String, (u64, u64)>,
     /// Retained topic -> number of unacknowledged entries.
     state_unacked: HashMap<String, usize>,
     /// Retained topic -> last payload the broker acknowledged, to restore a broker that
@@ -100,22 +128,54 @@ impl OutboxStats {
     }
 }
 
-enum Op {
-    Insert {
-        id: u64,
-        topic: String,
-        payload: Bytes,
-        retain: bool,
-        queued_at_ms: i64,
-    },
-    Delete(u64),
+/// A row to write.
+struct Insert {
+    id: u64,
+    topic: String,
+    payload: Bytes,
+    retain: bool,
+    queued_at_ms: i64,
+}
+
+/// What the writer thread has to do, filled in by producers.
+#[derive(Default)]
+struct Queue {
+    inserts: Vec<Insert>,
+    deletes: Vec<u64>,
+    refill: bool,
+    closing: bool,
+    /// The writer is waiting: only then is a wake-up (a syscall) worth its cost.
+    idle: bool,
+    /// ...and without a deadline, so a first delete must wake it to start the clock.
+    untimed: bool,
 }
 
 /// The writer thread's queue.
 struct Store {
-    queue: Mutex<(Vec<Op>, bool)>,
+    queue: Mutex<Queue>,
     wake: Condvar,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set by the writer after a commit; the checkpointer waits for it.
+    dirty: Mutex<(bool, bool)>,
+    dirty_wake: Condvar,
+}
+
+impl Store {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake_if_idle(&self, q: &Queue) {
+        if q.idle {
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        let mut q = self.queue();
+        q.closing = true;
+        self.wake.notify_one();
+    }
 }
 
 pub struct Outbox {
@@ -172,64 +232,43 @@ impl Outbox {
         let path = dir.join("outbox.sqlite3");
         let conn =
             open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let checkpointer =
+            open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
         let mut outbox = Outbox::memory(max_bytes);
         {
             let inner = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            let mut stmt = conn
-                .prepare("SELECT id, topic, payload, retain FROM outbox ORDER BY id")
-                .map_err(|e| err(e.to_string()))?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Vec<u8>>(2)?,
-                        r.get::<_, bool>(3)?,
-                    ))
-                })
-                .map_err(|e| err(e.to_string()))?;
-            for row in rows {
-                let (id, topic, payload, retain) = row.map_err(|e| err(e.to_string()))?;
-                let id = id as u64;
-                let msg = Message {
-                    topic,
-                    payload: Bytes::from(payload),
-                    retain,
-                };
-                inner.insert(id, msg, Instant::now());
-                inner.next_id = id + 1;
-            }
-            inner.durable = inner.next_id;
-            inner.replayed_at_start = inner.entries.len() as u64;
-            if !inner.entries.is_empty() {
+            load(&conn, inner).map_err(|e| err(e.to_string()))?;
+            if inner.depth() > 0 {
                 info!(
                     "outbox: {} unacknowledged messages from the last run ({} bytes); sending them first",
-                    inner.entries.len(),
+                    inner.depth(),
                     inner.bytes
                 );
             }
         }
         outbox.durable.send_replace(outbox.lock().next_id);
         let store = Arc::new(Store {
-            queue: Mutex::new((Vec::new(), false)),
+            queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
+            dirty: Mutex::new((false, false)),
+            dirty_wake: Condvar::new(),
         });
         outbox.store = Some(store.clone());
-        let store = store.clone();
         let outbox = Arc::new(outbox);
         let weak = Arc::downgrade(&outbox);
-        let handle = std::thread::Builder::new()
+        let writer_store = store.clone();
+        let writer_thread = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || writer(conn, store, weak))
+            .spawn(move || writer(conn, writer_store, weak))
             .map_err(|e| err(format!("cannot start the writer thread: {e}")))?;
-        *outbox
-            .store
-            .as_ref()
-            .expect("just set")
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        let checkpoint_store = store.clone();
+        let checkpoint_thread = std::thread::Builder::new()
+            .name("outbox-checkpoint".into())
+            .spawn(move || checkpoints(checkpointer, checkpoint_store))
+            .map_err(|e| err(format!("cannot start the checkpoint thread: {e}")))?;
+        *store.threads.lock().unwrap_or_else(|p| p.into_inner()) =
+            vec![writer_thread, checkpoint_thread];
         Ok(outbox)
     }
 
@@ -237,14 +276,6 @@ impl Outbox {
         // Every mutation completes before anything that could panic, so a poisoned
         // lock still guards consistent data.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn enqueue(&self, op: Op) {
-        if let Some(store) = &self.store {
-            let mut q = store.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.0.push(op);
-            store.wake.notify_one();
-        }
     }
 
     /// Queue a message. Events wait while the outbox is full, and until they are on disk;
@@ -292,37 +323,48 @@ impl Outbox {
     /// Queue a message without waiting (state, and the bridge's own status messages).
     /// Returns its id.
     pub fn push_now(&self, msg: Message) -> u64 {
-        let (id, removed) = {
-            let mut g = self.lock();
-            let id = g.next_id;
-            g.next_id += 1;
-            let removed = g.insert(id, msg.clone(), Instant::now());
-            if self.store.is_none() {
-                g.durable = g.next_id;
-            }
-            (id, removed)
-        };
-        if let Some(old) = removed {
-            self.enqueue(Op::Delete(old));
-        }
-        if self.store.is_some() {
-            self.enqueue(Op::Insert {
-                id,
-                topic: msg.topic,
-                payload: msg.payload,
-                retain: msg.retain,
-                queued_at_ms: now_ms(),
-            });
-        } else {
+        let mut g = self.lock();
+        let id = g.next_id;
+        g.next_id += 1;
+        let Some(store) = &self.store else {
+            g.insert(id, msg, Instant::now(), false);
+            g.durable = g.next_id;
+            drop(g);
             self.durable.send_replace(id + 1);
             self.sendable.notify_one();
-        }
+            return id;
+        };
+        let disk_only = g.spill_from.is_some() || g.entries.len() >= RESIDENT_MAX;
+        let row = Insert {
+            id,
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            retain: msg.retain,
+            queued_at_ms: now_ms(),
+        };
+        let removed = g.insert(id, msg, Instant::now(), disk_only);
+        // Queued while the lock is held, so rows reach the writer in id order: the
+        // writer's "everything below N is on disk" depends on it.
+        let mut q = store.queue();
+        q.inserts.push(row);
+        q.deletes.extend(removed);
+        store.wake_if_idle(&q);
         id
     }
 
     /// The next message to hand to the broker, in arrival order (only once it is on disk).
     pub fn take_next(&self) -> Option<(u64, Message)> {
         let mut g = self.lock();
+        if g.spill_from.is_some()
+            && !g.refill_asked
+            && g.entries.len() + REFILL_BATCH <= RESIDENT_MAX
+            && let Some(store) = &self.store
+        {
+            g.refill_asked = true;
+            let mut q = store.queue();
+            q.refill = true;
+            store.wake_if_idle(&q);
+        }
         let (id, entry) = g.entries.range(g.cursor..g.durable).next()?;
         let (id, msg) = (*id, entry.msg.clone());
         g.cursor = id + 1;
@@ -338,35 +380,37 @@ impl Outbox {
 
     /// The broker acknowledged message `id`.
     pub fn ack(&self, id: u64) {
-        let removed = {
+        {
             let mut g = self.lock();
             let inner = &mut *g;
-            match inner.entries.remove(&id) {
-                Some(e) => {
-                    if let Some(h) = self
-                        .latency
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .as_ref()
-                    {
-                        h.observe(e.queued_at.elapsed().as_secs_f64());
-                    }
-                    inner.acked += 1;
-                    inner.bytes -= e.cost();
-                    if e.msg.retain {
-                        dec(&mut inner.state_unacked, &e.msg.topic);
-                        if inner.newest_state.get(&e.msg.topic) == Some(&id) {
-                            inner.newest_state.remove(&e.msg.topic);
-                        }
-                        inner.retained_acked.insert(e.msg.topic, e.msg.payload);
-                    }
-                    true
+            if let Some(e) = inner.entries.remove(&id) {
+                if let Some(h) = self
+                    .latency
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    h.observe(e.queued_at.elapsed().as_secs_f64());
                 }
-                None => false,
+                inner.acked += 1;
+                inner.bytes -= e.cost();
+                if e.msg.retain {
+                    dec(&mut inner.state_unacked, &e.msg.topic);
+                    if inner.newest_state.get(&e.msg.topic).map(|s| s.0) == Some(id) {
+                        inner.newest_state.remove(&e.msg.topic);
+                    }
+                    inner.retained_acked.insert(e.msg.topic, e.msg.payload);
+                }
+                if let Some(store) = &self.store {
+                    let mut q = store.queue();
+                    q.deletes.push(id);
+                    // Deletes ride along with the next commit; only a writer asleep without
+                    // a deadline needs waking to start DELETE_DELAY's clock.
+                    if (q.deletes.len() == 1 && q.untimed) || q.deletes.len() >= DELETE_BATCH {
+                        store.wake_if_idle(&q);
+                    }
+                }
             }
-        };
-        if removed {
-            self.enqueue(Op::Delete(id));
         }
         self.drained.notify_waiters();
     }
@@ -410,8 +454,44 @@ impl Outbox {
         self.sendable.notify_one();
     }
 
+    /// Bring the next batch of disk-only messages back into memory (on the writer thread,
+    /// whose connection has committed every row it reads).
+    fn refill(&self, conn: &rusqlite::Connection) {
+        let Some(from) = self.lock().spill_from else {
+            self.lock().refill_asked = false;
+            return;
+        };
+        let rows = match read_rows(conn, from, REFILL_BATCH) {
+            Ok(rows) => rows,
+            Err(e) => {
+                error!("outbox: cannot read queued messages back from disk: {e}; retrying");
+                self.lock().refill_asked = false;
+                return;
+            }
+        };
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let mut next = from;
+            for (id, msg, queued_at) in rows {
+                next = id + 1;
+                if inner.spilled_gone.remove(&id) {
+                    continue;
+                }
+                inner.spilled -= 1;
+                inner.entries.insert(id, Entry { msg, queued_at });
+            }
+            inner.spill_from = (next < inner.next_id && inner.spilled > 0).then_some(next);
+            if inner.spill_from.is_none() {
+                inner.spilled_gone.clear();
+            }
+            inner.refill_asked = false;
+        }
+        self.sendable.notify_one();
+    }
+
     pub fn depth(&self) -> usize {
-        self.lock().entries.len()
+        self.lock().depth()
     }
 
     /// Resolves when there may be something to send.
@@ -443,17 +523,10 @@ impl Outbox {
     /// Commit what is queued and stop the writer (a graceful stop).
     pub fn close(&self) {
         if let Some(store) = &self.store {
-            {
-                let mut q = store.queue.lock().unwrap_or_else(|p| p.into_inner());
-                q.1 = true;
-                store.wake.notify_one();
-            }
-            if let Some(handle) = store
-                .thread
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
+            store.close();
+            let threads =
+                std::mem::take(&mut *store.threads.lock().unwrap_or_else(|p| p.into_inner()));
+            for handle in threads {
                 let _ = handle.join();
             }
         }
@@ -462,8 +535,8 @@ impl Outbox {
     pub fn stats(&self) -> OutboxStats {
         let g = self.lock();
         OutboxStats {
-            depth: g.entries.len(),
-            unsent: g.entries.range(g.cursor..).count(),
+            depth: g.depth(),
+            unsent: g.entries.range(g.cursor..).count() + g.spilled,
             bytes: g.bytes,
             oldest_age_ms: g
                 .entries
@@ -484,35 +557,64 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         // The writer commits what is queued and ends.
         if let Some(store) = &self.store {
-            let mut q = store.queue.lock().unwrap_or_else(|p| p.into_inner());
-            q.1 = true;
-            store.wake.notify_one();
+            store.close();
         }
     }
 }
 
 impl Inner {
-    /// Add an entry; for state, drop an unsent older one for the same topic (returned).
-    fn insert(&mut self, id: u64, msg: Message, queued_at: Instant) -> Option<u64> {
+    fn depth(&self) -> usize {
+        self.entries.len() + self.spilled
+    }
+
+    /// Add an entry (in memory, or counted as disk-only); for state, drop an unsent older
+    /// one for the same topic (returned, for its row to be deleted).
+    fn insert(
+        &mut self,
+        id: u64,
+        msg: Message,
+        queued_at: Instant,
+        disk_only: bool,
+    ) -> Option<u64> {
         let mut removed = None;
+        let cost = cost(&msg);
         if msg.retain {
-            if let Some(old) = self.newest_state.get(&msg.topic).copied()
+            if let Some((old, old_cost)) = self.newest_state.get(&msg.topic).copied()
                 && old >= self.cursor
-                && let Some(e) = self.entries.remove(&old)
             {
-                self.coalesced += 1;
-                self.bytes -= e.cost();
-                dec(&mut self.state_unacked, &msg.topic);
-                removed = Some(old);
+                let gone = if self.entries.remove(&old).is_some() {
+                    true
+                } else if self.spill_from.is_some_and(|from| old >= from)
+                    && self.spilled_gone.insert(old)
+                {
+                    self.spilled -= 1;
+                    true
+                } else {
+                    false
+                };
+                if gone {
+                    self.coalesced += 1;
+                    self.bytes -= old_cost;
+                    dec(&mut self.state_unacked, &msg.topic);
+                    removed = Some(old);
+                }
             }
-            self.newest_state.insert(msg.topic.clone(), id);
+            self.newest_state.insert(msg.topic.clone(), (id, cost));
             *self.state_unacked.entry(msg.topic.clone()).or_default() += 1;
         }
-        let entry = Entry { msg, queued_at };
-        self.bytes += entry.cost();
-        self.entries.insert(id, entry);
+        self.bytes += cost;
+        if disk_only {
+            self.spill_from.get_or_insert(id);
+            self.spilled += 1;
+        } else {
+            self.entries.insert(id, Entry { msg, queued_at });
+        }
         removed
     }
+}
+
+fn cost(msg: &Message) -> u64 {
+    (msg.topic.len() + msg.payload.len()) as u64 + ENTRY_OVERHEAD
 }
 
 fn dec(map: &mut HashMap<String, usize>, topic: &str) {
@@ -524,12 +626,17 @@ fn dec(map: &mut HashMap<String, usize>, topic: &str) {
     }
 }
 
-fn open_db(path: &PathBuf) -> rusqlite::Result<rusqlite::Connection> {
+fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     // WAL + NORMAL: a commit is a write to the log, durable against a process crash
     // without an fsync per commit.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // Checkpoints are the checkpoint thread's job, never a commit's.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // The hot pages are the ends of one table: a small cache holds them.
+    conn.pragma_update(None, "cache_size", -1024)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS outbox (
             id INTEGER PRIMARY KEY,
@@ -542,30 +649,157 @@ fn open_db(path: &PathBuf) -> rusqlite::Result<rusqlite::Connection> {
     Ok(conn)
 }
 
-/// Commit everything queued in one transaction; tell waiters what is on disk.
+type Row = (u64, Message, Instant);
+
+/// Up to `limit` rows from id `from` on, in order, with their age carried over.
+fn read_rows(conn: &rusqlite::Connection, from: u64, limit: usize) -> rusqlite::Result<Vec<Row>> {
+    let now_wall = now_ms();
+    let now = Instant::now();
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, topic, payload, retain, queued_at FROM outbox WHERE id >= ?1 ORDER BY id LIMIT ?2",
+    )?;
+    let rows = stmt.query_map(rusqlite::params![from as i64, limit as i64], |r| {
+        let queued_ms: i64 = r.get(4)?;
+        let age = Duration::from_millis(now_wall.saturating_sub(queued_ms).max(0) as u64);
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            Message {
+                topic: r.get(1)?,
+                payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                retain: r.get(3)?,
+            },
+            now.checked_sub(age).unwrap_or(now),
+        ))
+    })?;
+    rows.collect()
+}
+
+/// What a previous run left: the first `RESIDENT_MAX` rows into memory, the rest counted.
+fn load(conn: &rusqlite::Connection, inner: &mut Inner) -> rusqlite::Result<()> {
+    let (count, max_id): (i64, Option<i64>) =
+        conn.query_row("SELECT count(*), max(id) FROM outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let Some(max_id) = max_id else {
+        return Ok(());
+    };
+    let rows = read_rows(conn, 0, RESIDENT_MAX)?;
+    let mut last = 0;
+    let mut superseded = Vec::new();
+    for (id, msg, queued_at) in rows {
+        last = id;
+        superseded.extend(inner.insert(id, msg, queued_at, false));
+    }
+    for id in superseded {
+        conn.execute("DELETE FROM outbox WHERE id = ?1", [id as i64])?;
+    }
+    inner.next_id = max_id as u64 + 1;
+    inner.durable = inner.next_id;
+    if (count as usize) > inner.entries.len() {
+        let from = last + 1;
+        let (spilled, bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(CAST(topic AS BLOB)) + length(payload)), 0)
+             FROM outbox WHERE id >= ?1",
+            [from as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        inner.spill_from = Some(from);
+        inner.spilled = spilled as usize;
+        inner.bytes += bytes as u64 + spilled as u64 * ENTRY_OVERHEAD;
+        // Retained state waiting on disk must hold back restoring older values.
+        let mut stmt = conn.prepare(
+            "SELECT topic, count(*) FROM outbox WHERE id >= ?1 AND retain = 1 GROUP BY topic",
+        )?;
+        let topics = stmt.query_map([from as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in topics {
+            let (topic, n) = row?;
+            *inner.state_unacked.entry(topic).or_default() += n as usize;
+        }
+    }
+    inner.replayed_at_start = inner.depth() as u64;
+    Ok(())
+}
+
+/// Commit what producers queued, in one transaction per round; read rows back when
+/// asked; tell waiters what is on disk.
 fn writer(mut conn: rusqlite::Connection, store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
-    let mut pending: Vec<Op> = Vec::new();
+    let mut inserts: Vec<Insert> = Vec::new();
+    let mut deletes: Vec<u64> = Vec::new();
+    // When the oldest delete not yet committed was queued.
+    let mut deletes_since: Option<Instant> = None;
+    let mut expect_deletes = false;
     loop {
-        let closing = {
-            let mut q = store.queue.lock().unwrap_or_else(|p| p.into_inner());
-            while q.0.is_empty() && !q.1 && pending.is_empty() {
-                q = store.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+        let (closing, refill) = {
+            let mut q = store.queue();
+            loop {
+                if deletes_since.is_none() && !(q.deletes.is_empty() && deletes.is_empty()) {
+                    deletes_since = Some(Instant::now());
+                }
+                let deletes_due = deletes_since.is_some_and(|t| {
+                    t.elapsed() >= DELETE_DELAY || q.deletes.len() + deletes.len() >= DELETE_BATCH
+                });
+                if !q.inserts.is_empty()
+                    || !inserts.is_empty()
+                    || q.refill
+                    || q.closing
+                    || deletes_due
+                {
+                    break;
+                }
+                // After writing rows, acknowledgements are due: wait with a deadline so
+                // their deletes need no wake-up of their own.
+                let deadline = match deletes_since {
+                    Some(t) => Some(DELETE_DELAY.saturating_sub(t.elapsed())),
+                    None => expect_deletes.then_some(DELETE_DELAY),
+                };
+                q.idle = true;
+                q.untimed = deadline.is_none();
+                q = match deadline {
+                    Some(left) => {
+                        let (q, timeout) = store
+                            .wake
+                            .wait_timeout(q, left)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if timeout.timed_out() && deletes_since.is_none() && q.deletes.is_empty() {
+                            expect_deletes = false;
+                        }
+                        q
+                    }
+                    None => store.wake.wait(q).unwrap_or_else(|p| p.into_inner()),
+                };
+                q.idle = false;
+                q.untimed = false;
             }
-            pending.append(&mut q.0);
-            q.1
+            inserts.append(&mut q.inserts);
+            deletes.append(&mut q.deletes);
+            (q.closing, std::mem::take(&mut q.refill))
         };
-        if !pending.is_empty() {
-            match commit(&mut conn, &pending) {
-                Ok(max_insert) => {
-                    pending.clear();
-                    if let (Some(outbox), Some(max)) = (outbox.upgrade(), max_insert) {
-                        outbox.mark_durable(max + 1);
+        if !inserts.is_empty() || !deletes.is_empty() {
+            match commit(&mut conn, &inserts, &mut deletes) {
+                Ok(()) => {
+                    let upto = inserts.last().map(|i| i.id + 1);
+                    expect_deletes |= upto.is_some();
+                    inserts.clear();
+                    deletes.clear();
+                    deletes_since = None;
+                    if let (Some(outbox), Some(upto)) = (outbox.upgrade(), upto) {
+                        outbox.mark_durable(upto);
+                    }
+                    let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                    if !dirty.0 {
+                        dirty.0 = true;
+                        store.dirty_wake.notify_one();
                     }
                 }
                 Err(e) if !closing => {
                     // The disk is full or failing: keep everything, say so, try again.
                     // Producers wait meanwhile, so nothing is published unwritten.
                     error!("outbox: cannot write to disk: {e}; retrying");
+                    if refill {
+                        store.queue().refill = true;
+                    }
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
@@ -574,47 +808,85 @@ fn writer(mut conn: rusqlite::Connection, store: Arc<Store>, outbox: std::sync::
                 }
             }
         }
+        if refill && let Some(outbox) = outbox.upgrade() {
+            outbox.refill(&conn);
+        }
         if closing {
+            {
+                let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                dirty.1 = true;
+                store.dirty_wake.notify_one();
+            }
             let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
             return;
         }
     }
 }
 
-fn commit(conn: &mut rusqlite::Connection, ops: &[Op]) -> rusqlite::Result<Option<u64>> {
+/// Checkpoint the WAL at most every `CHECKPOINT_EVERY` while there are writes, on a
+/// connection of its own: the fsyncs happen here, not in a commit's path.
+fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
+    loop {
+        {
+            let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            while !dirty.0 && !dirty.1 {
+                dirty = store
+                    .dirty_wake
+                    .wait(dirty)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if dirty.1 {
+                return;
+            }
+            // Let a second's writes gather (or the stop come) before checkpointing.
+            let (mut d, _) = store
+                .dirty_wake
+                .wait_timeout_while(dirty, CHECKPOINT_EVERY, |d| !d.1)
+                .unwrap_or_else(|p| p.into_inner());
+            if d.1 {
+                return;
+            }
+            d.0 = false;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            warn!("outbox: checkpoint failed: {e}");
+        }
+    }
+}
+
+fn commit(
+    conn: &mut rusqlite::Connection,
+    inserts: &[Insert],
+    deletes: &mut [u64],
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    let mut max_insert = None;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO outbox (id, topic, payload, retain, queued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-        for op in ops {
-            match op {
-                Op::Insert {
-                    id,
-                    topic,
-                    payload,
-                    retain,
-                    queued_at_ms,
-                } => {
-                    insert.execute(rusqlite::params![
-                        *id as i64,
-                        topic,
-                        payload.as_ref(),
-                        retain,
-                        queued_at_ms
-                    ])?;
-                    max_insert = Some(max_insert.map_or(*id, |m: u64| m.max(*id)));
-                }
-                Op::Delete(id) => {
-                    delete.execute([*id as i64])?;
-                }
+        for row in inserts {
+            insert.execute(rusqlite::params![
+                row.id as i64,
+                row.topic,
+                row.payload.as_ref(),
+                row.retain,
+                row.queued_at_ms
+            ])?;
+        }
+        // Acknowledgements come mostly in order: delete runs of ids, not rows one by one.
+        let mut delete = tx.prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")?;
+        deletes.sort_unstable();
+        let mut i = 0;
+        while i < deletes.len() {
+            let mut j = i;
+            while j + 1 < deletes.len() && deletes[j + 1] <= deletes[j] + 1 {
+                j += 1;
             }
+            delete.execute([deletes[i] as i64, deletes[j] as i64])?;
+            i = j + 1;
         }
     }
-    tx.commit()?;
-    Ok(max_insert)
+    tx.commit()
 }
 
 #[cfg(test)]
@@ -772,6 +1044,129 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         assert!(o.take_next().is_some());
+        o.close();
+    }
+
+    /// Take and acknowledge everything, waiting (with a deadline) for reads from disk.
+    async fn drain(o: &Outbox) -> Vec<Message> {
+        let mut got = Vec::new();
+        loop {
+            let wake = o.sendable();
+            if let Some((id, m)) = o.take_next() {
+                assert!(
+                    o.lock().entries.len() <= RESIDENT_MAX,
+                    "memory stays bounded"
+                );
+                o.ack(id);
+                got.push(m);
+                continue;
+            }
+            if o.depth() == 0 {
+                return got;
+            }
+            tokio::time::timeout(Duration::from_secs(5), wake)
+                .await
+                .expect("the writer reads the next batch back");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_waits_on_disk_and_comes_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        let n = RESIDENT_MAX * 3 + 7;
+        for i in 0..n {
+            o.push(ev("e", &i.to_string())).await;
+        }
+        o.committed().await;
+        assert_eq!(o.lock().entries.len(), RESIDENT_MAX);
+        assert_eq!(o.depth(), n);
+        assert_eq!(o.stats().unsent, n);
+        let got: Vec<String> = drain(&o)
+            .await
+            .iter()
+            .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
+        assert_eq!(o.stats().bytes, 0);
+        // Caught up: new messages are held in memory again.
+        o.push(ev("e", "after")).await;
+        assert_eq!(o.lock().entries.len(), 1);
+        assert!(o.lock().spill_from.is_none());
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn state_waiting_on_disk_still_coalesces() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..RESIDENT_MAX {
+            o.push(ev("e", &i.to_string())).await;
+        }
+        o.push(st("s", "old")).await;
+        o.push(ev("e", "last")).await;
+        o.push(st("s", "new")).await;
+        o.committed().await;
+        assert_eq!(o.stats().coalesced, 1);
+        let tail: Vec<Bytes> = drain(&o)
+            .await
+            .into_iter()
+            .skip(RESIDENT_MAX)
+            .map(|m| m.payload)
+            .collect();
+        assert_eq!(tail, vec![Bytes::from("last"), Bytes::from("new")]);
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = RESIDENT_MAX * 2 + 5;
+        {
+            let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+            for i in 0..n {
+                o.push(ev("e", &i.to_string())).await;
+            }
+            o.push(st("s", "state")).await;
+            o.committed().await;
+            o.close();
+        }
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(o.depth(), n + 1);
+        assert_eq!(o.stats().replayed_at_start, (n + 1) as u64);
+        assert!(o.lock().entries.len() <= RESIDENT_MAX);
+        // Retained state still waiting on disk holds back restoring an older value.
+        assert!(o.lock().state_unacked.contains_key("s"));
+        let got: Vec<Bytes> = drain(&o).await.into_iter().map(|m| m.payload).collect();
+        assert_eq!(got.len(), n + 1);
+        assert_eq!(got[0], "0");
+        assert_eq!(got[n - 1], Bytes::from((n - 1).to_string()));
+        assert_eq!(got[n], "state");
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn acknowledged_rows_are_deleted_lazily_and_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..10 {
+            o.push(ev("e", &i.to_string())).await;
+        }
+        o.committed().await;
+        drain(&o).await;
+        let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
+        let rows = || -> i64 {
+            conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+                .unwrap()
+        };
+        // Within DELETE_DELAY the deletes are committed without any further write.
+        crate::sim::eventually(
+            "acknowledged rows are deleted",
+            Duration::from_secs(5),
+            || rows() == 0,
+        )
+        .await;
         o.close();
     }
 }

@@ -207,6 +207,12 @@ fn exit_with(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    if std::env::var_os("XRT").is_some() && std::env::args().nth(1).as_deref() == Some("run") {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

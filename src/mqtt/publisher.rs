@@ -40,7 +40,7 @@ pub struct Incoming {
 }
 
 /// Requests handed to rumqttc and not yet acknowledged, at most.
-const WINDOW: usize = 64;
+const WINDOW: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {

@@ -1133,6 +1133,9 @@ fn apply_subscription(set: &mut BTreeSet<String>, text: &str) {
     }
 }
 
+/// Frames written per flush at most when many are queued.
+const FLOOD_BATCH: u64 = 256;
+
 async fn run_socket<S>(
     inner: Arc<Inner>,
     id: u64,
@@ -1194,11 +1197,24 @@ async fn run_socket<S>(
             },
             frame = out_rx.recv(), if !stalled => {
                 let Some(frame) = frame else { break };
-                if let Err(e) = ws.send(frame).await {
+                // Under a flood, write what is queued in one go (as a busy server's TCP
+                // stack would coalesce it): still one WebSocket message per frame.
+                let mut batch = 1u64;
+                let mut result = ws.feed(frame).await;
+                while result.is_ok() && batch < FLOOD_BATCH {
+                    match out_rx.try_recv() {
+                        Ok(next) => {
+                            batch += 1;
+                            result = ws.feed(next).await;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = result.and(ws.flush().await) {
                     debug!(stream = stream.name(), error = %e, "bvcsp sim: socket write failed");
                     break;
                 }
-                *inner.lock().counters.delivered.entry(stream.name().to_owned()).or_default() += 1;
+                *inner.lock().counters.delivered.entry(stream.name().to_owned()).or_default() += batch;
             },
             _ = idle, if !stalled => {
                 close_socket(&mut ws, 1000, "idle timeout").await;

@@ -481,8 +481,10 @@ async fn steady(
     rig.sub.reset();
     let cpu0 = rig.bridge.cpu_ns();
     let started = Instant::now();
-    let per_tick = (per_s / 100).max(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    // One tick per millisecond: a steady source, not bursts of ten.
+    let per_tick = (per_s / 1000).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
     let total = per_s * secs;
     while sent < total {

@@ -44,6 +44,8 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 const SUBSCRIBE_CHUNK: usize = 200;
 /// How many recent content ids are remembered for de-duplication.
 const RECENT_IDS: usize = 4096;
+/// Frames already buffered that are taken in one go (and committed together).
+const BATCH_FRAMES: usize = 256;
 /// Distinct frame shapes logged per stream before going quiet.
 const MAX_SHAPES: usize = 32;
 
@@ -484,23 +486,36 @@ async fn run_socket(
                 }
             }
             frame = live.ws.next() => {
-                match frame {
-                    Some(Ok(WsMessage::Pong(_))) => live.last_pong = Instant::now(),
-                    Some(Ok(WsMessage::Close(close))) => {
-                        return End::Lost(match close {
-                            Some(c) => format!("closed by server (code {}, {:?})", u16::from(c.code), c.reason.as_str()),
-                            None => "closed by server".into(),
-                        });
-                    }
-                    Some(Ok(msg)) => {
-                        // Any inbound traffic also proves the link alive.
-                        if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
-                            live.last_pong = live.last_pong.max(recent);
+                // Frames already read off the socket are taken together, so their rows
+                // are committed together.
+                let _batch = ctx.outbox.batch();
+                let mut frame = Some(frame);
+                let mut taken = 0;
+                while let Some(next) = frame {
+                    match next {
+                        Some(Ok(WsMessage::Pong(_))) => live.last_pong = Instant::now(),
+                        Some(Ok(WsMessage::Close(close))) => {
+                            return End::Lost(match close {
+                                Some(c) => format!("closed by server (code {}, {:?})", u16::from(c.code), c.reason.as_str()),
+                                None => "closed by server".into(),
+                            });
                         }
-                        ingest_message(ctx, stream, memory, msg, cancel).await;
+                        Some(Ok(msg)) => {
+                            // Any inbound traffic also proves the link alive.
+                            if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
+                                live.last_pong = live.last_pong.max(recent);
+                            }
+                            ingest_message(ctx, stream, memory, msg, cancel).await;
+                        }
+                        Some(Err(e)) => return End::Lost(e.to_string()),
+                        None => return End::Lost("connection closed".into()),
                     }
-                    Some(Err(e)) => return End::Lost(e.to_string()),
-                    None => return End::Lost("connection closed".into()),
+                    taken += 1;
+                    frame = if taken < BATCH_FRAMES && !cancel.is_cancelled() {
+                        live.ws.next().now_or_never()
+                    } else {
+                        None
+                    };
                 }
             }
             r = added.changed(), if stream == Stream::Location => {

@@ -626,7 +626,9 @@ pub struct CommitBatch<'a> {
 
 impl Drop for CommitBatch<'_> {
     fn drop(&mut self) {
-        let Some(store) = &self.outbox.store else { return };
+        let Some(store) = &self.outbox.store else {
+            return;
+        };
         let last = {
             let mut q = store.queue();
             q.deferring -= 1;
@@ -716,7 +718,7 @@ fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     // WAL + NORMAL: a commit is a write to the log, durable against a process crash
     // without an fsync per commit.
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", if std::env::var_os("XSYNC").is_some() { "OFF" } else { "NORMAL" })?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     // Checkpoints are the checkpoint thread's job, never a commit's.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     // The hot pages are the ends of one table: a small cache holds them.
@@ -816,7 +818,10 @@ fn commit_queued(
 ) -> rusqlite::Result<()> {
     let (inserts, mut deletes) = {
         let mut q = store.queue();
-        (std::mem::take(&mut q.inserts), std::mem::take(&mut q.deletes))
+        (
+            std::mem::take(&mut q.inserts),
+            std::mem::take(&mut q.deletes),
+        )
     };
     if inserts.is_empty() && deletes.is_empty() {
         return Ok(());
@@ -859,8 +864,8 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                     t.elapsed() >= DELETE_DELAY || q.deletes.len() >= DELETE_BATCH
                 });
                 // Rows of an open batch wait for it, unless they pile up.
-                let inserts_due = !q.inserts.is_empty()
-                    && (q.deferring == 0 || q.inserts.len() > INLINE_MAX);
+                let inserts_due =
+                    !q.inserts.is_empty() && (q.deferring == 0 || q.inserts.len() > INLINE_MAX);
                 if inserts_due || q.refill || q.closing || deletes_due {
                     break;
                 }
@@ -925,7 +930,6 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
 /// Checkpoint the WAL at most every `CHECKPOINT_EVERY` while there are writes, on a
 /// connection of its own: the fsyncs happen here, not in a commit's path.
 fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
-    let skip = std::env::var_os("XNOCKPT").is_some();
     loop {
         {
             let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -948,7 +952,6 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
             }
             d.0 = false;
         }
-        if skip { continue; }
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             warn!("outbox: checkpoint failed: {e}");
         }

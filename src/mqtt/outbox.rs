@@ -152,6 +152,8 @@ struct Queue {
     untimed: bool,
     /// Open `CommitBatch`es: their rows are committed when the last one ends.
     deferring: usize,
+    /// A producer is about to wait: commit now, open batches or not.
+    forced: bool,
     /// When the oldest delete not yet committed was queued.
     deletes_since: Option<Instant>,
     /// Rows were written, so acknowledgements (and their deletes) are due.
@@ -384,10 +386,13 @@ impl Outbox {
         CommitBatch { outbox: self }
     }
 
-    /// Wake the writer if it sleeps, whatever batches are open.
+    /// Have the writer commit what is queued now, whatever batches are open (a producer
+    /// is about to wait, perhaps for those very rows to be sent).
     fn kick(&self) {
         if let Some(store) = &self.store {
-            store.wake_if_idle(&store.queue());
+            let mut q = store.queue();
+            q.forced = true;
+            store.wake_if_idle(&q);
         }
     }
 
@@ -864,8 +869,8 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                     t.elapsed() >= DELETE_DELAY || q.deletes.len() >= DELETE_BATCH
                 });
                 // Rows of an open batch wait for it, unless they pile up.
-                let inserts_due =
-                    !q.inserts.is_empty() && (q.deferring == 0 || q.inserts.len() > INLINE_MAX);
+                let inserts_due = !q.inserts.is_empty()
+                    && (q.deferring == 0 || q.inserts.len() > INLINE_MAX || q.forced);
                 if inserts_due || q.refill || q.closing || deletes_due {
                     break;
                 }
@@ -894,6 +899,7 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                 q.idle = false;
                 q.untimed = false;
             }
+            q.forced = false;
             (q.closing, std::mem::take(&mut q.refill))
         };
         let outbox = outbox.upgrade();
@@ -1271,6 +1277,44 @@ mod tests {
             || rows() == 0,
         )
         .await;
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_producer_waiting_inside_a_batch_gets_its_rows_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let per = ENTRY_OVERHEAD + 2;
+        let o = Outbox::open(dir.path(), 2 * per).unwrap();
+        let consumer = {
+            let o = o.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < 3 {
+                    let wake = o.sendable();
+                    if let Some((id, m)) = o.take_next() {
+                        o.ack(id);
+                        got.push(m.payload);
+                        continue;
+                    }
+                    tokio::time::timeout(Duration::from_secs(5), wake)
+                        .await
+                        .expect("rows committed and sendable");
+                }
+                got
+            })
+        };
+        {
+            let _batch = o.batch();
+            o.push(ev("e", "1")).await;
+            o.push(ev("e", "2")).await;
+            // Full: this waits for space, which needs the first two sent, so committed
+            // although the batch holding them back is still open.
+            tokio::time::timeout(Duration::from_secs(5), o.push(ev("e", "3")))
+                .await
+                .expect("no deadlock behind an open batch");
+        }
+        let got = consumer.await.unwrap();
+        assert_eq!(got, vec!["1", "2", "3"]);
         o.close();
     }
 }

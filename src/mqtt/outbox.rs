@@ -50,6 +50,12 @@ const DELETE_DELAY: Duration = Duration::from_millis(200);
 const DELETE_BATCH: usize = 4096;
 /// A batch of at most this many rows is committed inline, more by the writer thread.
 const INLINE_MAX: usize = 32;
+/// The log is checkpointed and started over once it has grown by about this much.
+const WAL_RESET_BYTES: u64 = 4 << 20;
+/// A log at least this long after a checkpoint is truncated (started over).
+const WAL_TRUNCATE_BYTES: u64 = 1 << 20;
+/// SQLite's page size (the default), the least a commit adds to the log.
+const PAGE: u64 = 4096;
 /// How often the WAL is checkpointed (copied into the database and synced) while writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -160,6 +166,16 @@ struct Queue {
     expect_deletes: bool,
 }
 
+/// What the checkpoint thread waits on.
+#[derive(Default)]
+struct Dirty {
+    /// Something was committed since the last checkpoint.
+    written: bool,
+    /// Roughly how many bytes the log has grown by since then (at least a page a commit).
+    log_bytes: u64,
+    closing: bool,
+}
+
 /// The store: one connection, used by whoever commits (the writer thread, or a producer
 /// committing its own small batch inline), and the queue of what is to be written.
 struct Store {
@@ -168,7 +184,7 @@ struct Store {
     wake: Condvar,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Set by the writer after a commit; the checkpointer waits for it.
-    dirty: Mutex<(bool, bool)>,
+    dirty: Mutex<Dirty>,
     dirty_wake: Condvar,
 }
 
@@ -268,7 +284,7 @@ impl Outbox {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             threads: Mutex::new(Vec::new()),
-            dirty: Mutex::new((false, false)),
+            dirty: Mutex::new(Dirty::default()),
             dirty_wake: Condvar::new(),
         });
         outbox.store = Some(store.clone());
@@ -309,10 +325,10 @@ impl Outbox {
                         }
                         break;
                     }
+                    // Rows an open batch holds back must not wait behind this push.
+                    self.kick();
                     if g.full_since.is_none() {
                         g.full_since = Some(Instant::now());
-                        // Rows held for a batch's commit must not wait behind this one.
-                        self.kick();
                         warn!(
                             "outbox full ({} bytes, storage.max_bytes {}): reading upstream paused until the broker takes more",
                             g.bytes, self.max_bytes
@@ -338,6 +354,7 @@ impl Outbox {
     /// Wait until everything queued so far is on disk.
     pub async fn committed(&self) {
         let upto = self.lock().next_id;
+        self.kick();
         let mut durable = self.durable.subscribe();
         let _ = durable.wait_for(|d| *d >= upto).await;
     }
@@ -413,8 +430,11 @@ impl Outbox {
         let conn = match store.conn.try_lock() {
             Ok(conn) => conn,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // The writer is committing: it looks at the queue again when done.
-            Err(std::sync::TryLockError::WouldBlock) => return,
+            // Someone else is committing: make sure the writer takes these rows next.
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.kick();
+                return;
+            }
         };
         if commit_queued(store, &conn, Some(self)).is_err() {
             drop(conn);
@@ -527,17 +547,17 @@ impl Outbox {
 
     /// Bring the next batch of disk-only messages back into memory (on the writer thread,
     /// whose connection has committed every row it reads).
-    fn refill(&self, conn: &rusqlite::Connection) {
+    /// Returns false if the read failed (the writer asks again after a pause).
+    fn refill(&self, conn: &rusqlite::Connection) -> bool {
         let Some(from) = self.lock().spill_from else {
             self.lock().refill_asked = false;
-            return;
+            return true;
         };
         let rows = match read_rows(conn, from, REFILL_BATCH) {
             Ok(rows) => rows,
             Err(e) => {
                 error!("outbox: cannot read queued messages back from disk: {e}; retrying");
-                self.lock().refill_asked = false;
-                return;
+                return false;
             }
         };
         {
@@ -555,10 +575,14 @@ impl Outbox {
             inner.spill_from = (next < inner.next_id && inner.spilled > 0).then_some(next);
             if inner.spill_from.is_none() {
                 inner.spilled_gone.clear();
+            } else {
+                // Rows below `next` are never read again.
+                inner.spilled_gone.retain(|id| *id >= next);
             }
             inner.refill_asked = false;
         }
         self.sendable.notify_one();
+        true
     }
 
     pub fn depth(&self) -> usize {
@@ -768,14 +792,12 @@ fn read_rows(conn: &rusqlite::Connection, from: u64, limit: usize) -> rusqlite::
 
 /// What a previous run left: the first `RESIDENT_MAX` rows into memory, the rest counted.
 fn load(conn: &rusqlite::Connection, inner: &mut Inner) -> rusqlite::Result<()> {
-    let (count, max_id): (i64, Option<i64>) =
-        conn.query_row("SELECT count(*), max(id) FROM outbox", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?;
     let Some(max_id) = max_id else {
         return Ok(());
     };
     let rows = read_rows(conn, 0, RESIDENT_MAX)?;
+    let filled = rows.len() == RESIDENT_MAX;
     let mut last = 0;
     let mut superseded = Vec::new();
     for (id, msg, queued_at) in rows {
@@ -787,7 +809,7 @@ fn load(conn: &rusqlite::Connection, inner: &mut Inner) -> rusqlite::Result<()> 
     }
     inner.next_id = max_id as u64 + 1;
     inner.durable = inner.next_id;
-    if (count as usize) > inner.entries.len() {
+    if filled {
         let from = last + 1;
         let (spilled, bytes): (i64, i64) = conn.query_row(
             "SELECT count(*), coalesce(sum(length(CAST(topic AS BLOB)) + length(payload)), 0)
@@ -795,6 +817,10 @@ fn load(conn: &rusqlite::Connection, inner: &mut Inner) -> rusqlite::Result<()> 
             [from as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        if spilled == 0 {
+            inner.replayed_at_start = inner.depth() as u64;
+            return Ok(());
+        }
         inner.spill_from = Some(from);
         inner.spilled = spilled as usize;
         inner.bytes += bytes as u64 + spilled as u64 * ENTRY_OVERHEAD;
@@ -839,17 +865,34 @@ fn commit_queued(
         return Err(e);
     }
     let upto = inserts.last().map(|i| i.id + 1);
+    if let Some(outbox) = outbox {
+        // A superseded disk-only row whose delete is committed is never read back.
+        let mut g = outbox.lock();
+        if !g.spilled_gone.is_empty() {
+            for id in &deletes {
+                g.spilled_gone.remove(id);
+            }
+        }
+    }
     {
         let mut q = store.queue();
         q.deletes_since = None;
         q.expect_deletes |= upto.is_some();
+        q.forced = false;
     }
     if let (Some(outbox), Some(upto)) = (outbox, upto) {
         outbox.mark_durable(upto);
     }
+    let grown: u64 = inserts
+        .iter()
+        .map(|i| (i.topic.len() + i.payload.len()) as u64)
+        .sum::<u64>()
+        .max(PAGE);
     let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
-    if !dirty.0 {
-        dirty.0 = true;
+    let was = (dirty.written, dirty.log_bytes >= WAL_RESET_BYTES);
+    dirty.written = true;
+    dirty.log_bytes += grown;
+    if was != (true, dirty.log_bytes >= WAL_RESET_BYTES) {
         store.dirty_wake.notify_one();
     }
     Ok(())
@@ -899,7 +942,6 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                 q.idle = false;
                 q.untimed = false;
             }
-            q.forced = false;
             (q.closing, std::mem::take(&mut q.refill))
         };
         let outbox = outbox.upgrade();
@@ -918,13 +960,19 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
             }
             error!("outbox: cannot write the last changes to disk while stopping: {e}");
         }
-        if refill && let Some(outbox) = &outbox {
-            outbox.refill(&conn);
+        if refill
+            && let Some(outbox) = &outbox
+            && !outbox.refill(&conn)
+        {
+            drop(conn);
+            std::thread::sleep(Duration::from_millis(500));
+            store.queue().refill = true;
+            continue;
         }
         if closing {
             {
                 let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
-                dirty.1 = true;
+                dirty.closing = true;
                 store.dirty_wake.notify_one();
             }
             let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
@@ -933,33 +981,44 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
     }
 }
 
-/// Checkpoint the WAL at most every `CHECKPOINT_EVERY` while there are writes, on a
-/// connection of its own: the fsyncs happen here, not in a commit's path.
+/// Checkpoint the WAL every `CHECKPOINT_EVERY` while there are writes, or sooner once it
+/// has grown by `WAL_RESET_BYTES`, on a connection of its own: the fsyncs happen here,
+/// not in a commit's path.
 fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
     loop {
         {
             let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            while !dirty.0 && !dirty.1 {
+            while !dirty.written && !dirty.closing {
                 dirty = store
                     .dirty_wake
                     .wait(dirty)
                     .unwrap_or_else(|p| p.into_inner());
             }
-            if dirty.1 {
-                return;
-            }
             // Let a second's writes gather (or the stop come) before checkpointing.
             let (mut d, _) = store
                 .dirty_wake
-                .wait_timeout_while(dirty, CHECKPOINT_EVERY, |d| !d.1)
+                .wait_timeout_while(dirty, CHECKPOINT_EVERY, |d| {
+                    !d.closing && d.log_bytes < WAL_RESET_BYTES
+                })
                 .unwrap_or_else(|p| p.into_inner());
-            if d.1 {
+            if d.closing {
                 return;
             }
-            d.0 = false;
+            d.written = false;
+            d.log_bytes = 0;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            warn!("outbox: checkpoint failed: {e}");
+        // PASSIVE never blocks the writer, but with writes going on it rarely reaches the
+        // end of the log, and only a checkpoint that does lets the log start over. So
+        // once the log has grown, a TRUNCATE checkpoint finishes the job: it holds
+        // commits back for the moment it takes to copy the last few frames.
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    warn!("outbox: checkpoint failed: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("outbox: checkpoint failed: {e}"),
         }
     }
 }
@@ -1315,6 +1374,79 @@ mod tests {
         }
         let got = consumer.await.unwrap();
         assert_eq!(got, vec!["1", "2", "3"]);
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn superseded_disk_only_state_is_forgotten_once_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        for i in 0..RESIDENT_MAX {
+            o.push(ev("e", &i.to_string())).await;
+        }
+        for i in 0..3000 {
+            o.push(st("s", &i.to_string())).await;
+        }
+        o.committed().await;
+        crate::sim::eventually("superseded ids are dropped", Duration::from_secs(5), || {
+            o.lock().spilled_gone.len() <= 1
+        })
+        .await;
+        let got = drain(&o).await;
+        assert_eq!(got.len(), RESIDENT_MAX + 1);
+        assert_eq!(got[RESIDENT_MAX].payload, "2999");
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_superseded_state_does_not_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+            o.push(st("s", "old")).await;
+            o.committed().await;
+            let _sent = o.take_next().unwrap(); // in flight, never acknowledged
+            o.push(st("s", "new")).await;
+            o.committed().await;
+            o.close();
+        }
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        assert!(o.lock().spill_from.is_none());
+        o.push(ev("e", "next")).await;
+        assert_eq!(o.lock().entries.len(), 2, "new messages are held in memory");
+        let got: Vec<Bytes> = drain(&o).await.into_iter().map(|m| m.payload).collect();
+        assert_eq!(got, vec![Bytes::from("new"), Bytes::from("next")]);
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn the_log_starts_over_under_steady_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        let wal = dir.path().join("outbox.sqlite3-wal");
+        let payload = "x".repeat(600);
+        // A steady 1 000 messages/s, each committed on its own and acknowledged: there is
+        // a write in flight whenever the checkpoint runs.
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        let mut largest = 0;
+        let n = 5000u64;
+        for i in 0..n {
+            tick.tick().await;
+            let batch = o.batch();
+            o.push(ev("e", &payload)).await;
+            drop(batch);
+            let (id, _) = o.take_next().expect("committed inline");
+            o.ack(id);
+            if i % 100 == 0 {
+                largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+            }
+        }
+        // Never started over, the log would hold every commit, a page or more each
+        // (~20 MB here).
+        assert!(
+            largest < 10 << 20,
+            "WAL reached {largest} bytes over {n} messages; it should start over"
+        );
         o.close();
     }
 }

@@ -194,22 +194,23 @@ impl Subscriber {
     }
 }
 
-/// The two fields the subscriber needs, read without building the whole payload: the
-/// bridge's messages carry the frame in `raw`, the direct publisher sends it bare.
-#[derive(serde::Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow)]
-    raw: Option<ProbeFrame<'a>>,
-    #[serde(borrow)]
-    key: Option<std::borrow::Cow<'a, str>>,
-    sent_ns: Option<u64>,
-}
-
-#[derive(serde::Deserialize)]
-struct ProbeFrame<'a> {
-    #[serde(borrow)]
-    key: Option<std::borrow::Cow<'a, str>>,
-    sent_ns: Option<u64>,
+/// The two fields the subscriber needs, found by a scan instead of a JSON parse: the
+/// subscriber shares the machine with what it measures, and the bridge's payloads are
+/// larger than the ceiling's, so parsing them would tax the bridge's run more. Both the
+/// bridge's payload (top level and `raw`) and the direct publisher's carry `"key":"…"`
+/// and `"sent_ns":N` with the same values.
+fn probe(payload: &[u8]) -> Option<(&str, u64)> {
+    fn after<'a>(hay: &'a [u8], needle: &[u8]) -> Option<&'a [u8]> {
+        hay.windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| &hay[i + needle.len()..])
+    }
+    let rest = after(payload, b"\"key\":\"")?;
+    let key = std::str::from_utf8(&rest[..rest.iter().position(|b| *b == b'"')?]).ok()?;
+    let rest = after(payload, b"\"sent_ns\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let sent = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+    Some((key, sent))
 }
 
 fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
@@ -219,18 +220,11 @@ fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
         seen.lock().unwrap_or_else(|p| p.into_inner()).link_up = v["state"] == "up";
         return;
     }
-    let Ok(probe) = serde_json::from_slice::<Probe>(payload) else {
-        return;
-    };
-    let (key, sent) = match probe.raw {
-        Some(frame) => (frame.key, frame.sent_ns),
-        None => (probe.key, probe.sent_ns),
-    };
-    let (Some(key), Some(sent)) = (key, sent) else {
+    let Some((key, sent)) = probe(payload) else {
         return;
     };
     let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
-    let n = g.counts.entry(key.into_owned()).or_default();
+    let n = g.counts.entry(key.to_owned()).or_default();
     *n += 1;
     if *n == 1 {
         g.received += 1;
@@ -699,6 +693,15 @@ pub fn render(broker: &str, repeat: usize, figures: &[Figures]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_subscriber_finds_key_and_send_time_in_both_shapes() {
+        let bridge = br#"{"event_id":"alarm-1","key":"a7","raw":{"key":"a7","sent_ns":123,"type":5},"type":5}"#;
+        assert_eq!(probe(bridge), Some(("a7", 123)));
+        let direct = br#"{"key":"c9","pad":"xx","sent_ns":4567}"#;
+        assert_eq!(probe(direct), Some(("c9", 4567)));
+        assert_eq!(probe(br#"{"state":"up"}"#), None);
+    }
 
     #[test]
     fn runs_combine_into_medians_and_sums() {

@@ -369,7 +369,11 @@ impl Outbox {
             g.insert(id, msg, Instant::now(), false);
             g.durable = g.next_id;
             drop(g);
-            self.durable.send_replace(id + 1);
+            // Concurrent pushers may get here out of order: the watermark only rises.
+            self.durable.send_if_modified(|d| {
+                let new = (*d).max(id + 1);
+                std::mem::replace(d, new) != new
+            });
             self.sendable.notify_one();
             return id;
         };

@@ -71,12 +71,6 @@ struct Entry {
     queued_at: Instant,
 }
 
-impl Entry {
-    fn cost(&self) -> u64 {
-        (self.msg.topic.len() + self.msg.payload.len()) as u64 + ENTRY_OVERHEAD
-    }
-}
-
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
@@ -488,7 +482,7 @@ impl Outbox {
                     h.observe(e.queued_at.elapsed().as_secs_f64());
                 }
                 inner.acked += 1;
-                inner.bytes -= e.cost();
+                inner.bytes -= cost(&e.msg);
                 if e.msg.retain {
                     dec(&mut inner.state_unacked, &e.msg.topic);
                     if inner.newest_state.get(&e.msg.topic).map(|s| s.0) == Some(id) {
@@ -733,6 +727,7 @@ impl Inner {
     }
 }
 
+/// What a message counts against `storage.max_bytes`.
 fn cost(msg: &Message) -> u64 {
     (msg.topic.len() + msg.payload.len()) as u64 + ENTRY_OVERHEAD
 }

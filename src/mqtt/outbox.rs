@@ -163,9 +163,8 @@ struct Queue {
 /// What the checkpoint thread waits on.
 #[derive(Default)]
 struct Dirty {
-    /// Something was committed since the last checkpoint.
-    written: bool,
-    /// Roughly how many bytes the log has grown by since then (at least a page a commit).
+    /// Roughly how many bytes the log has grown by since the last checkpoint (at least a
+    /// page a commit, so nonzero means something was committed).
     log_bytes: u64,
     closing: bool,
 }
@@ -888,10 +887,10 @@ fn commit_queued(
         .sum::<u64>()
         .max(PAGE);
     let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
-    let was = (dirty.written, dirty.log_bytes >= WAL_RESET_BYTES);
-    dirty.written = true;
+    let was_full = dirty.log_bytes >= WAL_RESET_BYTES;
+    let was_clean = dirty.log_bytes == 0;
     dirty.log_bytes += grown;
-    if was != (true, dirty.log_bytes >= WAL_RESET_BYTES) {
+    if was_clean || was_full != (dirty.log_bytes >= WAL_RESET_BYTES) {
         store.dirty_wake.notify_one();
     }
     Ok(())
@@ -945,27 +944,26 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
         };
         let outbox = outbox.upgrade();
         let conn = store.conn();
-        if let Err(e) = commit_queued(&store, &conn, outbox.as_deref()) {
-            if !closing {
+        let done = match commit_queued(&store, &conn, outbox.as_deref()) {
+            // Reading back is pointless once stopping.
+            Ok(()) => closing || !refill || outbox.as_ref().is_none_or(|o| o.refill(&conn)),
+            Err(e) if closing => {
+                error!("outbox: cannot write the last changes to disk while stopping: {e}");
+                true
+            }
+            Err(e) => {
                 // The disk is full or failing: keep everything, say so, try again.
                 // Producers wait meanwhile, so nothing is published unwritten.
                 error!("outbox: cannot write to disk: {e}; retrying");
-                drop(conn);
-                if refill {
-                    store.queue().refill = true;
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
+                false
             }
-            error!("outbox: cannot write the last changes to disk while stopping: {e}");
-        }
-        if refill
-            && let Some(outbox) = &outbox
-            && !outbox.refill(&conn)
-        {
+        };
+        if !done {
             drop(conn);
             std::thread::sleep(Duration::from_millis(500));
-            store.queue().refill = true;
+            if refill {
+                store.queue().refill = true;
+            }
             continue;
         }
         if closing {
@@ -987,7 +985,7 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
     loop {
         {
             let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            while !dirty.written && !dirty.closing {
+            while dirty.log_bytes == 0 && !dirty.closing {
                 dirty = store
                     .dirty_wake
                     .wait(dirty)
@@ -1003,7 +1001,6 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
             if d.closing {
                 return;
             }
-            d.written = false;
             d.log_bytes = 0;
         }
         // PASSIVE never blocks the writer, but with writes going on it rarely reaches the
@@ -1206,13 +1203,17 @@ mod tests {
         o.push(ev("a", "1")).await;
         o.committed().await;
         // Committed: a second connection sees the row.
-        let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
-        let n: i64 = conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(rows_on_disk(dir.path()), 1);
         assert!(o.take_next().is_some());
         o.close();
+    }
+
+    /// Rows in the store, as a second connection sees them.
+    fn rows_on_disk(dir: &Path) -> i64 {
+        rusqlite::Connection::open(dir.join("outbox.sqlite3"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+            .unwrap()
     }
 
     /// Take and acknowledge everything, waiting (with a deadline) for reads from disk.
@@ -1323,16 +1324,11 @@ mod tests {
         }
         o.committed().await;
         drain(&o).await;
-        let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
-        let rows = || -> i64 {
-            conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
-                .unwrap()
-        };
         // Within DELETE_DELAY the deletes are committed without any further write.
         crate::sim::eventually(
             "acknowledged rows are deleted",
             Duration::from_secs(5),
-            || rows() == 0,
+            || rows_on_disk(dir.path()) == 0,
         )
         .await;
         o.close();

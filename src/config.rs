@@ -158,6 +158,25 @@ pub struct BvcspConfig {
     pub reconnect_min: Duration,
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// While an outage is younger than `reconnect_early_for`, reconnect gaps stay under
+    /// this, so every stream is back within seconds of the server.
+    #[serde(default = "d_2s", with = "humantime_serde")]
+    pub reconnect_early_max: Duration,
+    #[serde(default = "d_2m", with = "humantime_serde")]
+    pub reconnect_early_for: Duration,
+    /// After every gap in the alarm stream, read the alarm records back to the newest
+    /// alarm already published (contract §4).
+    #[serde(default = "yes")]
+    pub backfill: bool,
+    /// Never backfill an alarm older than this.
+    #[serde(default = "d_24h", with = "humantime_serde")]
+    pub backfill_max_age: Duration,
+    /// Alarm-record pages read per backfill at most (a larger gap is logged).
+    #[serde(default = "default_backfill_max_pages")]
+    pub backfill_max_pages: u32,
+    /// Alarm records asked for per page.
+    #[serde(default = "default_backfill_page_size")]
+    pub backfill_page_size: u32,
     /// Backoff after refused credentials (code 14): slow, so the server is never hammered.
     #[serde(default = "d_60s", with = "humantime_serde")]
     pub auth_retry_min: Duration,
@@ -199,6 +218,8 @@ pub struct BvcspPaths {
     pub refresh: String,
     pub logout: String,
     pub device_list: String,
+    /// REST: the alarm records read by backfill.
+    pub alarm_history: String,
 }
 
 impl Default for BvcspPaths {
@@ -213,6 +234,7 @@ impl Default for BvcspPaths {
             refresh: "/bvcsp/v1/auth/refresh".into(),
             logout: "/bvcsp/v1/auth/logout".into(),
             device_list: "/bvcsp/v1/pu/list".into(),
+            alarm_history: "/bvcsp/v1/alarm".into(),
         }
     }
 }
@@ -429,6 +451,12 @@ fn default_app_from() -> String {
 fn default_streams() -> Vec<Stream> {
     Stream::ALL.to_vec()
 }
+fn default_backfill_max_pages() -> u32 {
+    200
+}
+fn default_backfill_page_size() -> u32 {
+    100
+}
 fn default_page_size() -> u32 {
     1000
 }
@@ -491,6 +519,18 @@ fn d_15m() -> Duration {
 }
 fn d_1h() -> Duration {
     Duration::from_secs(3600)
+}
+fn d_2s() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_2m() -> Duration {
+    Duration::from_secs(120)
+}
+fn d_24h() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn yes() -> bool {
+    true
 }
 
 /// A list given either as a TOML array or, from the environment, comma-separated.
@@ -900,6 +940,7 @@ impl BvcspConfig {
             ("refresh", &p.refresh),
             ("logout", &p.logout),
             ("device_list", &p.device_list),
+            ("alarm_history", &p.alarm_history),
         ] {
             check_path(&format!("bvcsp.paths.{k}"), v)?;
         }
@@ -949,6 +990,20 @@ impl BvcspConfig {
         }
         if self.page_size == 0 {
             return Err(ConfigError::new("bvcsp.page_size", "must be at least 1"));
+        }
+        nonzero("bvcsp.reconnect_early_max", self.reconnect_early_max)?;
+        nonzero("bvcsp.backfill_max_age", self.backfill_max_age)?;
+        if self.backfill_max_pages == 0 {
+            return Err(ConfigError::new(
+                "bvcsp.backfill_max_pages",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.backfill_page_size) {
+            return Err(ConfigError::new(
+                "bvcsp.backfill_page_size",
+                "must be between 1 and 10000",
+            ));
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod health;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
+pub mod retry;
 pub mod sim;
 pub mod supervisor;
 pub mod tls;

@@ -75,6 +75,7 @@ impl Bridge {
         if let Some(b) = &cfg.bvcsp {
             let (ctx, relogin_rx) = bvcsp::Ctx::new(
                 Arc::new(b.clone()),
+                &cfg.storage.dir,
                 outbox.clone(),
                 topics.clone(),
                 stats.clone(),

@@ -2,7 +2,9 @@
 //! WebSocket event streams.
 
 pub mod auth;
+pub mod backfill;
 pub mod devices;
+pub mod ledger;
 pub mod model;
 pub mod rest;
 pub mod session;
@@ -14,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::ExponentialBuilder;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,6 +58,7 @@ pub struct Stats {
     pub snapshots: AtomicU64,
     /// Unix milliseconds of the last event read (0: none yet).
     pub last_event_ms: AtomicU64,
+    pub backfill: Arc<ledger::LedgerStats>,
 }
 
 impl Stats {
@@ -108,6 +110,7 @@ impl Stats {
             "refreshes": self.refreshes.load(Relaxed),
             "snapshots": self.snapshots.load(Relaxed),
             "streams": streams,
+            "backfill": self.backfill.to_json(),
         })
     }
 }
@@ -138,6 +141,13 @@ pub struct Ctx {
     pub skip_logout: AtomicBool,
     pub stats: Arc<Stats>,
     pub heartbeats: Arc<crate::health::Heartbeats>,
+    /// Which alarms are published, and how far back a backfill must read.
+    pub ledger: Arc<ledger::AlarmLedger>,
+    /// The alarm stream (re)connected, or the outbox has room again: read back the gap.
+    pub backfill_request: Notify,
+    /// Bumped whenever a stream opens: the server is reachable, streams still backing
+    /// off try again at once.
+    pub reachable: watch::Sender<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,11 +158,14 @@ pub enum BvcspSetupError {
     Trust(String),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("storage.dir: {0}")]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 impl Ctx {
     pub fn new(
         cfg: Arc<BvcspConfig>,
+        storage_dir: &std::path::Path,
         outbox: Arc<Outbox>,
         topics: Topics,
         stats: Arc<Stats>,
@@ -188,7 +201,16 @@ impl Ctx {
             link.set_detail("token_transport", serde_json::json!("query"));
         }
         let (relogin, relogin_rx) = mpsc::channel(16);
+        let ledger = ledger::AlarmLedger::open(
+            cfg.backfill.then_some(storage_dir),
+            ledger::unix_now(),
+            cfg.backfill_max_age,
+            stats.backfill.clone(),
+        )?;
         let ctx = Ctx {
+            ledger: Arc::new(ledger),
+            backfill_request: Notify::new(),
+            reachable: watch::channel(0).0,
             ws_tls: tls_cfg.map(Arc::new),
             ws_base,
             rest,
@@ -210,25 +232,6 @@ impl Ctx {
         };
         Ok((Arc::new(ctx), relogin_rx))
     }
-
-    /// The network backoff policy: jittered exponential between the configured bounds.
-    pub fn net_backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.cfg.reconnect_min)
-            .with_max_delay(self.cfg.reconnect_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-    }
-
-    /// The slow policy for refused credentials.
-    pub fn auth_backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.cfg.auth_retry_min)
-            .with_max_delay(self.cfg.auth_retry_max)
-            .with_factor(2.0)
-            .without_max_times()
-    }
 }
 
 /// Run the BVCSP link until `cancel`: then close the streams, log out, return.
@@ -243,14 +246,48 @@ pub async fn run(ctx: Arc<Ctx>, relogin_rx: mpsc::Receiver<u64>, cancel: Cancell
             streams_cancel.clone(),
         ));
     }
+    if ctx.cfg.streams.contains(&Stream::Alarm) {
+        tracker.spawn(backfill::run(ctx.clone(), streams_cancel.clone()));
+        tracker.spawn(gap_while_full(ctx.clone(), streams_cancel.clone()));
+    }
     tracker.close();
+    let saver_cancel = CancellationToken::new();
+    let saver = tokio::spawn(
+        ctx.ledger
+            .clone()
+            .run_saver(ctx.outbox.clone(), saver_cancel.clone()),
+    );
     let last = session::run_session(&ctx, relogin_rx, &cancel).await;
     streams_cancel.cancel();
     tracker.wait().await;
+    // Every alarm read is in the outbox now: the ledger's last save says so.
+    saver_cancel.cancel();
+    let _ = saver.await;
     if let Some(token) = last
         && !ctx.skip_logout.load(std::sync::atomic::Ordering::Relaxed)
     {
         session::logout(&ctx, &token).await;
     }
     ctx.link.stopped();
+}
+
+/// While the outbox is full, reading pauses and the server may drop what it cannot
+/// send: that is a gap in the alarm stream like any other, read back once there is room.
+async fn gap_while_full(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    if !ctx.cfg.backfill {
+        return;
+    }
+    let mut full = ctx.outbox.full();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = full.wait_for(|f| *f) => if r.is_err() { return },
+        }
+        ctx.ledger.open_gap();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = full.wait_for(|f| !*f) => if r.is_err() { return },
+        }
+        ctx.backfill_request.notify_one();
+    }
 }

@@ -68,17 +68,32 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// Upstream times are Unix seconds; a value above 10^12 is taken as milliseconds.
-pub fn upstream_time(v: &Value) -> Option<String> {
+/// The latest upstream time taken as sane (2200-01-01): later is a unit mix-up or junk.
+const MAX_SANE_MILLIS: i64 = 7_258_118_400_000;
+
+/// An upstream time as Unix milliseconds. Servers send seconds; milliseconds,
+/// microseconds and nanoseconds are told apart by magnitude. Anything not positive or
+/// past 2200 is no time at all.
+pub fn upstream_millis(v: &Value) -> Option<i64> {
     let n = as_i64(v)?;
     if n <= 0 {
         return None;
     }
-    let ms = if n > 1_000_000_000_000 {
-        n
-    } else {
+    let ms = if n < 100_000_000_000 {
         n.checked_mul(1000)?
+    } else if n < 100_000_000_000_000 {
+        n
+    } else if n < 100_000_000_000_000_000 {
+        n / 1000
+    } else {
+        n / 1_000_000
     };
+    (ms <= MAX_SANE_MILLIS).then_some(ms)
+}
+
+/// An upstream time (see [`upstream_millis`]) in RFC 3339.
+pub fn upstream_time(v: &Value) -> Option<String> {
+    let ms = upstream_millis(v)?;
     let t = UNIX_EPOCH.checked_add(std::time::Duration::from_millis(u64::try_from(ms).ok()?))?;
     Some(rfc3339_millis(t))
 }
@@ -226,7 +241,9 @@ pub fn normalise(
     received: SystemTime,
     topics: &Topics,
 ) -> Normalised {
-    let event_id = if self_identifying(stream, &frame) {
+    let event_id = if stream == Stream::Alarm {
+        alarm_event_id(&frame)
+    } else if self_identifying(stream, &frame) {
         content_id(stream, &frame)
     } else {
         unique_id(stream, received)
@@ -237,7 +254,7 @@ pub fn normalise(
         ..Default::default()
     };
     match stream {
-        Stream::Alarm => alarm(&mut out, frame, &received_at, topics),
+        Stream::Alarm => alarm(&mut out, frame, &received_at, topics, false),
         Stream::OnlineStatus => online_status(&mut out, frame, &received_at, topics),
         Stream::Location => location(&mut out, frame, &received_at, topics),
         Stream::Im => {
@@ -283,7 +300,77 @@ fn copy_str(p: &mut Map<String, Value>, frame: &Value, out_key: &str, keys: &[&s
     }
 }
 
-fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics) {
+/// The upstream spellings of each alarm field: frames say `devID`/`time`/`desc`, alarm
+/// records `device_id`/`timestamp`/`desc` or `description`.
+const ALARM_DEVICE: &[&str] = &["devID", "device_id", "deviceId", "puid"];
+const ALARM_DEVICE_NAME: &[&str] = &["devName", "device_name", "deviceName"];
+const ALARM_TIME: &[&str] = &["time", "timestamp"];
+const ALARM_DESC: &[&str] = &["desc", "description"];
+
+/// What tells one alarm occurrence from another: the upstream `key` and its state
+/// (the start and the end of one alarm share a key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AlarmIdentity {
+    pub key: String,
+    pub state: &'static str,
+}
+
+/// The state of an alarm frame or record (`status` 0 = start/active, 1 = end).
+pub fn alarm_state(frame: &Value) -> &'static str {
+    match field(frame, "status").and_then(as_i64) {
+        Some(0) => "start",
+        Some(1) => "end",
+        _ => "unknown",
+    }
+}
+
+/// The identity of an alarm frame or record, when it carries a key.
+pub fn alarm_identity(frame: &Value) -> Option<AlarmIdentity> {
+    let key = str_field(frame, &["key"])?;
+    if key.is_empty() {
+        return None;
+    }
+    Some(AlarmIdentity {
+        key: key.into_owned(),
+        state: alarm_state(frame),
+    })
+}
+
+/// Upstream time of an alarm frame or record, Unix milliseconds.
+pub fn alarm_millis(frame: &Value) -> Option<i64> {
+    field_any(frame, ALARM_TIME).and_then(upstream_millis)
+}
+
+/// An alarm's `event_id`: from its key and state when it has a key, so the live frame
+/// and the alarm record of one alarm (whose field names differ) get the same id; from
+/// its content otherwise.
+pub fn alarm_event_id(frame: &Value) -> String {
+    match alarm_identity(frame) {
+        Some(id) => {
+            let mut h = Sha256::new();
+            h.update(b"alarm\0");
+            h.update(id.key.as_bytes());
+            h.update([0]);
+            h.update(id.state.as_bytes());
+            let d = h.finalize();
+            format!("alarm-{}", hex::encode(&d[..12]))
+        }
+        None => content_id(Stream::Alarm, frame),
+    }
+}
+
+/// Normalise an alarm record read back from the server after a gap: the payload of the
+/// live frame it stands for, with `backfilled: true`.
+pub fn normalise_alarm_record(record: Value, received: SystemTime, topics: &Topics) -> Normalised {
+    let mut out = Normalised {
+        event_id: alarm_event_id(&record),
+        ..Default::default()
+    };
+    alarm(&mut out, record, &rfc3339_millis(received), topics, true);
+    out
+}
+
+fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics, backfilled: bool) {
     let alarm_type = field(&frame, "type").and_then(as_i64);
     let label: Cow<'_, str> = match alarm_type {
         Some(t) => alarm_label(t),
@@ -292,14 +379,10 @@ fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics)
             Cow::Borrowed("unknown")
         }
     };
-    let device_id = str_field(&frame, &["devID", "deviceId", "puid"])
+    let device_id = str_field(&frame, ALARM_DEVICE)
         .map(Cow::into_owned)
         .unwrap_or_default();
-    let state = match field(&frame, "status").and_then(as_i64) {
-        Some(0) => "start",
-        Some(1) => "end",
-        _ => "unknown",
-    };
+    let state = alarm_state(&frame);
     let mut p = base_payload(&out.event_id, Stream::Alarm, received_at);
     p.insert("type".into(), alarm_type.map_or(Value::Null, Value::from));
     p.insert("label".into(), Value::String(label.to_string()));
@@ -308,7 +391,7 @@ fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics)
     p.insert(
         "device_name".into(),
         Value::String(
-            str_field(&frame, &["devName", "deviceName"])
+            str_field(&frame, ALARM_DEVICE_NAME)
                 .map(Cow::into_owned)
                 .unwrap_or_default(),
         ),
@@ -316,26 +399,29 @@ fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics)
     p.insert(
         "description".into(),
         Value::String(
-            str_field(&frame, &["desc", "description"])
+            str_field(&frame, ALARM_DESC)
                 .map(Cow::into_owned)
                 .unwrap_or_default(),
         ),
     );
-    let time = field(&frame, "time")
+    let time = field_any(&frame, ALARM_TIME)
         .and_then(upstream_time)
         .unwrap_or_else(|| received_at.to_string());
     p.insert("time".into(), Value::String(time));
     copy_str(&mut p, &frame, "key", &["key"]);
-    copy_str(&mut p, &frame, "user_id", &["userID"]);
-    copy_str(&mut p, &frame, "user_name", &["userName"]);
-    if let Some(idx) = field(&frame, "subDevIdx").and_then(as_i64) {
+    copy_str(&mut p, &frame, "user_id", &["userID", "user_id"]);
+    copy_str(&mut p, &frame, "user_name", &["userName", "user_name"]);
+    if let Some(idx) = field_any(&frame, &["subDevIdx", "sub_dev_idx"]).and_then(as_i64) {
         p.insert("sub_dev_idx".into(), idx.into());
     }
     let lat = field(&frame, "lat").and_then(as_f64).unwrap_or(0.0);
     let lng = field(&frame, "lng").and_then(as_f64).unwrap_or(0.0);
-    if lat != 0.0 || lng != 0.0 {
+    if (lat != 0.0 || lng != 0.0) && lat.is_finite() && lng.is_finite() {
         p.insert("lat".into(), json!(lat));
         p.insert("lng".into(), json!(lng));
+    }
+    if backfilled {
+        p.insert("backfilled".into(), Value::Bool(true));
     }
     p.insert("raw".into(), frame);
     let topic = topics.alarm(Some(device_id.as_str()), &label);
@@ -601,6 +687,69 @@ mod tests {
             "2024-06-03T07:35:23.000Z"
         );
         assert!(upstream_time(&json!(0)).is_none());
+    }
+
+    #[test]
+    fn upstream_times_of_any_size_are_sane_or_none() {
+        let want = "2024-07-18T03:20:00.000Z";
+        for v in [
+            json!(1_721_272_800_i64),
+            json!(1_721_272_800_000_i64),
+            json!(1_721_272_800_000_000_i64),
+            json!(1_721_272_800_000_000_000_i64),
+            json!("1721272800000000"),
+            json!(1_721_272_800.0),
+        ] {
+            assert_eq!(upstream_time(&v).as_deref(), Some(want), "{v}");
+        }
+        for v in [
+            json!(99_999_999_999_999_999_i64),
+            json!(i64::MAX),
+            json!(u64::MAX),
+            json!(-5),
+            json!(1e300),
+            json!(-1e300),
+            json!("soon"),
+            json!(""),
+            json!(null),
+            json!([1]),
+            json!({"t": 1}),
+        ] {
+            assert!(upstream_time(&v).is_none(), "{v}");
+        }
+    }
+
+    #[test]
+    fn an_alarm_record_is_the_same_event_as_its_frame() {
+        let frame = json!({"key": "k1", "type": 5, "time": 1717400123, "devID": "PU_1",
+            "devName": "Helmet", "status": 0, "desc": "SOS"});
+        let record = json!({"key": "k1", "type": 5, "timestamp": 1717400123, "device_id": "PU_1",
+            "status": 0, "description": "SOS"});
+        let live = normalise(Stream::Alarm, frame, UNIX_EPOCH, &topics());
+        let back = normalise_alarm_record(record, SystemTime::now(), &topics());
+        assert_eq!(live.event_id, back.event_id);
+        assert_eq!(live.messages[0].topic, back.messages[0].topic);
+        let (a, b) = (payload(&live.messages[0]), payload(&back.messages[0]));
+        for k in [
+            "type",
+            "label",
+            "state",
+            "device_id",
+            "description",
+            "time",
+            "key",
+            "event_id",
+        ] {
+            assert_eq!(a[k], b[k], "{k}");
+        }
+        assert_eq!(b["backfilled"], true);
+        assert!(a.get("backfilled").is_none());
+        // The end of the same alarm is another event.
+        let end = json!({"key": "k1", "type": 5, "time": 1717400200, "devID": "PU_1", "status": 1});
+        assert_ne!(alarm_event_id(&end), live.event_id);
+        // An alarm frame repeated with other content is still the same alarm.
+        let again = json!({"key": "k1", "type": 5, "time": 1717400123, "devID": "PU_1", "status": 0, "x": 1});
+        assert_eq!(alarm_event_id(&again), live.event_id);
     }
 
     #[test]

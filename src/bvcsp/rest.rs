@@ -32,6 +32,8 @@ pub enum RestError {
     Code { code: i64, msg: String },
     #[error("reply has no usable token")]
     NoToken,
+    #[error("reply has no list of records")]
+    NoList,
 }
 
 impl RestError {
@@ -199,20 +201,8 @@ impl RestClient {
         let v = self
             .call(&self.paths.device_list, Some(token), Some(body))
             .await?;
-        let items = match field(&v, "data") {
-            Some(Value::Array(a)) => a.clone(),
-            // Some list endpoints nest the array one level deeper.
-            Some(d) => field(d, "list")
-                .or_else(|| field(d, "items"))
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        let total = field(&v, "pageInfo")
-            .and_then(|p| field(p, "totalCount"))
-            .and_then(as_i64)
-            .map(|n| n.max(0) as u64);
+        let items = list_items(&v).unwrap_or_default();
+        let total = total_count(&v);
         let count = items.len();
         Ok((
             items
@@ -223,6 +213,43 @@ impl RestClient {
             total,
         ))
     }
+
+    /// One page of the alarm records (`page` from 0), with `totalCount` when the reply
+    /// has it. Records are returned as the server sent them.
+    pub async fn alarm_page(
+        &self,
+        token: &Secret,
+        page: u32,
+        page_size: u32,
+    ) -> Result<(Vec<Value>, Option<u64>), RestError> {
+        let body = json!({"page": page, "pageSize": page_size, "filter": {}});
+        let v = self
+            .call(&self.paths.alarm_history, Some(token), Some(body))
+            .await?;
+        let items = list_items(&v).ok_or(RestError::NoList)?;
+        Ok((items, total_count(&v)))
+    }
+}
+
+/// The records of a paged list reply: `data` itself, or a list nested one level down;
+/// `null` or no `data` is an empty page.
+fn list_items(v: &Value) -> Option<Vec<Value>> {
+    match field(v, "data") {
+        None | Some(Value::Null) => Some(Vec::new()),
+        Some(Value::Array(a)) => Some(a.clone()),
+        Some(d) => field(d, "list")
+            .or_else(|| field(d, "items"))
+            .or_else(|| field(d, "records"))
+            .and_then(Value::as_array)
+            .cloned(),
+    }
+}
+
+fn total_count(v: &Value) -> Option<u64> {
+    field(v, "pageInfo")
+        .and_then(|p| field(p, "totalCount"))
+        .and_then(as_i64)
+        .map(|n| n.max(0) as u64)
 }
 
 fn code_error(code: i64, v: &Value) -> RestError {

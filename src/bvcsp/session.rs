@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use backon::BackoffBuilder;
 use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
@@ -16,12 +15,11 @@ use super::rest::{Grant, Recovery, RestError};
 use super::{Ctx, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link::LinkState;
+use crate::retry::{Backoff, Policy};
 
 /// The session's heartbeat name.
 const SESSION: &str = "bvcsp-session";
 
-/// A session that lasted this long counts as healthy.
-const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// Never refresh more often than this, whatever lifetime the server announces.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -77,16 +75,15 @@ pub async fn run_session(
     mut relogin_rx: mpsc::Receiver<u64>,
     cancel: &CancellationToken,
 ) -> Option<Arc<Token>> {
-    let net = ctx.net_backoff();
-    let mut net_backoff = net.build();
-    let mut auth_backoff = ctx.auth_backoff().build();
+    let mut net_backoff = Backoff::new(Policy::relogin(&ctx.cfg));
+    let mut auth_backoff = Backoff::new(Policy::auth_rejected(&ctx.cfg));
     let mut generation = 0u64;
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
     let _alive = crate::health::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
     loop {
         if let Some(reason) = relogin_reason.take() {
-            let d = net_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+            let d = net_backoff.next_delay();
             info!("logging in again ({reason}) in {d:.1?}");
             ctx.link.set(LinkState::Connecting, Some(reason), None);
             if !pause(ctx, cancel, d).await {
@@ -109,7 +106,7 @@ pub async fn run_session(
                 ctx.stats.login_failures.fetch_add(1, Ordering::Relaxed);
                 let d = match e.recovery() {
                     Recovery::AuthRejected => {
-                        let d = auth_backoff.next().unwrap_or(ctx.cfg.auth_retry_max);
+                        let d = auth_backoff.next_delay();
                         let local = crate::bvcsp::model::rfc3339_millis(SystemTime::now());
                         error!(
                             "BVCSP refused the credentials for user `{}`: {e}. Next attempt in {d:?}. \
@@ -121,7 +118,7 @@ pub async fn run_session(
                         d
                     }
                     _ => {
-                        let d = net_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+                        let d = net_backoff.next_delay();
                         ctx.link
                             .set(LinkState::Down, Some(format!("login: {e}")), Some(d));
                         d
@@ -133,7 +130,8 @@ pub async fn run_session(
                 continue;
             }
         };
-        auth_backoff = ctx.auth_backoff().build();
+        auth_backoff.reset();
+        net_backoff.succeeded();
         ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
         generation += 1;
         let token = Arc::new(Token {
@@ -172,7 +170,6 @@ pub async fn run_session(
             }
         }
         ctx.link.set(LinkState::Up, None, None);
-        let up_since = Instant::now();
         match maintain(
             ctx,
             token,
@@ -186,12 +183,8 @@ pub async fn run_session(
             Outcome::Cancelled => return last,
             Outcome::Relogin(reason) => relogin_reason = Some(reason),
         }
-        // Only a session that held for a while resets the backoff: a token refused
-        // right after every login (a stream this account may not open, say) must not
-        // turn into a login storm.
-        if up_since.elapsed() >= HEALTHY_SESSION {
-            net_backoff = net.build();
-        }
+        // Only a session that held for a while resets the backoff (see Policy::relogin).
+        net_backoff.lost();
     }
 }
 
@@ -205,7 +198,7 @@ async fn maintain(
 ) -> Outcome {
     let mut current = token;
     let mut refresh_at = refresh_due(current.issued, current.lifetime);
-    let mut refresh_backoff = ctx.net_backoff().build();
+    let mut refresh_backoff = Backoff::new(Policy::refresh(&ctx.cfg));
     let mut snapshot_retry: Option<Instant> = None;
     loop {
         // Asleep until the refresh (or a request), by design; plus time for the calls.
@@ -232,7 +225,7 @@ async fn maintain(
                         let lifetime = grant.lifetime.unwrap_or(current.lifetime);
                         current = Arc::new(Token { value: grant.token, generation: *generation, issued: Instant::now(), lifetime });
                         refresh_at = refresh_due(current.issued, lifetime);
-                        refresh_backoff = ctx.net_backoff().build();
+                        refresh_backoff.reset();
                         ctx.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                         info!(generation = *generation, "token refreshed (valid {lifetime:?}); reopening streams");
                         ctx.token.send_replace(Some(current.clone()));
@@ -240,7 +233,7 @@ async fn maintain(
                     }
                     Err(e) if e.recovery() == Recovery::Relogin => return Outcome::Relogin(format!("refresh: {e}")),
                     Err(e) => {
-                        let d = refresh_backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+                        let d = refresh_backoff.next_delay();
                         if Instant::now() + d >= expires {
                             return Outcome::Relogin(format!("refresh failing ({e}) and the token is expiring"));
                         }

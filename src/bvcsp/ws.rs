@@ -7,14 +7,13 @@
 //! opened first and the old one is still read for a moment after the swap, so nothing
 //! is lost in between; a frame read on both gets the same `event_id` and is dropped once.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use backon::BackoffBuilder;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -32,6 +31,7 @@ use tracing::{debug, info, warn};
 use super::model::{self, Normalised};
 use super::{Ctx, Stream, Token};
 use crate::config::TokenTransport;
+use crate::retry::{Backoff, Policy};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Connecting = Pin<Box<dyn Future<Output = (Arc<Token>, Result<Ws, ConnectError>)> + Send>>;
@@ -42,8 +42,8 @@ const MAX_MESSAGE: usize = 8 << 20;
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// GPS subscribe frames carry at most this many ids.
 const SUBSCRIBE_CHUNK: usize = 200;
-/// How many recent content ids are remembered for de-duplication.
-const RECENT_IDS: usize = 4096;
+/// Ids remembered per socket while a reopen overlaps two sockets.
+const OVERLAP_IDS: usize = 4096;
 /// Frames already buffered that are taken in one go (and committed together).
 const BATCH_FRAMES: usize = 256;
 /// Distinct frame shapes logged per stream before going quiet.
@@ -131,10 +131,49 @@ fn fall_back_to_query(ctx: &Ctx) {
     }
 }
 
-/// Per-stream memory: recent ids for de-duplication, shapes seen, malformed-frame log limit.
+/// Frames seen on both sockets while a reopen overlaps them: the same frame read on the
+/// old and the new socket is one event. Only across the two sockets: a frame repeated on
+/// one socket (online → offline → online within a second) is a real change, never dropped.
+#[derive(Default)]
+struct ReopenOverlap {
+    /// Ids read on the live and on the draining socket, not yet matched on the other.
+    live: std::collections::HashMap<String, u32>,
+    draining: std::collections::HashMap<String, u32>,
+}
+
+impl ReopenOverlap {
+    /// True if `id`, read on the live (`from_live`) or the draining socket, was already
+    /// read on the other one.
+    fn duplicate(&mut self, id: &str, from_live: bool) -> bool {
+        let (mine, other) = if from_live {
+            (&mut self.live, &mut self.draining)
+        } else {
+            (&mut self.draining, &mut self.live)
+        };
+        if let Some(n) = other.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                other.remove(id);
+            }
+            return true;
+        }
+        if mine.len() < OVERLAP_IDS {
+            *mine.entry(id.to_string()).or_default() += 1;
+        }
+        false
+    }
+
+    fn clear(&mut self) {
+        self.live.clear();
+        self.draining.clear();
+    }
+}
+
+/// Per-stream memory: the reopen overlap, shapes seen, malformed-frame log limit.
 struct StreamMemory {
-    recent: HashSet<String>,
-    recent_order: VecDeque<String>,
+    overlap: ReopenOverlap,
+    /// A make-before-break reopen is in progress: two sockets deliver.
+    overlapping: bool,
     shapes: HashSet<u64>,
     last_malformed_log: Option<Instant>,
     suppressed: u64,
@@ -143,28 +182,20 @@ struct StreamMemory {
 impl StreamMemory {
     fn new() -> Self {
         StreamMemory {
-            recent: HashSet::new(),
-            recent_order: VecDeque::new(),
+            overlap: ReopenOverlap::default(),
+            overlapping: false,
             shapes: HashSet::new(),
             last_malformed_log: None,
             suppressed: 0,
         }
     }
+}
 
-    /// True if this id was seen recently (and remembers it otherwise).
-    fn seen(&mut self, id: &str) -> bool {
-        if self.recent.contains(id) {
-            return true;
-        }
-        if self.recent_order.len() >= RECENT_IDS
-            && let Some(old) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&old);
-        }
-        self.recent.insert(id.to_string());
-        self.recent_order.push_back(id.to_string());
-        false
-    }
+/// Which socket a frame came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Socket {
+    Live,
+    Draining,
 }
 
 enum End {
@@ -183,8 +214,8 @@ async fn sleep_opt(at: Option<Instant>) {
 pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: CancellationToken) {
     let name = stream.name();
     let mut token_rx = ctx.token.subscribe();
-    let builder = ctx.net_backoff();
-    let mut backoff = builder.build();
+    let mut reachable = ctx.reachable.subscribe();
+    let mut backoff = Backoff::new(Policy::stream_reconnect(&ctx.cfg));
     let mut memory = StreamMemory::new();
     let mut first_connect = true;
     let _alive =
@@ -223,6 +254,10 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                 }
                 failures = 0;
                 last_failure = None;
+                backoff.succeeded();
+                // The server is back: streams still backing off try again now.
+                ctx.reachable.send_modify(|n| *n += 1);
+                reachable.borrow_and_update();
                 ctx.link.set_stream(name, true);
                 ctx.stats
                     .of(stream)
@@ -235,8 +270,11 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                         ctx.snapshot_request.notify_one();
                     }
                 }
+                if stream == Stream::Alarm {
+                    // What was raised while the stream was closed is read back.
+                    ctx.backfill_request.notify_one();
+                }
                 first_connect = false;
-                let started = Instant::now();
                 let end = run_socket(
                     &ctx,
                     stream,
@@ -249,8 +287,9 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                 )
                 .await;
                 ctx.link.set_stream(name, false);
-                if started.elapsed() >= Duration::from_secs(30) {
-                    backoff = builder.build();
+                backoff.lost();
+                if stream == Stream::Alarm {
+                    ctx.ledger.open_gap();
                 }
                 match end {
                     End::Cancelled => return,
@@ -286,12 +325,11 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                         wait_for_new_token = true;
                     }
                     ConnectError::NotFound => {
-                        // A wrong path does not fix itself quickly: retry slowly.
-                        ctx.heartbeats
-                            .beat(name, ctx.cfg.reconnect_max + Duration::from_secs(30));
+                        let d = crate::retry::not_found_retry(&ctx.cfg);
+                        ctx.heartbeats.beat(name, d + Duration::from_secs(30));
                         tokio::select! {
                             _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
+                            _ = tokio::time::sleep(d) => {}
                         }
                         continue;
                     }
@@ -299,22 +337,27 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                 }
             }
         }
-        let delay = backoff.next().unwrap_or(ctx.cfg.reconnect_max);
+        let delay = backoff.next_delay();
         ctx.stats
             .of(stream)
             .reconnects
             .fetch_add(1, Ordering::Relaxed);
         ctx.heartbeats.beat(name, delay + Duration::from_secs(30));
+        reachable.borrow_and_update();
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
+            // Another stream got through, or a new login: the server is back, go now.
+            _ = reachable.changed() => {}
             // A refused token is replaced by a re-login; go as soon as it arrives.
             _ = token_rx.changed(), if wait_for_new_token => {}
         }
     }
 }
 
-async fn wait_for_token(rx: &mut watch::Receiver<Option<Arc<Token>>>) -> Option<Arc<Token>> {
+pub(super) async fn wait_for_token(
+    rx: &mut watch::Receiver<Option<Arc<Token>>>,
+) -> Option<Arc<Token>> {
     loop {
         if let Some(t) = rx.borrow_and_update().clone() {
             return Some(t);
@@ -396,7 +439,7 @@ async fn run_socket(
                                 if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
                                     live.last_pong = live.last_pong.max(recent);
                                 }
-                                ingest_message(ctx, stream, memory, other, cancel).await
+                                ingest_message(ctx, stream, memory, Socket::Live, other, cancel).await
                             }
                         }
                     }
@@ -442,6 +485,8 @@ async fn run_socket(
                         if let Some((mut older, _)) = draining.replace((old.ws, Instant::now() + DRAIN_GRACE)) {
                             let _ = older.close(None).await;
                         }
+                        memory.overlap.clear();
+                        memory.overlapping = true;
                         ctx.stats.of(stream).reopens.fetch_add(1, Ordering::Relaxed);
                         if stream == Stream::OnlineStatus {
                             ctx.online_ready.send_replace(live.token.generation);
@@ -478,11 +523,17 @@ async fn run_socket(
                 if let Some((mut old, _)) = draining.take() {
                     let _ = old.close(None).await;
                 }
+                memory.overlapping = false;
+                memory.overlap.clear();
             }
             frame = async { draining.as_mut().expect("guarded").0.next().await }, if draining.is_some() => {
                 match frame {
-                    Some(Ok(msg)) => ingest_message(ctx, stream, memory, msg, cancel).await,
-                    _ => draining = None,
+                    Some(Ok(msg)) => ingest_message(ctx, stream, memory, Socket::Draining, msg, cancel).await,
+                    _ => {
+                        draining = None;
+                        memory.overlapping = false;
+                        memory.overlap.clear();
+                    }
                 }
             }
             frame = live.ws.next() => {
@@ -505,7 +556,7 @@ async fn run_socket(
                             if let Some(recent) = Instant::now().checked_sub(cfg.keepalive_interval) {
                                 live.last_pong = live.last_pong.max(recent);
                             }
-                            ingest_message(ctx, stream, memory, msg, cancel).await;
+                            ingest_message(ctx, stream, memory, Socket::Live, msg, cancel).await;
                         }
                         Some(Err(e)) => return End::Lost(e.to_string()),
                         None => return End::Lost("connection closed".into()),
@@ -560,6 +611,7 @@ async fn ingest_message(
     ctx: &Ctx,
     stream: Stream,
     memory: &mut StreamMemory,
+    socket: Socket,
     msg: WsMessage,
     cancel: &CancellationToken,
 ) {
@@ -579,7 +631,7 @@ async fn ingest_message(
         },
         _ => return,
     };
-    ingest_text(ctx, stream, memory, &text, cancel).await;
+    ingest_text(ctx, stream, memory, socket, &text, cancel).await;
 }
 
 /// Turn one frame's text into published messages.
@@ -587,6 +639,7 @@ async fn ingest_text(
     ctx: &Ctx,
     stream: Stream,
     memory: &mut StreamMemory,
+    socket: Socket,
     text: &str,
     cancel: &CancellationToken,
 ) {
@@ -608,6 +661,14 @@ async fn ingest_text(
     for value in values {
         stats.events_in.fetch_add(1, Ordering::Relaxed);
         log_shape(stream, memory, &value);
+        // An alarm is one (key, state), however often and however it arrives.
+        let alarm = (stream == Stream::Alarm)
+            .then(|| model::alarm_identity(&value))
+            .flatten();
+        let alarm_secs = alarm
+            .as_ref()
+            .and_then(|_| model::alarm_millis(&value))
+            .map(|ms| ms.div_euclid(1000));
         let Normalised {
             event_id,
             messages,
@@ -617,7 +678,13 @@ async fn ingest_text(
         if let Some(problem) = problem {
             malformed(ctx, stream, memory, problem);
         }
-        if memory.seen(&event_id) {
+        let duplicate = match &alarm {
+            Some(id) => !ctx.ledger.claim(id),
+            None => {
+                memory.overlapping && memory.overlap.duplicate(&event_id, socket == Socket::Live)
+            }
+        };
+        if duplicate {
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
             debug!(stream = stream.name(), event_id, "duplicate frame dropped");
             continue;
@@ -636,10 +703,18 @@ async fn ingest_text(
         for m in messages {
             // A full outbox makes this wait; a stop must not wait behind it.
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    if let Some(id) = &alarm {
+                        ctx.ledger.release(id);
+                    }
+                    return;
+                }
                 _ = ctx.outbox.push(m) => {}
             }
             stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(id) = alarm {
+            ctx.ledger.confirm(id, alarm_secs);
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | `POST /bvcsp/v1/auth/refresh` | per [`RefreshMode`] |
 //! | `POST /bvcsp/v1/auth/logout` | any or no body; invalidates the token |
 //! | `POST /bvcsp/v1/pu/list` | paged device records, `page` counts from 0 |
+//! | `POST /bvcsp/v1/alarm` | the alarm records: every alarm injected, paged (see [`super::alarm_history`]) |
 //! | `GET` + upgrade on each [`Stream::default_path`] (trailing `/` allowed) | WebSocket |
 //!
 //! Every REST reply is HTTP 200 with `{"code","msg","data"}` unless a [`RestFault`] is set.
@@ -98,6 +99,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::alarm_history::{
+    AlarmHistory, HistoryMode, HistoryOrder, HistoryReply, HistorySpelling,
+};
 use crate::bvcsp::Stream;
 use crate::bvcsp::auth::{app_sign, parse_app_token, password_digest, sha256_t_from_digest};
 
@@ -105,6 +109,7 @@ const LOGIN_PATH: &str = "/bvcsp/v1/auth/login";
 const REFRESH_PATH: &str = "/bvcsp/v1/auth/refresh";
 const LOGOUT_PATH: &str = "/bvcsp/v1/auth/logout";
 const PU_LIST_PATH: &str = "/bvcsp/v1/pu/list";
+const ALARM_HISTORY_PATH: &str = "/bvcsp/v1/alarm";
 
 /// A client that never finishes its TLS handshake or its upgrade must not pin a task.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -323,6 +328,9 @@ struct State {
     accept_query: bool,
     connection_header: String,
     disabled: HashSet<Stream>,
+    /// Upgrades on these streams are refused with this HTTP status (REST still works).
+    refused: HashMap<Stream, u16>,
+    history: AlarmHistory,
     refresh_mode: RefreshMode,
     rest_fault: Option<RestFault>,
     force_code9: u32,
@@ -375,6 +383,8 @@ impl State {
             accept_query: true,
             connection_header: "Upgrade".to_owned(),
             disabled: HashSet::new(),
+            refused: HashMap::new(),
+            history: AlarmHistory::new(),
             refresh_mode: RefreshMode::NewToken,
             rest_fault: None,
             force_code9: 0,
@@ -565,6 +575,29 @@ impl State {
                 json!({"page": page, "pageSize": page_size, "totalCount": self.devices.len()});
         }
         reply
+    }
+}
+
+impl State {
+    /// `None`: the endpoint is switched off (404).
+    fn alarm_history(&mut self, token: Option<&str>, body: &[u8]) -> Option<Value> {
+        if self.history.mode == HistoryMode::NotFound {
+            return None;
+        }
+        if self.authorize(token).is_none() {
+            return Some(self.code9());
+        }
+        let Some(obj) = parse_object(body) else {
+            return Some(json!({"code": 4, "msg": "invalid param"}));
+        };
+        let page = get_ci(&obj, "page").and_then(as_int).unwrap_or(0);
+        let size = get_ci(&obj, "pageSize")
+            .and_then(as_int)
+            .unwrap_or(DEFAULT_PAGE_SIZE);
+        match self.history.page(page, size) {
+            HistoryReply::Json(v) => Some(v),
+            HistoryReply::NotFound => None,
+        }
     }
 }
 
@@ -843,6 +876,7 @@ enum Route {
     Refresh,
     Logout,
     PuList,
+    AlarmHistory,
 }
 
 async fn handle_request(inner: Arc<Inner>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -859,6 +893,7 @@ async fn handle_request(inner: Arc<Inner>, mut req: Request<Incoming>) -> Respon
         REFRESH_PATH => Route::Refresh,
         LOGOUT_PATH => Route::Logout,
         PU_LIST_PATH => Route::PuList,
+        ALARM_HISTORY_PATH => Route::AlarmHistory,
         _ => return plain(StatusCode::NOT_FOUND, "404 page not found"),
     };
     if req.method() != Method::POST {
@@ -909,6 +944,10 @@ async fn handle_request(inner: Arc<Inner>, mut req: Request<Incoming>) -> Respon
             .lock()
             .pu_list(token.as_deref(), &body, inner.started_unix),
         Route::Refresh => return refresh(&inner, token.as_deref()).await,
+        Route::AlarmHistory => match inner.lock().alarm_history(token.as_deref(), &body) {
+            Some(v) => v,
+            None => return plain(StatusCode::NOT_FOUND, "404 page not found"),
+        },
     };
     json_reply(&reply)
 }
@@ -993,6 +1032,13 @@ fn handle_upgrade(
     let Some(stream) = stream.filter(|s| !st.disabled.contains(s)) else {
         return reject(&mut st, record, StatusCode::NOT_FOUND, "404 page not found");
     };
+    if let Some(status) = st
+        .refused
+        .get(&stream)
+        .and_then(|s| StatusCode::from_u16(*s).ok())
+    {
+        return reject(&mut st, record, status, "upgrade refused");
+    }
     let (Some(key), true, true) = (key, version_ok, connection_ok) else {
         return reject(
             &mut st,
@@ -1319,6 +1365,46 @@ impl BvcspSim {
         }
     }
 
+    /// Refuse upgrades on `stream` with HTTP `status` (say 503) until called with `None`;
+    /// REST and the other streams work on. Open sockets are left alone.
+    pub fn refuse_upgrades(&self, stream: Stream, status: Option<u16>) {
+        let mut st = self.inner.lock();
+        match status {
+            Some(s) => st.refused.insert(stream, s),
+            None => st.refused.remove(&stream),
+        };
+    }
+
+    /// How the alarm records are served (see [`super::alarm_history`]).
+    pub fn set_history_mode(&self, m: HistoryMode) {
+        self.inner.lock().history.mode = m;
+    }
+
+    pub fn set_history_order(&self, o: HistoryOrder) {
+        self.inner.lock().history.order = o;
+    }
+
+    /// Applies to alarms raised from now on.
+    pub fn set_history_spelling(&self, s: HistorySpelling) {
+        self.inner.lock().history.spelling = s;
+    }
+
+    /// `pageInfo` with `totalCount` in alarm-record replies, or not.
+    pub fn set_history_page_info(&self, yes: bool) {
+        self.inner.lock().history.page_info = yes;
+    }
+
+    /// How many alarms the server has recorded.
+    pub fn history_len(&self) -> usize {
+        self.inner.lock().history.len()
+    }
+
+    /// Record an alarm as raised without delivering it to any socket (it happened while
+    /// nobody listened).
+    pub fn raise_unseen(&self, frame: Value) {
+        self.inner.lock().history.record(&frame, unix_now());
+    }
+
     pub fn set_refresh_mode(&self, m: RefreshMode) {
         self.inner.lock().refresh_mode = m;
     }
@@ -1409,7 +1495,17 @@ impl BvcspSim {
     /// whose token is still valid. On Location, only sockets that subscribed the frame's
     /// `devId` (key matched case-insensitively) get it; a frame without one goes to every
     /// socket that subscribed anything. Returns the number of sockets it was queued to.
+    ///
+    /// Every alarm injected is also kept in the alarm records, delivered or not.
     pub fn inject(&self, stream: Stream, frame: Value) -> usize {
+        if stream == Stream::Alarm {
+            let mut st = self.inner.lock();
+            let now = unix_now();
+            match &frame {
+                Value::Array(items) => items.iter().for_each(|f| st.history.record(f, now)),
+                f => st.history.record(f, now),
+            }
+        }
         let filter = frame
             .as_object()
             .and_then(|o| get_ci(o, "devId"))

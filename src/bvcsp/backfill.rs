@@ -1,0 +1,437 @@
+//! Alarm backfill (spec §10.1): after every gap in the alarm stream, and at start, read
+//! the alarm records back to the ledger's floor and publish each alarm not yet
+//! published, in time order, as the live frame would have been, with `backfilled: true`.
+//!
+//! The live stream is open before a backfill starts, so what the records miss (alarms
+//! raised while the pages are read) arrives live; the ledger makes the overlap one event.
+//! A server without the records endpoint makes backfill `unavailable` on the link topic,
+//! logged once and asked again rarely; the live streams are never affected.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::ledger::unix_now;
+use super::model::{self, AlarmIdentity};
+use super::rest::RestError;
+use super::{Ctx, Token};
+use crate::retry::{BACKFILL_UNAVAILABLE_RETRY, Backoff, Policy};
+
+const HEARTBEAT: &str = "bvcsp-backfill";
+
+/// What a failed backfill means.
+#[derive(Debug, thiserror::Error)]
+enum BackfillError {
+    /// The token was refused: log in again, then retry.
+    #[error("token refused: {0}")]
+    Relogin(#[source] RestError),
+    /// Transient: back off and retry.
+    #[error("{0}")]
+    Retry(#[source] RestError),
+    /// The server cannot give alarm records: give up for a while.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+fn classify(e: RestError, path: &str) -> BackfillError {
+    match &e {
+        RestError::Status(404) => {
+            BackfillError::Unavailable(format!("no alarm records at {path} (HTTP 404)"))
+        }
+        RestError::Status(401 | 403) | RestError::Code { code: 9, .. } => BackfillError::Relogin(e),
+        RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
+        RestError::Status(s) => {
+            BackfillError::Unavailable(format!("alarm records at {path}: HTTP {s}"))
+        }
+        // The transient codes of spec §2: general failure, timeout, busy, server, database.
+        RestError::Code {
+            code: 1 | 6 | 7 | 10 | 11 | 15,
+            ..
+        } => BackfillError::Retry(e),
+        RestError::Code { .. } | RestError::NotJson(_) | RestError::NoList => {
+            BackfillError::Unavailable(format!("alarm records at {path}: {e}"))
+        }
+        RestError::Transport(_) | RestError::NoToken => BackfillError::Retry(e),
+    }
+}
+
+/// One record worth publishing.
+struct Candidate {
+    time_ms: i64,
+    identity: Option<AlarmIdentity>,
+    record: Value,
+}
+
+/// What one read of the records found.
+struct Found {
+    candidates: Vec<Candidate>,
+    pages: u32,
+    /// Stopped at `backfill_max_pages` before reaching the floor.
+    too_large: bool,
+    untimed: u64,
+}
+
+/// Run backfills when asked (`Ctx::backfill_request`) until `cancel`.
+pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
+    if !ctx.cfg.backfill {
+        ctx.link.set_detail("backfill", json!("off"));
+        return;
+    }
+    ctx.link.set_detail("backfill", json!("ok"));
+    let _alive =
+        crate::health::BeatGuard::new(&ctx.heartbeats, HEARTBEAT, Duration::from_secs(24 * 3600));
+    let mut token_rx = ctx.token.subscribe();
+    let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
+    let mut unavailable_until: Option<Instant> = None;
+    loop {
+        ctx.heartbeats
+            .beat(HEARTBEAT, Duration::from_secs(24 * 3600));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ctx.backfill_request.notified() => {}
+        }
+        while let Some(generation) = ctx.ledger.open_gap_generation() {
+            if unavailable_until.is_some_and(|t| Instant::now() < t) {
+                // Nothing can be read back: the floor moves on with the live alarms.
+                ctx.ledger.close_gap(generation);
+                break;
+            }
+            let token = tokio::select! {
+                _ = cancel.cancelled() => return,
+                t = super::ws::wait_for_token(&mut token_rx) => match t { Some(t) => t, None => return },
+            };
+            ctx.heartbeats.beat(
+                HEARTBEAT,
+                ctx.cfg.request_timeout * (ctx.cfg.backfill_max_pages + 2)
+                    + Duration::from_secs(60),
+            );
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = backfill_once(&ctx, &token, generation, &cancel) => r,
+            };
+            let delay = match result {
+                Ok(()) => {
+                    backoff.reset();
+                    if unavailable_until.take().is_some() {
+                        info!("alarm backfill available again");
+                    }
+                    ctx.link.set_detail("backfill", json!("ok"));
+                    ctx.link.set_detail("backfill_reason", Value::Null);
+                    break;
+                }
+                Err(BackfillError::Unavailable(reason)) => {
+                    if unavailable_until.is_none() {
+                        warn!(
+                            "alarm backfill unavailable: {reason}; alarms raised while the alarm \
+                             stream is down cannot be recovered (asked again in {:?})",
+                            BACKFILL_UNAVAILABLE_RETRY
+                        );
+                    } else {
+                        debug!("alarm backfill still unavailable: {reason}");
+                    }
+                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.link.set_detail("backfill_reason", json!(reason));
+                    unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
+                    ctx.ledger.close_gap(generation);
+                    break;
+                }
+                Err(BackfillError::Relogin(e)) => {
+                    debug!("alarm backfill: {e}; waiting for a new token");
+                    let _ = ctx.relogin.try_send(token.generation);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = token_rx.changed() => {}
+                        _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
+                    }
+                    continue;
+                }
+                Err(BackfillError::Retry(e)) => {
+                    let d = backoff.next_delay();
+                    warn!("alarm backfill failed: {e}; retrying in {d:.1?}");
+                    d
+                }
+            };
+            ctx.heartbeats
+                .beat(HEARTBEAT, delay + Duration::from_secs(60));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// Read the records back to the floor and publish what is new, then close the gap.
+async fn backfill_once(
+    ctx: &Arc<Ctx>,
+    token: &Token,
+    generation: u64,
+    cancel: &CancellationToken,
+) -> Result<(), BackfillError> {
+    let max_age = i64::try_from(ctx.cfg.backfill_max_age.as_secs()).unwrap_or(i64::MAX);
+    let lower_s = ctx.ledger.floor().max(unix_now().saturating_sub(max_age));
+    let lower_ms = lower_s.saturating_mul(1000);
+    let started = Instant::now();
+    let found = read_back(ctx, token, lower_ms).await?;
+    let stats = &ctx.ledger.stats;
+    stats.backfill_runs.fetch_add(1, Ordering::Relaxed);
+    if found.too_large {
+        stats.gaps_too_large.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            "alarm backfill stopped after {} pages (bvcsp.backfill_max_pages) before reaching the \
+             last alarm published: older alarms of this gap are not recovered",
+            found.pages
+        );
+    }
+    if found.untimed > 0 {
+        warn!(
+            "alarm backfill: {} records without a usable time were skipped",
+            found.untimed
+        );
+    }
+    let mut candidates = found.candidates;
+    // In time order; the start of an alarm before its end; stable otherwise.
+    candidates.sort_by(|a, b| {
+        let rank = |c: &Candidate| {
+            c.identity
+                .as_ref()
+                .map_or(1, |i| u8::from(i.state != "start"))
+        };
+        (a.time_ms, rank(a)).cmp(&(b.time_ms, rank(b)))
+    });
+    let mut published = 0u64;
+    let _batch = ctx.outbox.batch();
+    for c in candidates {
+        if let Some(id) = &c.identity
+            && !ctx.ledger.claim(id)
+        {
+            continue;
+        }
+        let n = model::normalise_alarm_record(c.record, SystemTime::now(), &ctx.topics);
+        for m in n.messages {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    if let Some(id) = &c.identity {
+                        ctx.ledger.release(id);
+                    }
+                    return Ok(());
+                }
+                _ = ctx.outbox.push(m) => {}
+            }
+        }
+        if let Some(id) = c.identity {
+            ctx.ledger.confirm(id, Some(c.time_ms.div_euclid(1000)));
+        }
+        published += 1;
+        stats.backfilled.fetch_add(1, Ordering::Relaxed);
+    }
+    ctx.ledger.close_gap(generation);
+    if published > 0 || found.pages > 1 {
+        info!(
+            "alarm backfill: {published} alarms recovered from {} pages in {:.1?}",
+            found.pages,
+            started.elapsed()
+        );
+    } else {
+        debug!("alarm backfill: nothing missed");
+    }
+    Ok(())
+}
+
+/// Page through the records far enough to see every one after `lower_ms`. The order the
+/// server lists them in is not documented: newest first is read from page 0 until a
+/// page lies wholly at or before the floor; oldest first is read from the last page
+/// back (when the reply says how many there are) or all the way (when it does not).
+async fn read_back(ctx: &Ctx, token: &Token, lower_ms: i64) -> Result<Found, BackfillError> {
+    let size = ctx.cfg.backfill_page_size;
+    let max_pages = ctx.cfg.backfill_max_pages;
+    let path = ctx.cfg.paths.alarm_history.as_str();
+    let fetch = |page: u32| async move {
+        ctx.rest
+            .alarm_page(&token.value, page, size)
+            .await
+            .map_err(|e| classify(e, path))
+    };
+    let mut found = Found {
+        candidates: Vec::new(),
+        pages: 0,
+        too_large: false,
+        untimed: 0,
+    };
+    let (first, total) = fetch(0).await?;
+    found.pages = 1;
+    let times: Vec<i64> = first.iter().filter_map(model::alarm_millis).collect();
+    let ascending = times.len() >= 2 && times.first() < times.last();
+    let first_len = first.len();
+    let first_old = take_page(&mut found, first, lower_ms);
+    let more_after = |seen: u64, len: usize| match total {
+        Some(t) => seen < t && len > 0,
+        None => len >= size as usize,
+    };
+    if !more_after(first_len as u64, first_len) {
+        return Ok(found);
+    }
+    if ascending {
+        let last_page =
+            total.map(|t| u32::try_from(t.saturating_sub(1) / u64::from(size)).unwrap_or(u32::MAX));
+        match last_page {
+            // Oldest first, count known: from the last page back.
+            Some(last) => {
+                let mut page = last;
+                while page >= 1 {
+                    if found.pages >= max_pages {
+                        found.too_large = true;
+                        break;
+                    }
+                    let (items, _) = fetch(page).await?;
+                    found.pages += 1;
+                    if take_page(&mut found, items, lower_ms) {
+                        break;
+                    }
+                    page -= 1;
+                }
+            }
+            // Oldest first, count unknown: every page, up to the bound.
+            None => {
+                let mut page = 1;
+                loop {
+                    if found.pages >= max_pages {
+                        found.too_large = true;
+                        break;
+                    }
+                    let (items, _) = fetch(page).await?;
+                    found.pages += 1;
+                    let len = items.len();
+                    take_page(&mut found, items, lower_ms);
+                    if len < size as usize {
+                        break;
+                    }
+                    page += 1;
+                }
+            }
+        }
+        return Ok(found);
+    }
+    // Newest first (or one second throughout): forward until a page is wholly old.
+    if first_old {
+        return Ok(found);
+    }
+    let mut seen = first_len as u64;
+    let mut page = 1;
+    loop {
+        if found.pages >= max_pages {
+            found.too_large = true;
+            break;
+        }
+        let (items, _) = fetch(page).await?;
+        found.pages += 1;
+        let len = items.len();
+        seen += len as u64;
+        if take_page(&mut found, items, lower_ms) || !more_after(seen, len) {
+            break;
+        }
+        page += 1;
+    }
+    Ok(found)
+}
+
+/// Keep the records of one page newer than `lower_ms`; true if every record with a time
+/// is at or before it (the page lies wholly before the gap).
+fn take_page(found: &mut Found, items: Vec<Value>, lower_ms: i64) -> bool {
+    let mut all_old = true;
+    for record in items {
+        if !record.is_object() {
+            found.untimed += 1;
+            continue;
+        }
+        let Some(time_ms) = model::alarm_millis(&record) else {
+            found.untimed += 1;
+            continue;
+        };
+        // Records carry whole seconds: the floor's own second is past.
+        if time_ms < lower_ms + 1000 {
+            continue;
+        }
+        all_old = false;
+        found.candidates.push(Candidate {
+            time_ms,
+            identity: model::alarm_identity(&record),
+            record,
+        });
+    }
+    all_old
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_classified_once() {
+        let p = "/bvcsp/v1/alarm";
+        assert!(matches!(
+            classify(RestError::Status(404), p),
+            BackfillError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(RestError::Status(401), p),
+            BackfillError::Relogin(_)
+        ));
+        assert!(matches!(
+            classify(RestError::Status(503), p),
+            BackfillError::Retry(_)
+        ));
+        let code = |c| RestError::Code {
+            code: c,
+            msg: String::new(),
+        };
+        assert!(matches!(classify(code(9), p), BackfillError::Relogin(_)));
+        assert!(matches!(classify(code(11), p), BackfillError::Retry(_)));
+        assert!(matches!(
+            classify(code(8), p),
+            BackfillError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(code(4242), p),
+            BackfillError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(RestError::NotJson(3), p),
+            BackfillError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(RestError::NoList, p),
+            BackfillError::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn a_page_keeps_what_is_newer_than_the_floor() {
+        let mut found = Found {
+            candidates: Vec::new(),
+            pages: 0,
+            too_large: false,
+            untimed: 0,
+        };
+        let items = vec![
+            json!({"key": "a", "timestamp": 100, "status": 0}),
+            json!({"key": "b", "time": 101, "status": 0}),
+            json!({"key": "c", "status": 0}),
+            json!("junk"),
+        ];
+        assert!(!take_page(&mut found, items, 100_000));
+        assert_eq!(found.candidates.len(), 1);
+        assert_eq!(found.candidates[0].identity.as_ref().unwrap().key, "b");
+        assert_eq!(found.untimed, 2);
+        assert!(take_page(
+            &mut found,
+            vec![json!({"key": "z", "timestamp": 99})],
+            100_000
+        ));
+    }
+}

@@ -1,0 +1,505 @@
+//! The alarm ledger: which alarms are published, and the watermark that backfill reads
+//! the alarm records back to (contract §4, spec §10.1).
+//!
+//! An alarm is one `(key, state)`. Live frames and backfilled records both `claim` it
+//! before it goes to the outbox and `confirm` it after, so one alarm is published once
+//! however it arrives. The watermark is a second, `floor`: every alarm at or before it is
+//! published (or was older than the first start); alarms after it are told apart by key.
+//! While a gap is open (the alarm stream down, the bridge not running, the outbox full)
+//! the floor stands still, so a crash before the backfill finishes loses nothing: the
+//! next start reads back from the same floor, and the keys published meanwhile keep
+//! those alarms from being published twice.
+//!
+//! The ledger is saved to `storage.dir` at most every `SAVE_DELAY`, and only once the
+//! outbox has committed every message it speaks of: it never claims an alarm is
+//! published that a crash could still lose. A crash may lose the last save; the next
+//! start then publishes those few alarms once more, with the same `event_id`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::model::AlarmIdentity;
+use crate::mqtt::Outbox;
+
+pub const FILE_NAME: &str = "alarm-ledger.json";
+/// Saves are at most this frequent.
+const SAVE_DELAY: Duration = Duration::from_millis(200);
+/// Keys remembered after the floor at most; the oldest are forgotten first (a forgotten
+/// key can only cause a duplicate, never a loss).
+const KNOWN_MAX: usize = 10_000;
+/// Upstream times further ahead of the local clock than this do not move the floor:
+/// one alarm stamped years ahead must not hide every alarm until then.
+const CLOCK_AHEAD: i64 = 300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Counters for `bridge/health`.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub backfilled: AtomicU64,
+    pub backfill_runs: AtomicU64,
+    pub gaps: AtomicU64,
+    pub longest_gap_s: AtomicU64,
+    /// Backfills that stopped at `backfill_max_pages` before reaching the watermark.
+    pub gaps_too_large: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+impl LedgerStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "backfilled": r(&self.backfilled),
+            "runs": r(&self.backfill_runs),
+            "gaps": r(&self.gaps),
+            "longest_gap_s": r(&self.longest_gap_s),
+            "gaps_too_large": r(&self.gaps_too_large),
+            "duplicates_dropped": r(&self.duplicates),
+        })
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    version: u32,
+    floor: i64,
+    known: Vec<(String, String, i64)>,
+    saved_at: i64,
+    /// When the gap still open at the save began.
+    gap_since: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Gap {
+    since: i64,
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    floor: i64,
+    known: HashMap<AlarmIdentity, i64>,
+    order: VecDeque<AlarmIdentity>,
+    pending: HashSet<AlarmIdentity>,
+    newest: i64,
+    gap: Option<Gap>,
+    generation: u64,
+    dirty: bool,
+}
+
+pub struct AlarmLedger {
+    state: Mutex<State>,
+    file: Option<PathBuf>,
+    changed: Notify,
+    pub stats: Arc<LedgerStats>,
+}
+
+impl std::fmt::Debug for AlarmLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlarmLedger")
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn state_name(s: &str) -> &'static str {
+    match s {
+        "start" => "start",
+        "end" => "end",
+        _ => "unknown",
+    }
+}
+
+impl AlarmLedger {
+    /// The ledger of `dir` (`None`: in memory only). Without a saved ledger this is the
+    /// first start: nothing older than `now` is backfilled. A ledger that cannot be
+    /// parsed is moved aside and the floor put `max_age` back (duplicates, not losses).
+    pub fn open(
+        dir: Option<&Path>,
+        now: i64,
+        max_age: Duration,
+        stats: Arc<LedgerStats>,
+    ) -> Result<AlarmLedger, LedgerError> {
+        let file = dir.map(|d| d.join(FILE_NAME));
+        let mut state = State {
+            floor: now,
+            known: HashMap::new(),
+            order: VecDeque::new(),
+            pending: HashSet::new(),
+            newest: now,
+            gap: None,
+            generation: 0,
+            dirty: true,
+        };
+        let mut gap_since = now;
+        if let Some(path) = &file {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
+                    Ok(saved) if saved.version == 1 => {
+                        state.floor = saved.floor.min(now);
+                        state.newest = saved.floor;
+                        for (key, st, t) in saved.known {
+                            let id = AlarmIdentity {
+                                key,
+                                state: state_name(&st),
+                            };
+                            state.newest = state.newest.max(t.min(now + CLOCK_AHEAD));
+                            state.order.push_back(id.clone());
+                            state.known.insert(id, t);
+                        }
+                        gap_since = saved.gap_since.unwrap_or(saved.saved_at).min(now);
+                        state.dirty = false;
+                    }
+                    _ => {
+                        let aside = path.with_extension(format!("corrupt-{now}"));
+                        let _ = std::fs::rename(path, &aside);
+                        let back = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+                        state.floor = now.saturating_sub(back);
+                        warn!(
+                            "alarm ledger {} is unreadable; kept as {}; backfilling the last {max_age:?} (some alarms may arrive twice)",
+                            path.display(),
+                            aside.display()
+                        );
+                    }
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    info!("first start: alarms raised before now are not backfilled");
+                }
+                Err(source) => {
+                    return Err(LedgerError::Read {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        // The bridge was not running: that is a gap, from the last save to now.
+        state.generation = 1;
+        state.gap = Some(Gap {
+            since: gap_since,
+            generation: 1,
+        });
+        let ledger = AlarmLedger {
+            state: Mutex::new(state),
+            file,
+            changed: Notify::new(),
+            stats,
+        };
+        // The first save need not wait for the first alarm.
+        ledger.changed.notify_one();
+        Ok(ledger)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records at or before this second need not be read back.
+    pub fn floor(&self) -> i64 {
+        self.lock().floor
+    }
+
+    /// Take `id` for publishing; false if it is published or being published already.
+    pub fn claim(&self, id: &AlarmIdentity) -> bool {
+        let mut g = self.lock();
+        if g.known.contains_key(id) || g.pending.contains(id) {
+            drop(g);
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        g.pending.insert(id.clone());
+        true
+    }
+
+    /// A claim that was not published after all (the bridge is stopping).
+    pub fn release(&self, id: &AlarmIdentity) {
+        self.lock().pending.remove(id);
+    }
+
+    /// `id` is in the outbox; `time` is its upstream time in Unix seconds, if it has one.
+    pub fn confirm(&self, id: AlarmIdentity, time: Option<i64>) {
+        let now = unix_now();
+        let mut g = self.lock();
+        g.pending.remove(&id);
+        let t = time.unwrap_or(now);
+        if t <= now + CLOCK_AHEAD {
+            g.newest = g.newest.max(t);
+        }
+        if t > g.floor && g.known.insert(id.clone(), t).is_none() {
+            g.order.push_back(id);
+            while g.order.len() > KNOWN_MAX {
+                if let Some(old) = g.order.pop_front() {
+                    g.known.remove(&old);
+                }
+            }
+        }
+        if g.gap.is_none() {
+            advance(&mut g);
+        }
+        g.dirty = true;
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    /// The alarm stream stopped delivering (or could not be read): the floor stands
+    /// still until a backfill closes the gap. Returns the gap's generation.
+    pub fn open_gap(&self) -> u64 {
+        let mut g = self.lock();
+        if let Some(gap) = &g.gap {
+            return gap.generation;
+        }
+        g.generation += 1;
+        let generation = g.generation;
+        g.gap = Some(Gap {
+            since: unix_now(),
+            generation,
+        });
+        g.dirty = true;
+        drop(g);
+        self.changed.notify_one();
+        generation
+    }
+
+    /// The generation of the gap open now, if any.
+    pub fn open_gap_generation(&self) -> Option<u64> {
+        self.lock().gap.as_ref().map(|g| g.generation)
+    }
+
+    /// The gap `generation` was read back (or cannot be, ever): the floor moves on.
+    pub fn close_gap(&self, generation: u64) {
+        let mut g = self.lock();
+        if g.gap
+            .as_ref()
+            .is_none_or(|gap| gap.generation != generation)
+        {
+            return;
+        }
+        let since = g.gap.take().map_or(0, |gap| gap.since);
+        let length = u64::try_from(unix_now().saturating_sub(since)).unwrap_or(0);
+        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .longest_gap_s
+            .fetch_max(length, Ordering::Relaxed);
+        advance(&mut g);
+        g.dirty = true;
+        drop(g);
+        self.changed.notify_one();
+    }
+
+    fn snapshot(&self) -> Option<Vec<u8>> {
+        let mut g = self.lock();
+        if !g.dirty {
+            return None;
+        }
+        g.dirty = false;
+        let known = g
+            .order
+            .iter()
+            .filter_map(|id| {
+                g.known
+                    .get(id)
+                    .map(|t| (id.key.clone(), id.state.to_string(), *t))
+            })
+            .collect();
+        let saved = Saved {
+            version: 1,
+            floor: g.floor,
+            known,
+            saved_at: unix_now(),
+            gap_since: g.gap.as_ref().map(|gap| gap.since),
+        };
+        serde_json::to_vec(&saved).ok()
+    }
+
+    /// Save the ledger whenever it changed, once the outbox has committed what it speaks
+    /// of; a last save when `cancel` fires.
+    pub async fn run_saver(self: Arc<Self>, outbox: Arc<Outbox>, cancel: CancellationToken) {
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        loop {
+            let stopping = tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = self.changed.notified() => false,
+            };
+            if !stopping {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(SAVE_DELAY) => {}
+                }
+            }
+            if let Some(bytes) = self.snapshot() {
+                outbox.committed().await;
+                let p = path.clone();
+                match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!("cannot save the alarm ledger {}: {e}", path.display());
+                        self.lock().dirty = true;
+                    }
+                    Err(_) => self.lock().dirty = true,
+                }
+            }
+            if stopping || cancel.is_cancelled() {
+                return;
+            }
+        }
+    }
+}
+
+/// Move the floor up to just before the newest alarm published, and forget the keys it
+/// passes: alarms of the newest second itself are still told apart by key.
+fn advance(g: &mut State) {
+    let floor = g.newest.saturating_sub(1).min(unix_now());
+    if floor > g.floor {
+        g.floor = floor;
+        let State { known, order, .. } = g;
+        known.retain(|_, t| *t > floor);
+        order.retain(|id| known.contains_key(id));
+    }
+}
+
+/// Write `bytes` to `path` as a whole or not at all, readable by the owner only.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(k: &str, s: &'static str) -> AlarmIdentity {
+        AlarmIdentity {
+            key: k.into(),
+            state: s,
+        }
+    }
+
+    const AGE: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn first_start_floor_is_now_and_claims_are_exclusive() {
+        let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
+        assert_eq!(l.floor(), 1_000);
+        assert!(l.claim(&id("a", "start")));
+        assert!(!l.claim(&id("a", "start")), "pending claims exclude");
+        assert!(l.claim(&id("a", "end")), "start and end are two alarms");
+        l.release(&id("a", "end"));
+        assert!(l.claim(&id("a", "end")));
+    }
+
+    #[test]
+    fn the_floor_stands_still_during_a_gap() {
+        let now = unix_now();
+        let l = AlarmLedger::open(None, now - 100, AGE, Default::default()).unwrap();
+        let first = l.open_gap_generation().unwrap();
+        l.close_gap(first);
+        l.confirm(id("a", "start"), Some(now - 50));
+        assert_eq!(l.floor(), now - 51);
+        let g = l.open_gap();
+        l.claim(&id("b", "start"));
+        l.confirm(id("b", "start"), Some(now - 10));
+        assert_eq!(l.floor(), now - 51, "frozen while the gap is open");
+        assert!(!l.claim(&id("b", "start")), "still known");
+        l.close_gap(g);
+        assert_eq!(l.floor(), now - 11);
+        // A far-future time does not move the floor.
+        l.confirm(id("c", "start"), Some(now + 10 * 365 * 86_400));
+        assert!(l.floor() <= now);
+    }
+
+    #[test]
+    fn a_stale_gap_generation_does_not_close_a_newer_gap() {
+        let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
+        let g1 = l.open_gap_generation().unwrap();
+        l.close_gap(g1);
+        let g2 = l.open_gap();
+        l.close_gap(g1);
+        assert_eq!(l.open_gap_generation(), Some(g2));
+    }
+
+    #[tokio::test]
+    async fn saved_and_read_back_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let now = unix_now();
+        let l = Arc::new(
+            AlarmLedger::open(Some(dir.path()), now - 100, AGE, Default::default()).unwrap(),
+        );
+        l.close_gap(l.open_gap_generation().unwrap());
+        l.confirm(id("a", "start"), Some(now - 20));
+        l.open_gap();
+        l.confirm(id("b", "start"), Some(now - 5));
+        let cancel = CancellationToken::new();
+        let saver = tokio::spawn(l.clone().run_saver(outbox.clone(), cancel.clone()));
+        cancel.cancel();
+        saver.await.unwrap();
+        let mode = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+        }
+        let again = AlarmLedger::open(Some(dir.path()), now, AGE, Default::default()).unwrap();
+        assert_eq!(again.floor(), now - 21);
+        assert!(!again.claim(&id("a", "start")));
+        assert!(!again.claim(&id("b", "start")));
+        assert!(again.claim(&id("c", "start")));
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_kept_aside_and_the_floor_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b"\x00garbage{").unwrap();
+        let l = AlarmLedger::open(
+            Some(dir.path()),
+            100_000,
+            Duration::from_secs(3600),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(l.floor(), 100_000 - 3600);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().any(|n| n.contains("corrupt")), "{names:?}");
+    }
+}

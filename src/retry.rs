@@ -1,0 +1,287 @@
+//! Every reconnect and retry policy of the BVCSP link, by name, with its reset rule.
+//!
+//! One shape serves them all: exponential growth from `min`, doubled per failure, with
+//! jitter, under a cap. The cap is short while an outage is young (`early_max` for
+//! `early_for`), so a server that comes back after a restart or a short cut is found
+//! within seconds, and grows to `max` for outages that last: retries never hammer and the
+//! bridge is never blind for long. Time is `tokio::time`, so every rule here is tested
+//! under a paused clock.
+
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::config::BvcspConfig;
+
+/// Jitter spreads each delay over `[d × (1 − JITTER), d]`, so a cap is a true cap.
+const JITTER: f64 = 0.25;
+
+/// Bounds of one policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// The first delay.
+    pub min: Duration,
+    /// The cap while the outage is younger than `early_for`.
+    pub early_max: Duration,
+    pub early_for: Duration,
+    /// The cap after that.
+    pub max: Duration,
+    /// A connection that lived this long resets the backoff (`None`: every success does).
+    pub stable_after: Option<Duration>,
+    pub jitter: bool,
+}
+
+impl Policy {
+    /// A stream's WebSocket (re)connects, and the session's logins while the server is
+    /// unreachable. A socket that opens resets it, so the next outage starts at `min`
+    /// again; one that dies within `stable_after` does not, so a server that accepts and
+    /// drops at once is retried at the capped rate, not hammered.
+    pub fn stream_reconnect(cfg: &BvcspConfig) -> Policy {
+        Policy {
+            min: cfg.reconnect_min,
+            early_max: early_max(cfg),
+            early_for: cfg.reconnect_early_for,
+            max: cfg.reconnect_max,
+            stable_after: Some(STABLE_SOCKET),
+            jitter: true,
+        }
+    }
+
+    /// Logging in again after a refused token or upgrade. A session that held for
+    /// `HEALTHY_SESSION` resets it; a token refused right after every login (a stream the
+    /// account may not open) backs off instead of turning into a login storm.
+    pub fn relogin(cfg: &BvcspConfig) -> Policy {
+        Policy {
+            min: cfg.reconnect_min,
+            early_max: early_max(cfg),
+            early_for: cfg.reconnect_early_for,
+            max: cfg.reconnect_max,
+            stable_after: Some(HEALTHY_SESSION),
+            jitter: false,
+        }
+    }
+
+    /// Refused credentials (code 14): minutes, never hammering the account.
+    pub fn auth_rejected(cfg: &BvcspConfig) -> Policy {
+        Policy {
+            min: cfg.auth_retry_min,
+            early_max: cfg.auth_retry_max,
+            early_for: Duration::ZERO,
+            max: cfg.auth_retry_max,
+            stable_after: None,
+            jitter: false,
+        }
+    }
+
+    /// A failed token refresh, retried while the token still lives.
+    pub fn refresh(cfg: &BvcspConfig) -> Policy {
+        Policy {
+            stable_after: None,
+            ..Policy::stream_reconnect(cfg)
+        }
+    }
+
+    /// Alarm backfill after a transient failure (5xx, timeout, busy codes).
+    pub fn backfill(cfg: &BvcspConfig) -> Policy {
+        Policy {
+            min: cfg.reconnect_min.max(Duration::from_secs(1)),
+            early_max: Duration::from_secs(10).min(cfg.reconnect_max.max(cfg.reconnect_min)),
+            early_for: Duration::from_secs(120),
+            max: cfg.reconnect_max.max(Duration::from_secs(30)),
+            stable_after: None,
+            jitter: true,
+        }
+    }
+}
+
+/// A socket that stayed open this long proves the server well again.
+pub const STABLE_SOCKET: Duration = Duration::from_secs(10);
+/// A session that lasted this long counts as healthy.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// A server without alarm records is asked again this rarely.
+pub const BACKFILL_UNAVAILABLE_RETRY: Duration = Duration::from_secs(600);
+/// The young-outage cap, within the configured bounds.
+fn early_max(cfg: &BvcspConfig) -> Duration {
+    cfg.reconnect_early_max
+        .clamp(cfg.reconnect_min, cfg.reconnect_max)
+}
+
+/// A stream path that answers 404 does not fix itself quickly.
+pub fn not_found_retry(cfg: &BvcspConfig) -> Duration {
+    cfg.reconnect_max
+}
+
+/// The state of one policy: how many failures in a row, since when.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    policy: Policy,
+    failures: u32,
+    outage_since: Option<Instant>,
+    connected_at: Option<Instant>,
+}
+
+impl Backoff {
+    pub fn new(policy: Policy) -> Backoff {
+        Backoff {
+            policy,
+            failures: 0,
+            outage_since: None,
+            connected_at: None,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The delay before the next attempt, after a failure now.
+    pub fn next_delay(&mut self) -> Duration {
+        let now = Instant::now();
+        let since = *self.outage_since.get_or_insert(now);
+        let cap = if now.duration_since(since) < self.policy.early_for {
+            self.policy.early_max
+        } else {
+            self.policy.max
+        };
+        let exp = 2f64.powi(self.failures.min(30) as i32);
+        self.failures = self.failures.saturating_add(1);
+        let base = self.policy.min.mul_f64(exp).min(cap);
+        if self.policy.jitter {
+            base.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..JITTER))
+        } else {
+            base
+        }
+    }
+
+    /// An attempt succeeded (a socket opened, a login went through). With no
+    /// `stable_after` this resets at once; otherwise `lost` decides.
+    pub fn succeeded(&mut self) {
+        if self.policy.stable_after.is_none() {
+            self.reset();
+        } else {
+            self.connected_at = Some(Instant::now());
+            // The outage is over: if it starts again, it is young again.
+            self.outage_since = None;
+        }
+    }
+
+    /// The connection that `succeeded` has ended: it resets the backoff if it lived
+    /// long enough to prove the other side well.
+    pub fn lost(&mut self) {
+        if let (Some(at), Some(stable)) = (self.connected_at.take(), self.policy.stable_after)
+            && at.elapsed() >= stable
+        {
+            self.reset();
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+        self.outage_since = None;
+        self.connected_at = None;
+    }
+
+    /// Failures in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            min: Duration::from_millis(500),
+            early_max: Duration::from_secs(2),
+            early_for: Duration::from_secs(120),
+            max: Duration::from_secs(30),
+            stable_after: Some(STABLE_SOCKET),
+            jitter: true,
+        }
+    }
+
+    /// Failures every `delay` for `span`: the delays seen.
+    async fn run_outage(b: &mut Backoff, span: Duration) -> Vec<Duration> {
+        let end = Instant::now() + span;
+        let mut delays = Vec::new();
+        while Instant::now() < end {
+            let d = b.next_delay();
+            delays.push(d);
+            tokio::time::sleep(d).await;
+        }
+        delays
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn young_outage_grows_then_holds_a_short_cap() {
+        let mut b = Backoff::new(policy());
+        let delays = run_outage(&mut b, Duration::from_secs(60)).await;
+        // Growing gaps at first...
+        assert!(delays[0] <= Duration::from_millis(500));
+        assert!(delays[0] >= Duration::from_millis(375));
+        assert!(delays[1] > delays[0] && delays[2] > delays[1], "{delays:?}");
+        // ...then a steady cap measured in seconds.
+        for d in &delays[3..] {
+            assert!(*d <= Duration::from_secs(2), "{delays:?}");
+            assert!(*d >= Duration::from_millis(1500), "{delays:?}");
+        }
+        // At most one attempt a second on average, however long it lasts.
+        assert!(delays.len() <= 60, "{} attempts in 60 s", delays.len());
+        assert!(delays.len() >= 25, "{} attempts in 60 s", delays.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_outage_backs_off_further() {
+        let mut b = Backoff::new(policy());
+        run_outage(&mut b, Duration::from_secs(121)).await;
+        let later: Vec<Duration> = (0..3).map(|_| b.next_delay()).collect();
+        assert!(later[2] > Duration::from_secs(20), "{later:?}");
+        assert!(later.iter().all(|d| *d <= Duration::from_secs(30)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stable_connection_resets_a_flapping_one_does_not() {
+        let mut b = Backoff::new(policy());
+        for _ in 0..5 {
+            b.next_delay();
+        }
+        // Accepted and dropped at once: still backing off.
+        b.succeeded();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        b.lost();
+        assert!(b.next_delay() >= Duration::from_millis(1500));
+        // Up for longer than `stable_after`: the next outage starts at `min`.
+        b.succeeded();
+        tokio::time::advance(STABLE_SOCKET).await;
+        b.lost();
+        assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_makes_the_next_outage_young_again() {
+        let mut b = Backoff::new(policy());
+        run_outage(&mut b, Duration::from_secs(200)).await;
+        assert!(b.next_delay() > Duration::from_secs(20));
+        // It came back, briefly; the new outage is capped short again.
+        b.succeeded();
+        b.lost();
+        let d = b.next_delay();
+        assert!(d <= Duration::from_secs(2), "{d:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_jitter_delays_double_exactly() {
+        let mut b = Backoff::new(Policy {
+            jitter: false,
+            stable_after: None,
+            ..policy()
+        });
+        let d: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(d, vec![500, 1000, 2000, 2000]);
+        b.succeeded();
+        assert_eq!(b.next_delay().as_millis(), 500);
+    }
+}

@@ -136,7 +136,7 @@ fn state_name(s: &str) -> &'static str {
 
 impl AlarmLedger {
     /// The ledger of `dir` (`None`: in memory only). Without a saved ledger this is the
-    /// first start: nothing older than `now` is backfilled. A ledger that cannot be
+    /// first start: nothing from before `now`'s second is backfilled. A ledger that cannot be
     /// parsed is moved aside and the floor put `max_age` back (duplicates, not losses).
     pub fn open(
         dir: Option<&Path>,
@@ -145,8 +145,10 @@ impl AlarmLedger {
         stats: Arc<LedgerStats>,
     ) -> Result<AlarmLedger, LedgerError> {
         let file = dir.map(|d| d.join(FILE_NAME));
+        // First start: records carry whole seconds, and those of the start's own second
+        // may be from after it, so that second is read back too (a duplicate at worst).
         let mut state = State {
-            floor: now,
+            floor: now - 1,
             known: HashMap::new(),
             order: VecDeque::new(),
             pending: HashSet::new(),
@@ -417,7 +419,7 @@ mod tests {
     #[test]
     fn first_start_floor_is_now_and_claims_are_exclusive() {
         let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
-        assert_eq!(l.floor(), 1_000);
+        assert_eq!(l.floor(), 999);
         assert!(l.claim(&id("a", "start")));
         assert!(!l.claim(&id("a", "start")), "pending claims exclude");
         assert!(l.claim(&id("a", "end")), "start and end are two alarms");

@@ -145,6 +145,8 @@ pub async fn run_session(
             "logged in to BVCSP (token valid {:?})", token.lifetime
         );
         ctx.token.send_replace(Some(token.clone()));
+        // The server answers: streams still backing off try again now.
+        ctx.reachable.send_modify(|n| *n += 1);
         last = Some(token.clone());
         // Stale requests (about older tokens) are dropped.
         while relogin_rx.try_recv().is_ok() {}

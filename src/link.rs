@@ -126,12 +126,18 @@ impl Link {
         self.publish(&g);
     }
 
+    /// Show `key: value` on the link topic; `null` removes it.
     pub fn set_detail(&self, key: &str, value: Value) {
         let mut g = self.lock();
-        if g.details.get(key) == Some(&value) {
+        if value.is_null() {
+            if g.details.remove(key).is_none() {
+                return;
+            }
+        } else if g.details.get(key) == Some(&value) {
             return;
+        } else {
+            g.details.insert(key.to_string(), value);
         }
-        g.details.insert(key.to_string(), value);
         self.publish(&g);
     }
 

@@ -205,7 +205,6 @@ async fn backfill_once(
         (a.time_ms, rank(a)).cmp(&(b.time_ms, rank(b)))
     });
     let mut published = 0u64;
-    let _batch = ctx.outbox.batch();
     for c in candidates {
         if let Some(id) = &c.identity
             && !ctx.ledger.claim(id)

@@ -366,3 +366,79 @@ async fn an_online_offline_online_flap_within_a_second_ends_online() {
     );
     bridge.stop(Duration::from_secs(5)).await;
 }
+
+/// Backfill with `order` and `spelling`, with or without `totalCount`: 10 alarms missed
+/// behind a history of 150 older ones, read 20 a page.
+async fn backfill_across_pages(
+    order: bvcsp2mqtt::sim::alarm_history::HistoryOrder,
+    spelling: bvcsp2mqtt::sim::alarm_history::HistorySpelling,
+    page_info: bool,
+    max_calls: u64,
+) {
+    let sim = one_device_sim().await;
+    sim.set_history_order(order);
+    sim.set_history_spelling(spelling);
+    sim.set_history_page_info(page_info);
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let cfg = bridge_config(
+        &sim,
+        broker,
+        "streams = [\"alarm\"]\nbackfill_page_size = 20",
+    );
+    let bridge = start(cfg.clone(), &obs, &sim, &[Stream::Alarm]).await;
+    // Old enough to be before the watermark, new enough for backfill_max_age.
+    for (i, k) in keys("older", 150).iter().enumerate() {
+        let mut a = sos(k);
+        a["time"] = json!(unix_now() - 3600 + i as i64);
+        sim.raise_unseen(a);
+    }
+    sim.inject(Stream::Alarm, sos("last-live"));
+    obs.wait_keys(&sos_topic(), &["last-live".to_string()], T)
+        .await;
+    bridge.stop(Duration::from_secs(5)).await;
+    let missed = keys("paged", 10);
+    for k in &missed {
+        sim.inject(Stream::Alarm, sos(k));
+    }
+    let bridge = start(cfg, &obs, &sim, &[Stream::Alarm]).await;
+    obs.wait_keys(&sos_topic(), &missed, T).await;
+    wait_runs(&bridge, 1).await;
+    let seen = arrivals(&obs);
+    assert_eq!(
+        seen.len(),
+        11,
+        "the missed ones and the live one, nothing older: {seen:?}"
+    );
+    for k in &missed {
+        assert_eq!(seen[k], (1, 1), "{k}");
+    }
+    let calls = sim.counters().rest_calls["/bvcsp/v1/alarm"];
+    // Two runs (first start, restart), each stopping as soon as it can.
+    assert!(calls <= max_calls, "{calls} pages read");
+    bridge.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_newest_first_pages_in_record_spelling() {
+    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    backfill_across_pages(HistoryOrder::NewestFirst, HistorySpelling::Records, true, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_oldest_first_pages_from_the_end_in_mixed_spelling() {
+    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    backfill_across_pages(HistoryOrder::OldestFirst, HistorySpelling::Mixed, true, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_reads_oldest_first_pages_without_a_total_in_frame_spelling() {
+    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    backfill_across_pages(
+        HistoryOrder::OldestFirst,
+        HistorySpelling::Frames,
+        false,
+        22,
+    )
+    .await;
+}

@@ -98,9 +98,14 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         while let Some(generation) = ctx.ledger.open_gap_generation() {
             if unavailable_until.is_some_and(|t| Instant::now() < t) {
                 // Nothing can be read back: the floor moves on with the live alarms.
-                ctx.ledger.close_gap(generation);
+                ctx.ledger.abandon_gap(generation);
                 break;
             }
+            if !ctx.ledger.is_live() {
+                // A read now could not close the gap: the stream's next open asks again.
+                break;
+            }
+            let interruptions = ctx.ledger.interruptions();
             let token = tokio::select! {
                 _ = cancel.cancelled() => return,
                 t = super::ws::wait_for_token(&mut token_rx) => match t { Some(t) => t, None => return },
@@ -112,10 +117,16 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             );
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = backfill_once(&ctx, &token, generation, &cancel) => r,
+                r = backfill_once(&ctx, &token, generation, interruptions, &cancel) => r,
             };
             let delay = match result {
-                Ok(()) => {
+                Ok(false) => {
+                    // The stream dropped during the read: what followed is read again
+                    // once it is open.
+                    debug!("alarm backfill: the alarm stream was interrupted during the read");
+                    continue;
+                }
+                Ok(true) => {
                     backoff.reset();
                     if unavailable_until.take().is_some() {
                         info!("alarm backfill available again");
@@ -137,7 +148,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     ctx.link.set_detail("backfill", json!("unavailable"));
                     ctx.link.set_detail("backfill_reason", json!(reason));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
-                    ctx.ledger.close_gap(generation);
+                    ctx.ledger.abandon_gap(generation);
                     break;
                 }
                 Err(BackfillError::Relogin(e)) => {
@@ -166,13 +177,15 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
     }
 }
 
-/// Read the records back to the floor and publish what is new, then close the gap.
+/// Read the records back to the floor and publish what is new, then close the gap
+/// unless the stream was interrupted since `interruptions` (false: read again).
 async fn backfill_once(
     ctx: &Arc<Ctx>,
     token: &Token,
     generation: u64,
+    interruptions: u64,
     cancel: &CancellationToken,
-) -> Result<(), BackfillError> {
+) -> Result<bool, BackfillError> {
     let max_age = i64::try_from(ctx.cfg.backfill_max_age.as_secs()).unwrap_or(i64::MAX);
     let lower_s = ctx.ledger.floor().max(unix_now().saturating_sub(max_age));
     let lower_ms = lower_s.saturating_mul(1000);
@@ -218,7 +231,7 @@ async fn backfill_once(
                     if let Some(id) = &c.identity {
                         ctx.ledger.release(id);
                     }
-                    return Ok(());
+                    return Ok(false);
                 }
                 _ = ctx.outbox.push(m) => {}
             }
@@ -229,7 +242,7 @@ async fn backfill_once(
         published += 1;
         stats.backfilled.fetch_add(1, Ordering::Relaxed);
     }
-    ctx.ledger.close_gap(generation);
+    let closed = ctx.ledger.close_gap(generation, interruptions);
     if published > 0 || found.pages > 1 {
         info!(
             "alarm backfill: {published} alarms recovered from {} pages in {:.1?}",
@@ -239,7 +252,7 @@ async fn backfill_once(
     } else {
         debug!("alarm backfill: nothing missed");
     }
-    Ok(())
+    Ok(closed)
 }
 
 /// Page through the records far enough to see every one after `lower_ms`. The order the

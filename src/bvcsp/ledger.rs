@@ -39,6 +39,11 @@ const KNOWN_MAX: usize = 10_000;
 /// Upstream times further ahead of the local clock than this do not move the floor:
 /// one alarm stamped years ahead must not hide every alarm until then.
 const CLOCK_AHEAD: i64 = 300;
+/// How far behind the newest alarm published the floor stays, in seconds. Devices'
+/// clocks differ and the server may deliver one device's alarm after another's newer
+/// one; an alarm up to this much older than the newest seen, missed in a gap, is still
+/// read back (and the ledger's keys keep the re-read ones from arriving twice).
+const FLOOR_MARGIN: i64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -101,6 +106,11 @@ struct State {
     newest: i64,
     gap: Option<Gap>,
     generation: u64,
+    /// Bumped by every loss of the alarm stream (and every gap opened), so a backfill that
+    /// ran across one does not close the gap it did not see the end of.
+    interruptions: u64,
+    /// The alarm stream is open now.
+    live: bool,
     dirty: bool,
 }
 
@@ -155,6 +165,8 @@ impl AlarmLedger {
             newest: now,
             gap: None,
             generation: 0,
+            interruptions: 0,
+            live: false,
             dirty: true,
         };
         let mut gap_since = now;
@@ -271,6 +283,7 @@ impl AlarmLedger {
     /// still until a backfill closes the gap. Returns the gap's generation.
     pub fn open_gap(&self) -> u64 {
         let mut g = self.lock();
+        g.interruptions += 1;
         if let Some(gap) = &g.gap {
             return gap.generation;
         }
@@ -286,13 +299,52 @@ impl AlarmLedger {
         generation
     }
 
+    /// The alarm stream is open: what it delivers from now on needs no read-back.
+    pub fn stream_up(&self) {
+        self.lock().live = true;
+    }
+
+    /// The alarm stream was lost: a gap from now.
+    pub fn stream_down(&self) -> u64 {
+        self.lock().live = false;
+        self.open_gap()
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.lock().live
+    }
+
+    /// How many times the stream was interrupted so far; a backfill notes it before it
+    /// reads and hands it to [`close_gap`](Self::close_gap).
+    pub fn interruptions(&self) -> u64 {
+        self.lock().interruptions
+    }
+
     /// The generation of the gap open now, if any.
     pub fn open_gap_generation(&self) -> Option<u64> {
         self.lock().gap.as_ref().map(|g| g.generation)
     }
 
-    /// The gap `generation` was read back (or cannot be, ever): the floor moves on.
-    pub fn close_gap(&self, generation: u64) {
+    /// The gap `generation` was read back by a read that began after `interruptions`
+    /// interruptions: the floor moves on. Refused (false) when the stream was interrupted
+    /// again since, or is not open now: then what followed the read is still unseen.
+    pub fn close_gap(&self, generation: u64, interruptions: u64) -> bool {
+        let g = self.lock();
+        if g.interruptions != interruptions || !g.live {
+            return false;
+        }
+        drop(g);
+        self.end_gap(generation);
+        true
+    }
+
+    /// The gap `generation` cannot be read back (no records endpoint): the floor moves on
+    /// with the live alarms.
+    pub fn abandon_gap(&self, generation: u64) {
+        self.end_gap(generation);
+    }
+
+    fn end_gap(&self, generation: u64) {
         let mut g = self.lock();
         if g.gap
             .as_ref()
@@ -376,7 +428,7 @@ impl AlarmLedger {
 /// Move the floor up to just before the newest alarm published, and forget the keys it
 /// passes: alarms of the newest second itself are still told apart by key.
 fn advance(g: &mut State) {
-    let floor = g.newest.saturating_sub(1).min(unix_now());
+    let floor = g.newest.saturating_sub(FLOOR_MARGIN).min(unix_now());
     if floor > g.floor {
         g.floor = floor;
         let State { known, order, .. } = g;
@@ -427,34 +479,64 @@ mod tests {
         assert!(l.claim(&id("a", "end")));
     }
 
+    /// What a backfill does once it read everything: the stream is open, no interruption.
+    fn read_back(l: &AlarmLedger, generation: u64) {
+        l.stream_up();
+        assert!(l.close_gap(generation, l.interruptions()));
+    }
+
     #[test]
-    fn the_floor_stands_still_during_a_gap() {
+    fn the_floor_stands_still_during_a_gap_and_trails_the_newest_by_a_margin() {
         let now = unix_now();
-        let l = AlarmLedger::open(None, now - 100, AGE, Default::default()).unwrap();
-        let first = l.open_gap_generation().unwrap();
-        l.close_gap(first);
-        l.confirm(id("a", "start"), Some(now - 50));
-        assert_eq!(l.floor(), now - 51);
-        let g = l.open_gap();
+        let l = AlarmLedger::open(None, now - 1000, AGE, Default::default()).unwrap();
+        read_back(&l, l.open_gap_generation().unwrap());
+        l.confirm(id("a", "start"), Some(now - 500));
+        assert_eq!(l.floor(), now - 500 - FLOOR_MARGIN);
+        let g = l.stream_down();
         l.claim(&id("b", "start"));
         l.confirm(id("b", "start"), Some(now - 10));
-        assert_eq!(l.floor(), now - 51, "frozen while the gap is open");
+        assert_eq!(l.floor(), now - 560, "frozen while the gap is open");
         assert!(!l.claim(&id("b", "start")), "still known");
-        l.close_gap(g);
-        assert_eq!(l.floor(), now - 11);
+        read_back(&l, g);
+        assert_eq!(l.floor(), now - 10 - FLOOR_MARGIN);
+        // An older alarm does not take the floor back.
+        l.confirm(id("d", "start"), Some(now - 300));
+        assert_eq!(l.floor(), now - 70);
         // A far-future time does not move the floor.
         l.confirm(id("c", "start"), Some(now + 10 * 365 * 86_400));
         assert!(l.floor() <= now);
     }
 
     #[test]
+    fn an_interruption_during_a_backfill_keeps_the_gap_open() {
+        let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
+        let g = l.open_gap_generation().unwrap();
+        assert!(
+            !l.close_gap(g, l.interruptions()),
+            "the stream is not open yet: what follows the read is unseen"
+        );
+        l.stream_up();
+        let before = l.interruptions();
+        // The stream drops and comes back while the read is under way.
+        assert_eq!(l.stream_down(), g, "the same gap goes on");
+        l.stream_up();
+        assert!(!l.close_gap(g, before));
+        assert_eq!(l.open_gap_generation(), Some(g));
+        assert!(l.close_gap(g, l.interruptions()));
+        assert_eq!(l.open_gap_generation(), None);
+    }
+
+    #[test]
     fn a_stale_gap_generation_does_not_close_a_newer_gap() {
         let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
         let g1 = l.open_gap_generation().unwrap();
-        l.close_gap(g1);
-        let g2 = l.open_gap();
-        l.close_gap(g1);
+        read_back(&l, g1);
+        let g2 = l.stream_down();
+        l.stream_up();
+        assert!(l.close_gap(g1, l.interruptions()), "a no-op, not a failure");
         assert_eq!(l.open_gap_generation(), Some(g2));
+        l.abandon_gap(g2);
+        assert_eq!(l.open_gap_generation(), None);
     }
 
     #[tokio::test]
@@ -465,9 +547,9 @@ mod tests {
         let l = Arc::new(
             AlarmLedger::open(Some(dir.path()), now - 100, AGE, Default::default()).unwrap(),
         );
-        l.close_gap(l.open_gap_generation().unwrap());
+        read_back(&l, l.open_gap_generation().unwrap());
         l.confirm(id("a", "start"), Some(now - 20));
-        l.open_gap();
+        l.stream_down();
         l.confirm(id("b", "start"), Some(now - 5));
         let cancel = CancellationToken::new();
         let saver = tokio::spawn(l.clone().run_saver(outbox.clone(), cancel.clone()));
@@ -480,7 +562,7 @@ mod tests {
             assert_eq!(mode.permissions().mode() & 0o777, 0o600);
         }
         let again = AlarmLedger::open(Some(dir.path()), now, AGE, Default::default()).unwrap();
-        assert_eq!(again.floor(), now - 21);
+        assert_eq!(again.floor(), now - 20 - FLOOR_MARGIN);
         assert!(!again.claim(&id("a", "start")));
         assert!(!again.claim(&id("b", "start")));
         assert!(again.claim(&id("c", "start")));

@@ -324,16 +324,33 @@ pub fn alarm_state(frame: &Value) -> &'static str {
     }
 }
 
-/// The identity of an alarm frame or record, when it carries a key.
+/// Keys longer than this are kept as their SHA-256, so a hostile key cannot bloat the
+/// ledger on disk or every event id computation.
+const MAX_KEY_BYTES: usize = 128;
+
+/// The identity of an alarm frame or record: its upstream `key` and state; for an alarm
+/// without a key, its device, type, time (to the millisecond) and state — the same for
+/// the live frame and the record of one alarm, though two keyless alarms of one device
+/// and type in the same millisecond become one.
 pub fn alarm_identity(frame: &Value) -> Option<AlarmIdentity> {
-    let key = str_field(frame, &["key"])?;
-    if key.is_empty() {
-        return None;
-    }
-    Some(AlarmIdentity {
-        key: key.into_owned(),
-        state: alarm_state(frame),
-    })
+    let state = alarm_state(frame);
+    let key = str_field(frame, &["key"]).filter(|k| !k.is_empty());
+    let key = match key {
+        Some(k) if k.len() <= MAX_KEY_BYTES => k.into_owned(),
+        Some(k) => format!("sha256:{}", hex::encode(Sha256::digest(k.as_bytes()))),
+        None => {
+            let device = str_field(frame, ALARM_DEVICE).unwrap_or_default();
+            let kind = field(frame, "type").and_then(as_i64)?;
+            let at = alarm_millis(frame)?;
+            let mut h = Sha256::new();
+            h.update(device.as_bytes());
+            h.update([0]);
+            h.update(kind.to_be_bytes());
+            h.update(at.to_be_bytes());
+            format!("nokey:{}", hex::encode(&h.finalize()[..16]))
+        }
+    };
+    Some(AlarmIdentity { key, state })
 }
 
 /// Upstream time of an alarm frame or record, Unix milliseconds.
@@ -717,6 +734,22 @@ mod tests {
         ] {
             assert!(upstream_time(&v).is_none(), "{v}");
         }
+    }
+
+    #[test]
+    fn keyless_and_huge_keyed_alarms_have_a_bounded_shared_identity() {
+        let frame = json!({"type": 5, "time": 1717400123, "devID": "PU_1", "status": 0});
+        let record = json!({"type": 5, "timestamp": 1717400123, "device_id": "PU_1", "status": 0});
+        let a = alarm_identity(&frame).unwrap();
+        assert_eq!(Some(&a), alarm_identity(&record).as_ref());
+        assert!(a.key.starts_with("nokey:"), "{a:?}");
+        let later = json!({"type": 5, "time": 1717400124, "devID": "PU_1", "status": 0});
+        assert_ne!(Some(a), alarm_identity(&later));
+        assert!(alarm_identity(&json!({"type": 5, "devID": "PU_1"})).is_none());
+        let huge = json!({"key": "k".repeat(100_000), "status": 1});
+        let h = alarm_identity(&huge).unwrap();
+        assert!(h.key.len() < 80 && h.key.starts_with("sha256:"), "{h:?}");
+        assert_eq!(h.state, "end");
     }
 
     #[test]

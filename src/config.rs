@@ -583,6 +583,7 @@ pub fn load(path: Option<&Path>, env: HashMap<String, String>) -> Result<Config,
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
         })?;
+        check_toml(&text)?;
         builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
     }
     if let Some(k) = env
@@ -611,8 +612,31 @@ pub fn load(path: Option<&Path>, env: HashMap<String, String>) -> Result<Config,
     Ok(cfg)
 }
 
+/// A TOML syntax error, by line and column and without the offending text: the
+/// TOML crate's own message quotes the source line, which may hold a password.
+fn check_toml(text: &str) -> Result<(), ConfigError> {
+    let Err(e) = toml::from_str::<toml::Table>(text) else {
+        return Ok(());
+    };
+    let at = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    Err(ConfigError::new(
+        "config",
+        format!(
+            "not valid TOML: {}{}",
+            at.unwrap_or_default(),
+            e.message().trim_end()
+        ),
+    ))
+}
+
 /// Parse a TOML string with no environment (tests, the demo).
 pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+    check_toml(text)?;
     let raw = config::Config::builder()
         .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
@@ -623,8 +647,28 @@ pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
     Ok(cfg)
 }
 
+/// Keys whose values never appear in an error message.
+fn is_secret_key(key: &str) -> bool {
+    let leaf = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    ["password", "secret", "token", "app_key", "key"]
+        .iter()
+        .any(|s| leaf == *s || leaf.ends_with(&format!("_{s}")))
+}
+
 /// config's messages end with "for key `a.b`"; turn that into our "a.b: message" form.
+/// A message about a secret key is replaced: serde's "invalid type" quotes the value.
 fn map_config_error(e: config::ConfigError) -> ConfigError {
+    let mapped = map_config_message(e);
+    if is_secret_key(&mapped.key) && mapped.message != "required key is missing" {
+        return ConfigError::new(
+            mapped.key,
+            "has a value of the wrong type or form (not shown: it is a secret)",
+        );
+    }
+    mapped
+}
+
+fn map_config_message(e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
     if let Some(idx) = text.rfind(" for key `") {
         let key = text[idx + 10..].trim_end_matches('`').to_string();
@@ -863,8 +907,16 @@ impl Config {
 }
 
 fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<reqwest::Url, ConfigError> {
+    // The value is not echoed: a URL may carry a password.
     let url = reqwest::Url::parse(value)
-        .map_err(|e| ConfigError::new(key, format!("not a valid URL `{value}`: {e}")))?;
+        .map_err(|e| ConfigError::new(key, format!("not a valid URL: {e}")))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            "must not carry a user or password (`user:pass@`): use the username and password \
+             keys (or password_file), which are kept out of logs",
+        ));
+    }
     if !schemes.contains(&url.scheme()) {
         return Err(ConfigError::new(
             key,
@@ -1020,7 +1072,7 @@ impl MqttConfig {
     /// (tls, host, port) from `mqtt.url`.
     pub fn endpoint(&self) -> (bool, String, u16) {
         let url = reqwest::Url::parse(&self.url).expect("validated");
-        let tls = url.scheme() == "mqtts";
+        let tls = matches!(url.scheme(), "mqtts" | "ssl");
         let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
         (tls, url.host_str().unwrap_or_default().to_string(), port)
     }
@@ -1067,6 +1119,19 @@ impl MqttConfig {
             ));
         }
         let t = &self.tls;
+        let tls_set = !t.ca_file.is_empty()
+            || !t.client_cert.is_empty()
+            || !t.client_key.is_empty()
+            || t.insecure;
+        if tls_set && !self.endpoint().0 {
+            return Err(ConfigError::new(
+                "mqtt.tls",
+                format!(
+                    "is set but mqtt.url's scheme `{}` is plain text: use mqtts:// or ssl://",
+                    url.scheme()
+                ),
+            ));
+        }
         if t.client_cert.is_empty() != t.client_key.is_empty() {
             return Err(ConfigError::new(
                 "mqtt.tls",
@@ -1105,6 +1170,45 @@ password = "123456"
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn ssl_is_tls_and_tls_settings_need_a_tls_scheme() {
+        let cfg = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__URL", "ssl://broker")]).unwrap();
+        assert_eq!(cfg.mqtt.endpoint(), (true, "broker".into(), 8883));
+        let text =
+            format!("{MINIMAL}[mqtt]\nurl = \"mqtt://broker\"\n[mqtt.tls]\ninsecure = true\n");
+        let e = load_str(&text, &[]).unwrap_err();
+        assert_eq!(e.key, "mqtt.tls", "{e}");
+        let text =
+            format!("{MINIMAL}[mqtt]\nurl = \"ssl://broker:8884\"\n[mqtt.tls]\ninsecure = true\n");
+        let cfg = load_str(&text, &[]).unwrap();
+        assert_eq!(cfg.mqtt.endpoint(), (true, "broker".into(), 8884));
+    }
+
+    #[test]
+    fn urls_with_userinfo_are_refused_without_being_echoed() {
+        for url in ["mqtt://u:pw-77@broker", "mqtt://u@broker"] {
+            let e = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__URL", url)]).unwrap_err();
+            assert_eq!(e.key, "mqtt.url");
+            assert!(!e.to_string().contains("pw-77"), "{e}");
+        }
+        let e = load_str(
+            MINIMAL,
+            &[("BVCSP2MQTT__BVCSP__URL", "https://a:pw-88@h:9781")],
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("pw-88"), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_name_the_line_but_not_its_text() {
+        let text =
+            "[bvcsp]\nurl = \"https://h:9781\"\nusername = \"a\"\npassword = \"top-\\q-secret\"\n";
+        let e = from_toml(text).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.contains("line 4"), "{shown}");
+        assert!(!shown.contains("secret"), "{shown}");
     }
 
     fn load_str(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {

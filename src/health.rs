@@ -89,7 +89,12 @@ impl BeatGuard {
 
 impl Drop for BeatGuard {
     fn drop(&mut self) {
-        self.heartbeats.remove(&self.name);
+        if std::thread::panicking() {
+            // A loop that died is no sign of life: the watchdog stops being fed.
+            self.heartbeats.beat(&self.name, Duration::ZERO);
+        } else {
+            self.heartbeats.remove(&self.name);
+        }
     }
 }
 
@@ -204,6 +209,8 @@ pub async fn report_loop(
 /// Pet the systemd watchdog at half its period, only while every loop is alive.
 pub async fn watchdog_loop(heartbeats: Arc<Heartbeats>, cancel: CancellationToken) {
     let Some(period) = sd_notify::watchdog_enabled() else {
+        // No watchdog asked for; a critical task still lives until stopped.
+        cancel.cancelled().await;
         return;
     };
     let mut tick = tokio::time::interval(period / 2);
@@ -352,15 +359,20 @@ impl prometheus_client::collector::Collector for Collector {
     }
 }
 
-/// Serve `/metrics`, `/healthz` and `/readyz` on `addr` until `cancel`. Returns the
-/// bound address (port 0 picks a free one).
+/// Bind the health listener (before anything starts: a taken port fails the start).
+pub async fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until `cancel`.
 pub async fn serve_http(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     probe: Probe,
     cancel: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
+) {
+    let bound = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     let mut registry = Registry::default();
     registry.register(
         "bvcsp2mqtt_publish_latency_seconds",
@@ -370,7 +382,7 @@ pub async fn serve_http(
     registry.register_collector(Box::new(Collector(probe.clone())));
     let registry = Arc::new(registry);
     info!("health listener on http://{bound} (/metrics, /healthz, /readyz)");
-    tokio::spawn(async move {
+    {
         loop {
             let (tcp, _) = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -396,8 +408,7 @@ pub async fn serve_http(
                     .await;
             });
         }
-    });
-    Ok(bound)
+    }
 }
 
 fn route(

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bvcsp;
 pub mod config;
+pub mod critical;
 pub mod demo;
 pub mod health;
 pub mod link;

@@ -29,7 +29,9 @@ pub enum StartError {
     #[error(transparent)]
     Outbox(#[from] crate::mqtt::outbox::OutboxError),
     #[error("service.http_listen {0}: {1}")]
-    Http(String, std::io::Error),
+    Http(String, #[source] std::io::Error),
+    #[error("{0}: exiting so the service manager restarts the bridge")]
+    Failed(String),
 }
 
 /// A running bridge.
@@ -41,6 +43,7 @@ pub struct Bridge {
     upstream: CancellationToken,
     tasks: TaskTracker,
     health: CancellationToken,
+    failures: Option<crate::critical::Failures>,
     pub probe: Probe,
     /// Where the HTTP health listener is (when `service.http` is on).
     pub http_addr: Option<std::net::SocketAddr>,
@@ -49,6 +52,9 @@ pub struct Bridge {
 
 impl Bridge {
     /// Validate-free start: `cfg` must already be validated (see `config::load`).
+    /// Two phases: everything that can fail (the outbox and its lock, the alarm ledger,
+    /// TLS material, the HTTP port, the MQTT options) is done first; only then does any
+    /// task start, so a failed start leaves nothing running.
     pub async fn start(cfg: Config) -> Result<Bridge, StartError> {
         let started = SystemTime::now();
         let topics = Topics::new(&cfg.mqtt.base_topic);
@@ -56,6 +62,38 @@ impl Bridge {
         let latency = crate::health::latency_histogram();
         outbox.observe_latency(latency.clone());
         let heartbeats = Arc::new(Heartbeats::default());
+        let stats = Arc::new(bvcsp::Stats::default());
+        let bvcsp = match &cfg.bvcsp {
+            Some(b) => Some(bvcsp::Ctx::new(
+                Arc::new(b.clone()),
+                &cfg.storage.dir,
+                outbox.clone(),
+                topics.clone(),
+                stats.clone(),
+                heartbeats.clone(),
+            )?),
+            None => None,
+        };
+        let playboxes = playbox::prepare(
+            &cfg.playbox,
+            &cfg.storage.dir,
+            outbox.clone(),
+            topics.clone(),
+            heartbeats.clone(),
+        )?;
+        let listener = match cfg.service.http {
+            true => {
+                let addr = cfg.service.http_listen.parse().expect("validated");
+                Some(
+                    crate::health::bind_http(addr)
+                        .await
+                        .map_err(|e| StartError::Http(cfg.service.http_listen.clone(), e))?,
+                )
+            }
+            false => None,
+        };
+        let http_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        // The last fallible step; it starts the MQTT tasks only once it cannot fail.
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
         let filters = playbox::command_filters(&cfg.playbox, &topics);
         let publisher = Publisher::start(
@@ -66,36 +104,25 @@ impl Bridge {
             Some(incoming_tx),
             heartbeats.clone(),
         )?;
-        outbox.push_now(bridge_info(&topics, started, sources(&cfg)));
 
+        // Phase two: nothing below can fail.
+        outbox.push_now(bridge_info(&topics, started, sources(&cfg)));
+        let (critical, failures) = crate::critical::channel();
         let upstream = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let stats = Arc::new(bvcsp::Stats::default());
         let mut bvcsp_ctx = None;
-        if let Some(b) = &cfg.bvcsp {
-            let (ctx, relogin_rx) = bvcsp::Ctx::new(
-                Arc::new(b.clone()),
-                &cfg.storage.dir,
-                outbox.clone(),
-                topics.clone(),
-                stats.clone(),
-                heartbeats.clone(),
-            )?;
-            tasks.spawn(bvcsp::run(ctx.clone(), relogin_rx, upstream.clone()));
+        if let Some((ctx, relogin_rx)) = bvcsp {
+            critical.spawn(
+                &tasks,
+                "the BVCSP link",
+                &upstream,
+                bvcsp::run(ctx.clone(), relogin_rx, upstream.clone(), critical.clone()),
+            );
             bvcsp_ctx = Some(ctx);
         }
-        let mut playbox_links = Vec::new();
+        let playbox_links = playboxes.links();
         if !cfg.playbox.is_empty() {
-            playbox_links = playbox::start(
-                &cfg.playbox,
-                &cfg.storage.dir,
-                outbox.clone(),
-                topics.clone(),
-                incoming_rx,
-                &tasks,
-                upstream.clone(),
-                heartbeats.clone(),
-            )?;
+            playboxes.spawn(incoming_rx, &tasks, upstream.clone(), &critical);
         }
         tasks.close();
         let health = CancellationToken::new();
@@ -109,21 +136,33 @@ impl Bridge {
             heartbeats: heartbeats.clone(),
             publish_latency: latency,
         };
-        tokio::spawn(crate::health::report_loop(
-            probe.clone(),
-            topics.clone(),
-            cfg.service.health_interval,
-            health.clone(),
-        ));
-        tokio::spawn(crate::health::watchdog_loop(heartbeats, health.clone()));
-        let mut http_addr = None;
-        if cfg.service.http {
-            let addr = cfg.service.http_listen.parse().expect("validated");
-            let bound = crate::health::serve_http(addr, probe.clone(), health.clone())
-                .await
-                .map_err(|e| StartError::Http(cfg.service.http_listen.clone(), e))?;
-            http_addr = Some(bound);
+        let health_tasks = TaskTracker::new();
+        critical.spawn(
+            &health_tasks,
+            "the health report",
+            &health,
+            crate::health::report_loop(
+                probe.clone(),
+                topics.clone(),
+                cfg.service.health_interval,
+                health.clone(),
+            ),
+        );
+        critical.spawn(
+            &health_tasks,
+            "the watchdog",
+            &health,
+            crate::health::watchdog_loop(heartbeats, health.clone()),
+        );
+        if let Some(listener) = listener {
+            critical.spawn(
+                &health_tasks,
+                "the health listener",
+                &health,
+                crate::health::serve_http(listener, probe.clone(), health.clone()),
+            );
         }
+        health_tasks.close();
         info!("bvcsp2mqtt {} started", env!("CARGO_PKG_VERSION"));
         Ok(Bridge {
             outbox,
@@ -133,10 +172,20 @@ impl Bridge {
             upstream,
             tasks,
             health,
+            failures: Some(failures),
             probe,
             http_addr,
             grace: cfg.service.grace_period,
         })
+    }
+
+    /// Resolves when a critical task ended on its own or panicked, with why. Pending
+    /// forever after the first call.
+    pub async fn failed(&mut self) -> String {
+        match self.failures.take() {
+            Some(mut f) => f.next().await,
+            None => std::future::pending().await,
+        }
     }
 
     pub fn mqtt_status(&self) -> tokio::sync::watch::Receiver<MqttStatus> {
@@ -194,11 +243,12 @@ fn sources(cfg: &Config) -> serde_json::Value {
 /// Run until `shutdown` resolves, then stop gracefully. Tells systemd (when it started
 /// us) READY=1 once the broker is connected, and STOPPING=1 when stopping.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let bridge = Bridge::start(cfg).await?;
+    let mut bridge = Bridge::start(cfg).await?;
     let mut mqtt = bridge.mqtt_status();
     tokio::pin!(shutdown);
-    tokio::select! {
-        _ = &mut shutdown => {}
+    let failure = tokio::select! {
+        _ = &mut shutdown => None,
+        why = bridge.failed() => Some(why),
         r = mqtt.wait_for(|s| s.connected) => {
             // The watch guard must not live across the await: it blocks the publisher.
             let connected = r.is_ok();
@@ -207,11 +257,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 info!("ready: connected to the broker");
             }
-            shutdown.await;
+            tokio::select! {
+                _ = &mut shutdown => None,
+                why = bridge.failed() => Some(why),
+            }
         }
-    }
+    };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let grace = bridge.grace;
     bridge.stop(grace).await;
-    Ok(())
+    match failure {
+        Some(why) => Err(StartError::Failed(why)),
+        None => Ok(()),
+    }
 }

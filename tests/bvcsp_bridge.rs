@@ -696,3 +696,169 @@ async fn a_stream_refused_after_every_login_does_not_cause_a_login_storm() {
     assert!(gaps[2] >= Duration::from_millis(400), "{gaps:?}");
     bridge.stop(Duration::from_secs(5)).await;
 }
+
+/// Times in microseconds and absurd ones, on every stream and in the device snapshot:
+/// each gives a sane `time` (or the receive time), and every stream keeps delivering
+/// afterwards — twice, 10 s apart — with the link still up and no reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn microsecond_and_absurd_times_break_no_stream() {
+    const MICROS: i64 = 1_721_272_800_000_000;
+    const WANT: &str = "2024-07-18T03:20:00.000Z";
+    let mut d = SimDevice::new("PU_US", "Micro", true);
+    d.lat = 30.1;
+    d.lng = 114.1;
+    d.time_override = Some(json!(MICROS));
+    let mut junk = SimDevice::new("PU_JUNK", "Junk", true);
+    junk.lat = 30.2;
+    junk.lng = 114.2;
+    junk.time_override = Some(json!(99_999_999_999_999_999_i64));
+    let sim = BvcspSim::start(SimOptions {
+        devices: vec![d, junk],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let bridge = Bridge::start(bridge_config(&sim, broker, ""))
+        .await
+        .unwrap();
+    obs.wait_all_up(&Stream::ALL, T).await;
+    wait_sockets(&sim, &Stream::ALL, T).await;
+    let snap = obs
+        .wait_topic(&format!("{BASE}/device/PU_US/location"), T, |_| true)
+        .await
+        .json();
+    assert_eq!(snap["time"], WANT, "{snap}");
+    let snap = obs
+        .wait_topic(&format!("{BASE}/device/PU_JUNK/location"), T, |_| true)
+        .await
+        .json();
+    assert!(
+        snap["time"].as_str().is_some_and(|t| t.starts_with("20")),
+        "{snap}"
+    );
+
+    let frames = |tag: &str, time: serde_json::Value| {
+        vec![
+            (
+                Stream::Alarm,
+                json!({"key": format!("a-{tag}"), "type": 5, "time": time, "devID": "PU_US",
+                    "status": 0}),
+            ),
+            (
+                Stream::Location,
+                json!({"devId": "PU_US", "lat": 30.5, "lng": 114.3, "time": time, "tag": tag}),
+            ),
+            (
+                Stream::OnlineStatus,
+                json!({"type": "PU", "time": time, "status": 1, "tag": tag,
+                    "device": {"id": "PU_US", "name": "Micro"}}),
+            ),
+            (
+                Stream::Im,
+                json!({"iMsgID": 7, "type": 1, "text": tag, "time": time}),
+            ),
+            (
+                Stream::Conference,
+                json!({"type": "member", "operate": "add", "time": time,
+                    "confInfo": {"id": format!("C-{tag}")}}),
+            ),
+        ]
+    };
+    let arrive_all = |tag: String| {
+        let obs = &obs;
+        async move {
+            let a = obs
+                .wait_topic(&format!("{BASE}/device/PU_US/alarm/sos"), T, |r| {
+                    r.json()["raw"]["key"] == format!("a-{tag}")
+                })
+                .await
+                .json();
+            obs.wait_topic(&format!("{BASE}/device/PU_US/location"), T, |r| {
+                r.json()["raw"]["tag"] == tag.as_str()
+            })
+            .await;
+            obs.wait_topic(&format!("{BASE}/event/online_status"), T, |r| {
+                r.json()["raw"]["tag"] == tag.as_str()
+            })
+            .await;
+            obs.wait_topic(&format!("{BASE}/im/message"), T, |r| {
+                r.json()["raw"]["text"] == tag.as_str()
+            })
+            .await;
+            obs.wait_topic(&format!("{BASE}/conference/C-{tag}/member"), T, |_| true)
+                .await;
+            a
+        }
+    };
+    for (stream, f) in frames("us", json!(MICROS)) {
+        assert_eq!(sim.inject(stream, f), 1);
+    }
+    let a = arrive_all("us".into()).await;
+    assert_eq!(a["time"], WANT);
+    for (stream, f) in frames("absurd", json!(99_999_999_999_999_999_i64)) {
+        assert_eq!(sim.inject(stream, f), 1);
+    }
+    let a = arrive_all("absurd".into()).await;
+    assert!(
+        a["time"].as_str().is_some_and(|t| t.starts_with("20")),
+        "{a}"
+    );
+    for round in ["ok1", "ok2"] {
+        for (stream, f) in frames(round, json!(1_717_400_123)) {
+            assert_eq!(sim.inject(stream, f), 1);
+        }
+        arrive_all(round.into()).await;
+        if round == "ok1" {
+            // Long enough for a task that died to show it (the link's next report).
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    }
+    let link = obs.wait_all_up(&Stream::ALL, T).await;
+    assert_eq!(link["state"], "up");
+    for s in Stream::ALL {
+        assert_eq!(sim.counters().ws_upgrades.get(s.name()), Some(&1), "{s:?}");
+    }
+    bridge.stop(Duration::from_secs(5)).await;
+}
+
+/// A 70 000-byte device id would make a topic over MQTT's 65 535-byte limit: it is
+/// shortened in the topic (the payload keeps it whole), and a normal alarm behind it
+/// arrives within seconds without the broker link ever reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_device_id_is_shortened_and_nothing_stalls() {
+    let Rig { sim, obs, bridge } = rig(SimOptions::default(), &[Stream::Alarm]).await;
+    let huge = "D".repeat(70_000);
+    sim.inject(Stream::Alarm, alarm("huge", &huge, 5));
+    sim.inject(Stream::Alarm, alarm("normal", "PU_1", 5));
+    let sent = std::time::Instant::now();
+    obs.wait_topic(&format!("{BASE}/device/PU_1/alarm/sos"), T, |r| {
+        r.json()["raw"]["key"] == "normal"
+    })
+    .await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        sent.elapsed()
+    );
+    let long = obs
+        .wait_for("the huge id's alarm", T, |log| {
+            log.iter()
+                .find(|r| r.topic.ends_with("/alarm/sos") && r.json()["raw"]["key"] == "huge")
+                .cloned()
+        })
+        .await;
+    let level = long.topic.split('/').nth(2).unwrap().to_string();
+    assert_eq!(level.len(), 65, "{level}");
+    assert_eq!(
+        long.json()["device_id"].as_str().map(str::len),
+        Some(70_000)
+    );
+    assert_eq!(
+        bridge.probe.mqtt.borrow().connects,
+        1,
+        "no broker reconnect"
+    );
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -393,6 +393,8 @@ impl AlarmLedger {
     /// of; a last save when `cancel` fires.
     pub async fn run_saver(self: Arc<Self>, outbox: Arc<Outbox>, cancel: CancellationToken) {
         let Some(path) = self.file.clone() else {
+            // In memory only: nothing to save, but a critical task lives until stopped.
+            cancel.cancelled().await;
             return;
         };
         loop {

@@ -234,35 +234,58 @@ impl Ctx {
     }
 }
 
-/// Run the BVCSP link until `cancel`: then close the streams, log out, return.
-pub async fn run(ctx: Arc<Ctx>, relogin_rx: mpsc::Receiver<u64>, cancel: CancellationToken) {
+/// Run the BVCSP link until `cancel`: then close the streams, log out, return. Every
+/// loop under it is critical: one that ends on its own is reported to `critical`.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    relogin_rx: mpsc::Receiver<u64>,
+    cancel: CancellationToken,
+    critical: crate::critical::Critical,
+) {
     let streams_cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     for (index, stream) in ctx.cfg.streams.iter().copied().enumerate() {
-        tracker.spawn(ws::run_stream(
-            ctx.clone(),
-            stream,
-            index,
-            streams_cancel.clone(),
-        ));
+        critical.spawn(
+            &tracker,
+            &format!("the {} stream", stream.name()),
+            &streams_cancel,
+            ws::run_stream(ctx.clone(), stream, index, streams_cancel.clone()),
+        );
     }
-    if ctx.cfg.streams.contains(&Stream::Alarm) {
-        tracker.spawn(backfill::run(ctx.clone(), streams_cancel.clone()));
-        tracker.spawn(gap_while_full(ctx.clone(), streams_cancel.clone()));
+    if !ctx.cfg.backfill {
+        ctx.link.set_detail("backfill", serde_json::json!("off"));
+    } else if ctx.cfg.streams.contains(&Stream::Alarm) {
+        critical.spawn(
+            &tracker,
+            "the alarm backfill",
+            &streams_cancel,
+            backfill::run(ctx.clone(), streams_cancel.clone()),
+        );
+        critical.spawn(
+            &tracker,
+            "the outbox-full gap watch",
+            &streams_cancel,
+            gap_while_full(ctx.clone(), streams_cancel.clone()),
+        );
     }
     tracker.close();
     let saver_cancel = CancellationToken::new();
-    let saver = tokio::spawn(
+    let saver = TaskTracker::new();
+    critical.spawn(
+        &saver,
+        "the alarm ledger saver",
+        &saver_cancel,
         ctx.ledger
             .clone()
             .run_saver(ctx.outbox.clone(), saver_cancel.clone()),
     );
+    saver.close();
     let last = session::run_session(&ctx, relogin_rx, &cancel).await;
     streams_cancel.cancel();
     tracker.wait().await;
     // Every alarm read is in the outbox now: the ledger's last save says so.
     saver_cancel.cancel();
-    let _ = saver.await;
+    saver.wait().await;
     if let Some(token) = last
         && !ctx.skip_logout.load(std::sync::atomic::Ordering::Relaxed)
     {

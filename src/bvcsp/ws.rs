@@ -272,6 +272,7 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                 }
                 if stream == Stream::Alarm {
                     // What was raised while the stream was closed is read back.
+                    ctx.ledger.stream_up();
                     ctx.backfill_request.notify_one();
                 }
                 first_connect = false;
@@ -289,7 +290,7 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                 ctx.link.set_stream(name, false);
                 backoff.lost();
                 if stream == Stream::Alarm {
-                    ctx.ledger.open_gap();
+                    ctx.ledger.stream_down();
                 }
                 match end {
                     End::Cancelled => return,
@@ -701,16 +702,9 @@ async fn ingest_text(
             }
         }
         for m in messages {
-            // A full outbox makes this wait; a stop must not wait behind it.
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    if let Some(id) = &alarm {
-                        ctx.ledger.release(id);
-                    }
-                    return;
-                }
-                _ = ctx.outbox.push(m) => {}
-            }
+            // A full outbox makes this wait; a stop must not wait behind it, nor lose
+            // what was read: on a stop the rest of the frame goes in over the bound.
+            ctx.outbox.push_or_stop(m, cancel).await;
             stats.published.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(id) = alarm {

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Message;
@@ -307,6 +308,17 @@ impl Outbox {
     /// Queue a message. Events wait while the outbox is full, and until they are on disk;
     /// state never waits for space.
     pub async fn push(&self, msg: Message) {
+        self.push_until(msg, None).await
+    }
+
+    /// [`push`](Self::push), but when `stop` fires the message goes in at once, over the
+    /// bound: a stop never loses what was already read upstream.
+    pub async fn push_or_stop(&self, msg: Message, stop: &CancellationToken) {
+        self.push_until(msg, Some(stop)).await
+    }
+
+    async fn push_until(&self, msg: Message, stop: Option<&CancellationToken>) {
+        let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
         if !msg.retain {
             loop {
                 let drained = self.drained.notified();
@@ -329,7 +341,16 @@ impl Outbox {
                         self.full.send_replace(true);
                     }
                 }
-                drained.await;
+                if stopped() {
+                    break;
+                }
+                match stop {
+                    Some(stop) => tokio::select! {
+                        _ = drained => {}
+                        _ = stop.cancelled() => break,
+                    },
+                    None => drained.await,
+                }
             }
         }
         let id = self.push_now(msg);
@@ -340,7 +361,16 @@ impl Outbox {
             if *durable.borrow() <= id - MAX_UNCOMMITTED {
                 self.kick();
             }
-            let _ = durable.wait_for(|d| *d > id - MAX_UNCOMMITTED).await;
+            let caught_up = durable.wait_for(|d| *d > id - MAX_UNCOMMITTED);
+            match stop {
+                Some(stop) => tokio::select! {
+                    _ = caught_up => {}
+                    _ = stop.cancelled() => {}
+                },
+                None => {
+                    let _ = caught_up.await;
+                }
+            }
         }
     }
 

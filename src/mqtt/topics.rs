@@ -2,21 +2,58 @@
 
 use std::borrow::Cow;
 
+/// The longest topic level an upstream id becomes, in bytes. MQTT caps a whole topic at
+/// 65 535 bytes; without a cap a hostile id would corrupt the stream to the broker.
+pub const MAX_LEVEL_BYTES: usize = 65;
+/// Ids up to this length stay as they are (after escaping).
+const KEEP_BYTES: usize = 64;
+/// Hex digits of the SHA-256 kept in a shortened level: 128 bits, so two ids sharing
+/// one would take some 2^64 hostile ids to find.
+const DIGEST_HEX: usize = 32;
+
 /// Make an upstream id safe as one topic level: `/`, `+`, `#` and control characters
-/// become `_`; an empty id becomes `_`.
+/// become `_`; an empty id becomes `_`. An id longer than 64 bytes becomes its first 32
+/// bytes (escaped, padded with `_`), `~`, and 128 bits of the SHA-256 of the full id in
+/// hex: stable, readable, apart from any other id, always `MAX_LEVEL_BYTES` bytes.
 pub fn level(id: &str) -> Cow<'_, str> {
     if id.is_empty() {
         return Cow::Borrowed("_");
     }
+    if id.len() > KEEP_BYTES {
+        return Cow::Owned(shortened(id));
+    }
     if id.chars().any(needs_escape) {
-        Cow::Owned(
-            id.chars()
-                .map(|c| if needs_escape(c) { '_' } else { c })
-                .collect(),
-        )
+        Cow::Owned(escape(id))
     } else {
         Cow::Borrowed(id)
     }
+}
+
+fn escape(id: &str) -> String {
+    id.chars()
+        .map(|c| if needs_escape(c) { '_' } else { c })
+        .collect()
+}
+
+fn shortened(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = hex::encode(Sha256::digest(id.as_bytes()));
+    digest.truncate(DIGEST_HEX);
+    let room = MAX_LEVEL_BYTES - 1 - digest.len();
+    let mut out = String::with_capacity(MAX_LEVEL_BYTES);
+    for c in id.chars().map(|c| if needs_escape(c) { '_' } else { c }) {
+        if out.len() + c.len_utf8() > room {
+            break;
+        }
+        out.push(c);
+    }
+    // Pad so the level is exactly MAX_LEVEL_BYTES whatever the prefix's characters are.
+    while out.len() < room {
+        out.push('_');
+    }
+    out.push('~');
+    out.push_str(&digest);
+    out
 }
 
 fn needs_escape(c: char) -> bool {
@@ -105,6 +142,24 @@ mod tests {
         assert_eq!(level("x\ny\u{0}z\u{7f}"), "x_y_z_");
         assert_eq!(level(""), "_");
         assert_eq!(level("Grüße"), "Grüße");
+    }
+
+    #[test]
+    fn long_ids_are_shortened_stably_and_apart() {
+        let long = "D".repeat(70_000);
+        let a = level(&long).into_owned();
+        assert_eq!(a.len(), MAX_LEVEL_BYTES);
+        assert_eq!(a, level(&long), "the same id gives the same level");
+        assert!(a.starts_with("DD"), "{a}");
+        let mut other = long.clone();
+        other.push('E');
+        assert_ne!(level(&other), a, "ids that share a prefix stay apart");
+        let exactly = "x".repeat(KEEP_BYTES);
+        assert_eq!(level(&exactly), exactly.as_str());
+        let wild = format!("{}#/+", "é".repeat(40));
+        let w = level(&wild);
+        assert_eq!(w.len(), MAX_LEVEL_BYTES);
+        assert!(!w.contains(['#', '/', '+']), "{w}");
     }
 
     #[test]

@@ -65,20 +65,23 @@ pub fn command_filters(boxes: &[PlayboxConfig], topics: &Topics) -> Vec<String> 
         .collect()
 }
 
-/// Start every box's loop and the command router. Returns when all are started.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
+/// Every box, ready to run: what can fail (trust files, TLS, clients) is done.
+pub struct Prepared {
+    runners: Vec<(String, poller::BoxRunner, mpsc::Receiver<poller::Command>)>,
+    routes: HashMap<String, mpsc::Sender<poller::Command>>,
+    topics: Topics,
+}
+
+/// Set up every box without starting anything: a failure leaves nothing running.
+pub fn prepare(
     boxes: &[PlayboxConfig],
     storage: &Path,
     outbox: Arc<Outbox>,
     topics: Topics,
-    incoming: mpsc::Receiver<Incoming>,
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
     heartbeats: Arc<crate::health::Heartbeats>,
-) -> Result<Vec<(String, Arc<crate::link::Link>)>, PlayboxSetupError> {
+) -> Result<Prepared, PlayboxSetupError> {
     let mut routes = HashMap::new();
-    let mut links = Vec::new();
+    let mut runners = Vec::new();
     for cfg in boxes {
         let err = |message: String| PlayboxSetupError::Setup {
             name: cfg.name.clone(),
@@ -98,11 +101,43 @@ pub fn start(
             topics.clone(),
             heartbeats.clone(),
         );
-        links.push((cfg.name.clone(), runner.link()));
-        tracker.spawn(runner.run(rx, cancel.clone()));
+        runners.push((cfg.name.clone(), runner, rx));
     }
-    tracker.spawn(route_commands(incoming, routes, topics, cancel));
-    Ok(links)
+    Ok(Prepared {
+        runners,
+        routes,
+        topics,
+    })
+}
+
+impl Prepared {
+    /// Each box's link, for health reports.
+    pub fn links(&self) -> Vec<(String, Arc<crate::link::Link>)> {
+        self.runners
+            .iter()
+            .map(|(name, r, _)| (name.clone(), r.link()))
+            .collect()
+    }
+
+    /// Start every box's loop and the command router, each a critical task.
+    pub fn spawn(
+        self,
+        incoming: mpsc::Receiver<Incoming>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+        critical: &crate::critical::Critical,
+    ) {
+        for (name, runner, rx) in self.runners {
+            let what = format!("the play box {name} loop");
+            critical.spawn(tracker, &what, &cancel, runner.run(rx, cancel.clone()));
+        }
+        critical.spawn(
+            tracker,
+            "the play-box command router",
+            &cancel,
+            route_commands(incoming, self.routes, self.topics, cancel.clone()),
+        );
+    }
 }
 
 /// Hand each command message to its box.

@@ -133,6 +133,9 @@ pub struct SimDevice {
     /// 0/0 means "no position", as on the real server.
     pub lat: f64,
     pub lng: f64,
+    /// Overrides the `gps.time` and `lastTime` the device list reports (any JSON, so a
+    /// test can send microseconds, junk or strings).
+    pub time_override: Option<Value>,
 }
 
 impl SimDevice {
@@ -145,6 +148,7 @@ impl SimDevice {
             online,
             lat: 0.0,
             lng: 0.0,
+            time_override: None,
         }
     }
 }
@@ -618,6 +622,10 @@ fn device_record(d: &SimDevice, need_status: bool, started_unix: i64) -> Value {
         "gps": {"lng": d.lng, "lat": d.lat, "time": if has_fix { last_time } else { 0 }},
         "lastTime": last_time,
     });
+    if let Some(t) = &d.time_override {
+        rec["gps"]["time"] = t.clone();
+        rec["lastTime"] = t.clone();
+    }
     if need_status {
         rec["status"] = json!(u8::from(d.online));
     }

@@ -43,7 +43,12 @@ fn classify(e: RestError, path: &str) -> BackfillError {
         RestError::Status(404) => {
             BackfillError::Unavailable(format!("no alarm records at {path} (HTTP 404)"))
         }
-        RestError::Status(401 | 403) | RestError::Code { code: 9, .. } => BackfillError::Relogin(e),
+        RestError::Status(401) | RestError::Code { code: 9, .. } => BackfillError::Relogin(e),
+        // The account may not read the records: a new token would not change that, and
+        // a re-login per attempt would churn every stream's token.
+        RestError::Status(403) => BackfillError::Unavailable(format!(
+            "the account may not read alarm records at {path} (HTTP 403)"
+        )),
         RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
         RestError::Status(s) => {
             BackfillError::Unavailable(format!("alarm records at {path}: HTTP {s}"))
@@ -53,7 +58,10 @@ fn classify(e: RestError, path: &str) -> BackfillError {
             code: 1 | 6 | 7 | 10 | 11 | 15,
             ..
         } => BackfillError::Retry(e),
-        RestError::Code { .. } | RestError::NotJson(_) | RestError::NoList => {
+        RestError::Code { .. }
+        | RestError::NotJson(_)
+        | RestError::NoList
+        | RestError::TooLarge { .. } => {
             BackfillError::Unavailable(format!("alarm records at {path}: {e}"))
         }
         RestError::Transport(_) | RestError::NoToken => BackfillError::Retry(e),
@@ -95,6 +103,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = ctx.backfill_request.notified() => {}
         }
+        let mut relogins = 0u32;
         while let Some(generation) = ctx.ledger.open_gap_generation() {
             if unavailable_until.is_some_and(|t| Instant::now() < t) {
                 // Nothing can be read back: the floor moves on with the live alarms.
@@ -151,7 +160,22 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     ctx.ledger.abandon_gap(generation);
                     break;
                 }
+                Err(BackfillError::Relogin(e)) if relogins > 0 => {
+                    // A fresh token was refused too: the records, not the token, are the
+                    // problem, and more logins would only churn every stream's token.
+                    warn!(
+                        "alarm backfill unavailable: {e} even with a new token (asked again in {:?})",
+                        BACKFILL_UNAVAILABLE_RETRY
+                    );
+                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.link
+                        .set_detail("backfill_reason", json!(format!("{e} after a re-login")));
+                    unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
+                    ctx.ledger.abandon_gap(generation);
+                    break;
+                }
                 Err(BackfillError::Relogin(e)) => {
+                    relogins += 1;
                     debug!("alarm backfill: {e}; waiting for a new token");
                     let _ = ctx.relogin.try_send(token.generation);
                     tokio::select! {
@@ -397,6 +421,14 @@ mod tests {
         assert!(matches!(
             classify(RestError::Status(503), p),
             BackfillError::Retry(_)
+        ));
+        assert!(matches!(
+            classify(RestError::Status(403), p),
+            BackfillError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(RestError::TooLarge { limit: 1 }, p),
+            BackfillError::Unavailable(_)
         ));
         let code = |c| RestError::Code {
             code: c,

@@ -4,8 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
+use tracing::warn;
+
+/// The most devices the bridge keeps track of. Beyond it, events of new devices still
+/// flow, but the bridge does not remember them (no GPS subscription, no snapshot
+/// ordering): a server inventing ids cannot grow memory without bound.
+pub const MAX_DEVICES: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -19,6 +26,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Number of distinct devices known; changes whenever a new one appears.
     added: watch::Sender<usize>,
+    /// Updates of devices past [`MAX_DEVICES`], not remembered.
+    over_cap: AtomicU64,
 }
 
 impl Default for Registry {
@@ -26,6 +35,7 @@ impl Default for Registry {
         Registry {
             inner: Mutex::default(),
             added: watch::channel(0).0,
+            over_cap: AtomicU64::new(0),
         }
     }
 }
@@ -35,16 +45,40 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts an update of a device that is not kept; logs the first and every 10 000th.
+    fn refused(&self) {
+        let n = self.over_cap.fetch_add(1, Ordering::Relaxed);
+        if n % 10_000 == 0 {
+            warn!(
+                "more than {MAX_DEVICES} devices: updates of new ones are published but not \
+                 tracked ({} so far)",
+                n + 1
+            );
+        }
+    }
+
+    /// Updates of devices past the cap so far.
+    pub fn over_cap(&self) -> u64 {
+        self.over_cap.load(Ordering::Relaxed)
+    }
+
     /// A frame on the online-status stream: always authoritative.
     pub fn stream_update(&self, id: &str, online: bool) {
         let count = {
             let mut g = self.lock();
             g.seq += 1;
             let seq = g.seq;
-            g.devices
-                .insert(id.to_string(), (online, seq))
-                .is_none()
-                .then_some(g.devices.len())
+            if let Some(entry) = g.devices.get_mut(id) {
+                *entry = (online, seq);
+                None
+            } else if g.devices.len() >= MAX_DEVICES {
+                drop(g);
+                self.refused();
+                None
+            } else {
+                g.devices.insert(id.to_string(), (online, seq));
+                Some(g.devices.len())
+            }
         };
         if let Some(n) = count {
             self.added.send_replace(n);
@@ -61,17 +95,26 @@ impl Registry {
     pub fn snapshot_update(&self, id: &str, online: bool, begin: u64) -> bool {
         let (apply, count) = {
             let mut g = self.lock();
+            let full = g.devices.len() >= MAX_DEVICES;
             match g.devices.get_mut(id) {
                 Some((_, seq)) if *seq > begin => (false, None),
                 Some(entry) => {
                     entry.0 = online;
                     (true, None)
                 }
+                None if full => (true, Some(None)),
                 None => {
                     g.devices.insert(id.to_string(), (online, 0));
-                    (true, Some(g.devices.len()))
+                    (true, Some(Some(g.devices.len())))
                 }
             }
+        };
+        let count = match count {
+            Some(None) => {
+                self.refused();
+                None
+            }
+            other => other.flatten(),
         };
         if let Some(n) = count {
             self.added.send_replace(n);
@@ -108,5 +151,26 @@ mod tests {
             "a later snapshot applies"
         );
         assert_eq!(r.ids(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn the_registry_is_bounded_and_known_devices_still_update() {
+        let r = Registry::default();
+        for i in 0..MAX_DEVICES {
+            r.stream_update(&format!("d{i}"), true);
+        }
+        r.stream_update("new", true);
+        assert!(
+            r.snapshot_update("new2", true, r.snapshot_begin()),
+            "still published"
+        );
+        assert_eq!(r.ids().len(), MAX_DEVICES);
+        assert_eq!(r.over_cap(), 2);
+        let begin = r.snapshot_begin();
+        r.stream_update("d7", false);
+        assert!(
+            !r.snapshot_update("d7", true, begin),
+            "known ones keep their order"
+        );
     }
 }

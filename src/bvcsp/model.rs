@@ -139,16 +139,86 @@ pub fn alarm_label(alarm_type: i64) -> Cow<'static, str> {
     Cow::Borrowed(known)
 }
 
+/// The most events one frame may carry; the rest are counted and skipped unparsed, so a
+/// frame of millions of elements neither becomes millions of rows nor millions of values.
+pub const MAX_EVENTS_PER_FRAME: usize = 10_000;
+
+/// One WebSocket text, split into events.
+#[derive(Debug, Default, PartialEq)]
+pub struct Frame {
+    pub events: Vec<Value>,
+    /// Elements past [`MAX_EVENTS_PER_FRAME`], skipped.
+    pub skipped: usize,
+}
+
 /// Splits one WebSocket text into events: empty frames carry none, an array carries one
-/// per element, anything else that is JSON carries itself.
-pub fn split_frame(text: &str) -> Result<Vec<Value>, serde_json::Error> {
+/// per element (at most [`MAX_EVENTS_PER_FRAME`]), anything else that is JSON carries
+/// itself.
+pub fn split_frame(text: &str) -> Result<Frame, serde_json::Error> {
     let trimmed = text.trim();
     if trimmed.is_empty() || trimmed == "\"\"" {
-        return Ok(Vec::new());
+        return Ok(Frame::default());
     }
-    match serde_json::from_str::<Value>(trimmed)? {
-        Value::Array(items) => Ok(items),
-        other => Ok(vec![other]),
+    let mut de = serde_json::Deserializer::from_str(trimmed);
+    let frame = serde::Deserializer::deserialize_any(&mut de, FrameVisitor)?;
+    de.end()?;
+    Ok(frame)
+}
+
+struct FrameVisitor;
+
+macro_rules! frame_of_scalar {
+    ($($name:ident: $ty:ty),*) => {$(
+        fn $name<E: serde::de::Error>(self, v: $ty) -> Result<Frame, E> {
+            Ok(Frame { events: vec![Value::from(v)], skipped: 0 })
+        }
+    )*};
+}
+
+impl<'de> serde::de::Visitor<'de> for FrameVisitor {
+    type Value = Frame;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    frame_of_scalar!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Frame, E> {
+        Ok(Frame {
+            events: vec![Value::String(v)],
+            skipped: 0,
+        })
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Frame, E> {
+        Ok(Frame {
+            events: vec![Value::Null],
+            skipped: 0,
+        })
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Frame, A::Error> {
+        use serde::Deserialize;
+        let v = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Frame {
+            events: vec![v],
+            skipped: 0,
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Frame, A::Error> {
+        let mut frame = Frame::default();
+        while frame.events.len() < MAX_EVENTS_PER_FRAME {
+            match seq.next_element::<Value>()? {
+                Some(v) => frame.events.push(v),
+                None => return Ok(frame),
+            }
+        }
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+            frame.skipped += 1;
+        }
+        Ok(frame)
     }
 }
 
@@ -787,11 +857,24 @@ mod tests {
 
     #[test]
     fn frames_split_into_events() {
-        assert!(split_frame("").unwrap().is_empty());
-        assert!(split_frame("  ").unwrap().is_empty());
-        assert_eq!(split_frame("[{\"a\":1},{\"a\":2}]").unwrap().len(), 2);
-        assert_eq!(split_frame("{\"a\":1}").unwrap().len(), 1);
+        assert!(split_frame("").unwrap().events.is_empty());
+        assert!(split_frame("  ").unwrap().events.is_empty());
+        assert_eq!(
+            split_frame("[{\"a\":1},{\"a\":2}]").unwrap().events.len(),
+            2
+        );
+        assert_eq!(
+            split_frame("{\"a\":[1,{\"b\":null}]}").unwrap().events,
+            vec![json!({"a": [1, {"b": null}]})]
+        );
+        assert_eq!(split_frame("42").unwrap().events, vec![json!(42)]);
+        assert_eq!(split_frame("\"x\"").unwrap().events, vec![json!("x")]);
         assert!(split_frame("not json").is_err());
+        assert!(split_frame("{\"a\":1} trailing").is_err());
+        assert!(split_frame("[1,2").is_err());
+        let huge = format!("[{}{{}}]", "{},".repeat(MAX_EVENTS_PER_FRAME + 499));
+        let f = split_frame(&huge).unwrap();
+        assert_eq!((f.events.len(), f.skipped), (MAX_EVENTS_PER_FRAME, 500));
     }
 
     #[test]

@@ -34,6 +34,28 @@ pub enum RestError {
     NoToken,
     #[error("reply has no list of records")]
     NoList,
+    #[error("reply is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+/// The largest REST reply read, in bytes. A device-list page of 1 000 devices is well
+/// under a megabyte; a server sending more is broken or hostile, and the reply is an
+/// error for that request rather than unbounded memory.
+pub const MAX_REPLY_BYTES: usize = 32 << 20;
+
+/// Read a reply body, refusing to hold more than `limit` bytes.
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, RestError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(RestError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > limit {
+            return Err(RestError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 impl RestError {
@@ -130,7 +152,7 @@ impl RestClient {
         };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
+        let bytes = read_capped(resp, MAX_REPLY_BYTES).await?;
         if !status.is_success() {
             // A JSON error envelope on a non-2xx status still tells us more than the status.
             if let Ok(v) = serde_json::from_slice::<Value>(&bytes)

@@ -646,7 +646,22 @@ async fn ingest_text(
 ) {
     let received = SystemTime::now();
     let values = match model::split_frame(text) {
-        Ok(v) => v,
+        Ok(frame) => {
+            if frame.skipped > 0 {
+                malformed(
+                    ctx,
+                    stream,
+                    memory,
+                    &format!(
+                        "a frame of {} events: the {} past {} are skipped",
+                        frame.events.len() + frame.skipped,
+                        frame.skipped,
+                        model::MAX_EVENTS_PER_FRAME
+                    ),
+                );
+            }
+            frame.events
+        }
         Err(e) => {
             malformed(
                 ctx,
@@ -697,7 +712,9 @@ async fn ingest_text(
             && let Some(m) = messages.first()
         {
             let mut located = ctx.located.lock().unwrap_or_else(|p| p.into_inner());
-            if !located.contains(&m.topic) {
+            // Bounded like the device registry; past it the snapshot may re-publish a
+            // position older than a live one (retained state, not an event).
+            if !located.contains(&m.topic) && located.len() < super::devices::MAX_DEVICES {
                 located.insert(m.topic.clone());
             }
         }

@@ -48,7 +48,7 @@ impl Registry {
     /// Counts an update of a device that is not kept; logs the first and every 10 000th.
     fn refused(&self) {
         let n = self.over_cap.fetch_add(1, Ordering::Relaxed);
-        if n % 10_000 == 0 {
+        if n.is_multiple_of(10_000) {
             warn!(
                 "more than {MAX_DEVICES} devices: updates of new ones are published but not \
                  tracked ({} so far)",

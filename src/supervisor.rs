@@ -28,8 +28,20 @@ pub enum StartError {
     Playbox(#[from] playbox::PlayboxSetupError),
     #[error(transparent)]
     Outbox(#[from] crate::mqtt::outbox::OutboxError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("service.http_listen {0}: {1}")]
     Http(String, std::io::Error),
+}
+
+impl StartError {
+    /// Another bridge holds `storage.dir` (the binary exits with 73 for this).
+    pub fn is_storage_locked(&self) -> bool {
+        matches!(
+            self,
+            StartError::Storage(crate::storage::StorageError::Locked { .. })
+        )
+    }
 }
 
 /// A running bridge.
@@ -45,12 +57,16 @@ pub struct Bridge {
     /// Where the HTTP health listener is (when `service.http` is on).
     pub http_addr: Option<std::net::SocketAddr>,
     pub grace: Duration,
+    /// One bridge per `storage.dir`: held for as long as the bridge lives.
+    _lock: crate::storage::StorageLock,
 }
 
 impl Bridge {
     /// Validate-free start: `cfg` must already be validated (see `config::load`).
     pub async fn start(cfg: Config) -> Result<Bridge, StartError> {
         let started = SystemTime::now();
+        // Before anything else: a second bridge on this directory must not touch it.
+        let lock = crate::storage::lock(&cfg.storage.dir)?;
         let topics = Topics::new(&cfg.mqtt.base_topic);
         let outbox = Outbox::open(&cfg.storage.dir, cfg.storage.max_bytes)?;
         let latency = crate::health::latency_histogram();
@@ -136,6 +152,7 @@ impl Bridge {
             probe,
             http_addr,
             grace: cfg.service.grace_period,
+            _lock: lock,
         })
     }
 
@@ -171,6 +188,7 @@ impl Bridge {
         self.publisher.abort().await;
         self.upstream.cancel();
         self.tasks.wait().await;
+        self.health.cancel();
     }
 }
 

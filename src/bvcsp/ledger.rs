@@ -16,7 +16,6 @@
 //! start then publishes those few alarms once more, with the same `event_id`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -385,23 +384,7 @@ fn advance(g: &mut State) {
     }
 }
 
-/// Write `bytes` to `path` as a whole or not at all, readable by the owner only.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, path)
-}
+pub use crate::storage::write_atomic;
 
 #[cfg(test)]
 mod tests {

@@ -253,8 +253,13 @@ impl Outbox {
             dir: dir.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+        crate::storage::create_private_dir(dir)
+            .map_err(|e| err(format!("cannot create it: {e}")))?;
         let path = dir.join("outbox.sqlite3");
+        // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        // database file's mode.
+        crate::storage::ensure_private_file(&path)
+            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
         let conn =
             open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
         let checkpointer =

@@ -380,11 +380,19 @@ impl Daemon {
     }
 
     pub fn spawn_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"))
-            .args(["run", "--config"])
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"));
+        cmd.args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Daemon::spawn_command(cmd)
+    }
+
+    /// Run `cmd` (the daemon, perhaps behind a wrapper such as `sh -c` or `prlimit`).
+    pub fn spawn_command(mut cmd: std::process::Command) -> Daemon {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -140,10 +140,14 @@ impl Probe {
                 "last_error": s.last_error,
             })
         };
+        let mut outbox = o.to_json();
+        if let Some(aside) = self.outbox.set_aside() {
+            outbox["corrupt_file_kept_as"] = serde_json::json!(aside.display().to_string());
+        }
         serde_json::json!({
             "uptime_s": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "memory_rss_bytes": rss_bytes(),
-            "outbox": o.to_json(),
+            "outbox": outbox,
             "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error},
             "bvcsp": self.bvcsp_link.as_ref().map(|l| {
                 let mut v = link_json(l);

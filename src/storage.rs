@@ -179,6 +179,43 @@ fn make_files_private(dir: &Path) {
     let _ = dir;
 }
 
+/// Move a damaged `path` aside as `<name>.corrupt-<unix time>` (with its SQLite `-wal`
+/// and `-journal` files, if any; the `-shm` index is only removed, it holds no data), so
+/// that a fresh one can start. Returns where it went. Nothing is deleted.
+pub fn set_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let with = |p: &Path, suffix: &str| {
+        let mut s = p.as_os_str().to_os_string();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    let mut aside = path.with_file_name(format!("{name}.corrupt-{now}"));
+    let mut n = 1;
+    while aside.exists() || with(&aside, "-wal").exists() {
+        aside = path.with_file_name(format!("{name}.corrupt-{now}.{n}"));
+        n += 1;
+    }
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-journal"] {
+        let side = with(path, suffix);
+        if side.exists() {
+            std::fs::rename(&side, with(&aside, suffix))?;
+        }
+    }
+    let shm = with(path, "-shm");
+    if shm.exists() {
+        std::fs::remove_file(&shm)?;
+    }
+    Ok(aside)
+}
+
 /// Write `bytes` to `path` as a whole or not at all, readable by the owner only.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");

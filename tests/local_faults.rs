@@ -179,3 +179,42 @@ async fn storage_files_are_0600_and_the_dir_0700_whatever_the_umask() {
     }
     stop(d).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_outbox_file_is_kept_aside_and_the_daemon_runs() {
+    let r = rig("").await;
+    std::fs::create_dir_all(&r.state).unwrap();
+    let garbage: Vec<u8> = (0..16384u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(r.state.join("outbox.sqlite3"), &garbage).unwrap();
+
+    let d = Daemon::spawn(&r.config);
+    r.obs.wait_all_up(&[Stream::Alarm], T).await;
+    alarm_flows(&r, "fresh").await;
+    let kept: Vec<PathBuf> = std::fs::read_dir(&r.state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("outbox.sqlite3.corrupt-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(std::fs::read(&kept[0]).unwrap(), garbage, "kept as it was");
+    let log = d.log();
+    assert!(
+        log.contains("corrupt") && log.contains(&kept[0].display().to_string()),
+        "the log says what happened:\n{log}"
+    );
+    let health = r
+        .obs
+        .wait_topic(&format!("{BASE}/bridge/health"), T, |_| true)
+        .await
+        .json();
+    assert_eq!(
+        health["outbox"]["corrupt_file_kept_as"],
+        kept[0].display().to_string()
+    );
+    stop(d).await;
+}

@@ -215,6 +215,8 @@ pub struct Outbox {
     drained: Notify,
     durable: watch::Sender<u64>,
     full: watch::Sender<bool>,
+    /// Where a corrupt outbox file found at start was moved.
+    set_aside: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -244,7 +246,13 @@ impl Outbox {
             drained: Notify::new(),
             durable: watch::channel(0).0,
             full: watch::channel(false).0,
+            set_aside: None,
         }
+    }
+
+    /// Where a corrupt outbox file found at start was kept, if there was one.
+    pub fn set_aside(&self) -> Option<&Path> {
+        self.set_aside.as_deref()
     }
 
     /// Open (or create) the outbox under `dir`, loading what a previous run left.
@@ -260,14 +268,32 @@ impl Outbox {
         // database file's mode.
         crate::storage::ensure_private_file(&path)
             .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        let conn =
-            open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-        let checkpointer =
-            open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let cannot_open = |e: rusqlite::Error| err(format!("cannot open {}: {e}", path.display()));
+        let mut set_aside = None;
+        let (conn, checkpointer, inner) = match open_store(&path) {
+            Ok(opened) => opened,
+            Err(e) if is_corrupt(&e) => {
+                // Kept for a post-mortem (it may hold unsent messages), never deleted.
+                let aside = crate::storage::set_aside(&path)
+                    .map_err(|e| err(format!("cannot move {} aside: {e}", path.display())))?;
+                error!(
+                    "outbox {} is corrupt ({e}); kept as {} and starting a fresh outbox: what it held is not sent",
+                    path.display(),
+                    aside.display()
+                );
+                crate::storage::ensure_private_file(&path)
+                    .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
+                set_aside = Some(aside);
+                open_store(&path).map_err(cannot_open)?
+            }
+            Err(e) => return Err(cannot_open(e)),
+        };
         let mut outbox = Outbox::memory(max_bytes);
+        outbox.set_aside = set_aside;
         {
-            let inner = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            load(&conn, inner).map_err(|e| err(e.to_string()))?;
+            let slot = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+            *slot = inner;
+            let inner = slot;
             if inner.depth() > 0 {
                 info!(
                     "outbox: {} unacknowledged messages from the last run ({} bytes); sending them first",
@@ -768,6 +794,25 @@ fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// The writer's and the checkpointer's connections, and what a previous run left.
+fn open_store(
+    path: &Path,
+) -> rusqlite::Result<(rusqlite::Connection, rusqlite::Connection, Inner)> {
+    let conn = open_db(path)?;
+    let checkpointer = open_db(path)?;
+    let mut inner = Inner::default();
+    load(&conn, &mut inner)?;
+    Ok((conn, checkpointer, inner))
+}
+
+/// SQLite says the file is not (or no longer) a database.
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
 type Row = (u64, Message, Instant);
 
 /// Up to `limit` rows from id `from` on, in order, with their age carried over.
@@ -1211,6 +1256,24 @@ mod tests {
         assert_eq!(rows_on_disk(dir.path()), 1);
         assert!(o.take_next().is_some());
         o.close();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_is_kept_aside_and_a_fresh_outbox_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite3");
+        let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let aside = o.set_aside().expect("moved aside").to_path_buf();
+        let name = aside.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("outbox.sqlite3.corrupt-"), "{name}");
+        assert_eq!(std::fs::read(&aside).unwrap(), garbage, "kept as it was");
+        o.push(ev("a", "1")).await;
+        o.committed().await;
+        assert_eq!(o.take_next().unwrap().1.payload, "1");
+        o.close();
+        assert_eq!(rows_on_disk(dir.path()), 1);
     }
 
     /// Rows in the store, as a second connection sees them.

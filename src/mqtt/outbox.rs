@@ -48,8 +48,8 @@ const REFILL_BATCH: usize = 512;
 const DELETE_DELAY: Duration = Duration::from_millis(200);
 /// ...or until this many have gathered.
 const DELETE_BATCH: usize = 4096;
-/// A batch of at most this many rows is committed inline, more by the writer thread.
-const INLINE_MAX: usize = 32;
+/// An open batch holds back at most this many rows; beyond that the writer takes them.
+const BATCH_MAX: usize = 32;
 /// The log is checkpointed and started over once it has grown by about this much.
 const WAL_RESET_BYTES: u64 = 4 << 20;
 /// A log at least this long after a checkpoint is truncated (started over).
@@ -169,10 +169,14 @@ struct Dirty {
     closing: bool,
 }
 
-/// The store: one connection, used by whoever commits (the writer thread, or a producer
-/// committing its own small batch inline), and the queue of what is to be written.
+/// The store: one connection, used only by the writer thread (commits and reads back;
+/// never a producer, which may be an async task on the runtime's thread), and the queue
+/// of what is to be written.
 struct Store {
     conn: Mutex<rusqlite::Connection>,
+    /// Threads that committed (tests check it is only ever the writer).
+    #[cfg(test)]
+    commit_threads: Mutex<HashSet<String>>,
     queue: Mutex<Queue>,
     wake: Condvar,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -305,6 +309,8 @@ impl Outbox {
         outbox.durable.send_replace(outbox.lock().next_id);
         let store = Arc::new(Store {
             conn: Mutex::new(conn),
+            #[cfg(test)]
+            commit_threads: Mutex::default(),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -422,8 +428,8 @@ impl Outbox {
     }
 
     /// Hold back commits while a batch of messages is queued (say, every frame already
-    /// read off a socket): when the last batch ends, a few rows are committed right there,
-    /// sparing two thread hand-offs per message at low rates; many go to the writer thread.
+    /// read off a socket): when the last batch ends, the writer thread commits them in one
+    /// transaction (and takes them earlier if more than `BATCH_MAX` pile up).
     pub fn batch(&self) -> CommitBatch<'_> {
         if let Some(store) = &self.store {
             store.queue().deferring += 1;
@@ -438,36 +444,6 @@ impl Outbox {
             let mut q = store.queue();
             q.forced = true;
             store.wake_if_idle(&q);
-        }
-    }
-
-    /// Commit what is queued on this thread if it is little and the connection is free;
-    /// otherwise leave it to the writer thread.
-    fn commit_now(&self) {
-        let Some(store) = &self.store else { return };
-        {
-            let q = store.queue();
-            if q.inserts.is_empty() {
-                return;
-            }
-            if q.inserts.len() > INLINE_MAX {
-                store.wake_if_idle(&q);
-                return;
-            }
-        }
-        let conn = match store.conn.try_lock() {
-            Ok(conn) => conn,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // Someone else is committing: make sure the writer takes these rows next.
-            Err(std::sync::TryLockError::WouldBlock) => {
-                self.kick();
-                return;
-            }
-        };
-        if commit_queued(store, &conn, Some(self)).is_err() {
-            drop(conn);
-            // The writer retries and reports.
-            self.kick();
         }
     }
 
@@ -686,13 +662,11 @@ impl Drop for CommitBatch<'_> {
         let Some(store) = &self.outbox.store else {
             return;
         };
-        let last = {
-            let mut q = store.queue();
-            q.deferring -= 1;
-            q.deferring == 0
-        };
-        if last {
-            self.outbox.commit_now();
+        let mut q = store.queue();
+        q.deferring -= 1;
+        // The writer thread commits; the producer (an async task) never touches the disk.
+        if q.deferring == 0 && !q.inserts.is_empty() {
+            store.wake_if_idle(&q);
         }
     }
 }
@@ -905,6 +879,12 @@ fn commit_queued(
     if inserts.is_empty() && deletes.is_empty() {
         return Ok(());
     }
+    #[cfg(test)]
+    store
+        .commit_threads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(std::thread::current().name().unwrap_or("?").to_string());
     if let Err(e) = commit(conn, &inserts, &mut deletes) {
         let mut q = store.queue();
         let newer = std::mem::replace(&mut q.inserts, inserts);
@@ -961,7 +941,7 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                 });
                 // Rows of an open batch wait for it, unless they pile up.
                 let inserts_due = !q.inserts.is_empty()
-                    && (q.deferring == 0 || q.inserts.len() > INLINE_MAX || q.forced);
+                    && (q.deferring == 0 || q.inserts.len() > BATCH_MAX || q.forced);
                 if inserts_due || q.refill || q.closing || deletes_due {
                     break;
                 }
@@ -1259,6 +1239,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commits_run_on_the_writer_thread_never_on_the_producers() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        // Small batches, the case that used to be committed inline by the producer.
+        for i in 0..50 {
+            let batch = o.batch();
+            o.push(ev("e", &i.to_string())).await;
+            o.push(ev("f", &i.to_string())).await;
+            drop(batch);
+            o.committed().await;
+        }
+        assert_eq!(drain(&o).await.len(), 100);
+        crate::sim::eventually("deletes committed", Duration::from_secs(5), || {
+            rows_on_disk(dir.path()) == 0
+        })
+        .await;
+        let store = o.store.clone().unwrap();
+        let threads = store.commit_threads.lock().unwrap().clone();
+        assert_eq!(
+            threads,
+            HashSet::from(["outbox-writer".to_string()]),
+            "only the writer thread commits"
+        );
+        o.close();
+    }
+
+    #[tokio::test]
     async fn a_corrupt_file_is_kept_aside_and_a_fresh_outbox_started() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.sqlite3");
@@ -1498,7 +1505,15 @@ mod tests {
             let batch = o.batch();
             o.push(ev("e", &payload)).await;
             drop(batch);
-            let (id, _) = o.take_next().expect("committed inline");
+            let (id, _) = loop {
+                let wake = o.sendable();
+                if let Some(next) = o.take_next() {
+                    break next;
+                }
+                tokio::time::timeout(Duration::from_secs(5), wake)
+                    .await
+                    .expect("committed by the writer");
+            };
             o.ack(id);
             if i % 100 == 0 {
                 largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));

@@ -68,7 +68,20 @@ impl Bridge {
         // Before anything else: a second bridge on this directory must not touch it.
         let lock = crate::storage::lock(&cfg.storage.dir)?;
         let topics = Topics::new(&cfg.mqtt.base_topic);
-        let outbox = Outbox::open(&cfg.storage.dir, cfg.storage.max_bytes)?;
+        // Opening reads (and may clean up) what the last run left: not on the runtime.
+        let outbox = {
+            let (dir, max) = (cfg.storage.dir.clone(), cfg.storage.max_bytes);
+            match tokio::task::spawn_blocking(move || Outbox::open(&dir, max)).await {
+                Ok(opened) => opened?,
+                Err(e) => {
+                    return Err(crate::mqtt::outbox::OutboxError::Open {
+                        dir: cfg.storage.dir.display().to_string(),
+                        message: format!("opening the outbox failed: {e}"),
+                    }
+                    .into());
+                }
+            }
+        };
         let latency = crate::health::latency_histogram();
         outbox.observe_latency(latency.clone());
         let heartbeats = Arc::new(Heartbeats::default());

@@ -167,16 +167,29 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// Retained `{base}/bridge/health` every `interval`, and `outbox_full` on the BVCSP link
-/// as soon as the outbox fills or drains.
+/// Retained `{base}/bridge/health` every `interval` and whenever reading upstream pauses
+/// or resumes, and `outbox_full` on the BVCSP link as soon as the outbox fills or drains.
+/// While the outbox cannot write, the report goes out through `direct` (it could not
+/// leave the outbox), so the reason is visible where users look.
 pub async fn report_loop(
     probe: Probe,
     topics: Topics,
     interval: Duration,
+    direct: Option<crate::mqtt::publisher::Direct>,
     cancel: CancellationToken,
 ) {
     let mut full = probe.outbox.full();
+    let mut paused = probe.outbox.paused();
     let mut tick = tokio::time::interval(interval);
+    let publish = |probe: &Probe| {
+        let msg = Message::state_json(topics.bridge_health(), &probe.report());
+        match &direct {
+            Some(direct) if probe.outbox.write_error().is_some() => direct.publish(msg),
+            _ => {
+                probe.outbox.push_now(msg);
+            }
+        }
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -189,8 +202,15 @@ pub async fn report_loop(
                     link.set_detail("outbox_full", serde_json::json!(is_full));
                 }
             }
+            r = paused.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                paused.borrow_and_update();
+                publish(&probe);
+            }
             _ = tick.tick() => {
-                probe.outbox.push_now(Message::state_json(topics.bridge_health(), &probe.report()));
+                publish(&probe);
                 let o = probe.outbox.stats();
                 if o.depth > 0 && o.oldest_age_ms > 60_000 {
                     info!(

@@ -103,6 +103,7 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg.log);
+            ignore_file_size_signal();
             let rt = match daemon_runtime() {
                 Ok(rt) => rt,
                 Err(e) => return exit_with(Err(e)),
@@ -230,6 +231,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// A write past the file size limit (RLIMIT_FSIZE) must fail with EFBIG, which the
+/// outbox survives (it pauses and retries), not kill the process with SIGXFSZ.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler and touches no
+    // memory; it happens before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 fn init_tracing(log: &LogConfig) {

@@ -142,6 +142,7 @@ impl Bridge {
             probe.clone(),
             topics.clone(),
             cfg.service.health_interval,
+            Some(publisher.direct()),
             health.clone(),
         ));
         tokio::spawn(crate::health::watchdog_loop(heartbeats, health.clone()));

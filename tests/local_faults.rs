@@ -218,3 +218,121 @@ async fn a_corrupt_outbox_file_is_kept_aside_and_the_daemon_runs() {
     );
     stop(d).await;
 }
+
+/// Set the daemon's soft file-size limit (RLIMIT_FSIZE) with `prlimit`; false when the
+/// tool is missing.
+fn set_fsize(pid: u32, soft: &str) -> bool {
+    match Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--fsize={soft}:unlimited"))
+        .status()
+    {
+        Ok(s) => {
+            assert!(s.success(), "prlimit --fsize={soft} failed");
+            true
+        }
+        Err(_) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "prlimit (util-linux) is required under CI"
+            );
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_refusing_writes_pauses_reading_says_why_and_resumes_by_itself_losing_nothing() {
+    let r = rig("[service]\nhealth_interval = \"1s\"\n").await;
+    let d = Daemon::spawn(&r.config);
+    r.obs.wait_all_up(&[Stream::Alarm], T).await;
+    alarm_flows(&r, "before").await;
+    let health_topic = format!("{BASE}/bridge/health");
+
+    // Every write past the first byte of a file now fails with EFBIG (SIGXFSZ is
+    // ignored), as on a full disk.
+    if !set_fsize(d.child.id(), "1") {
+        eprintln!("skipping: prlimit is not installed");
+        return;
+    }
+    let keys: Vec<String> = (0..20).map(|i| format!("full-{i}")).collect();
+    for k in &keys {
+        assert_eq!(r.sim.inject(Stream::Alarm, alarm(k)), 1);
+    }
+    let paused = r
+        .obs
+        .wait_topic(&health_topic, T, |m| {
+            let o = &m.json()["outbox"];
+            o["paused"] == true
+                && o["write_error"].is_string()
+                && o["write_error_for_s"].as_u64() >= Some(2)
+        })
+        .await
+        .json();
+    let published = |obs: &Observer| {
+        obs.on(&sos_topic())
+            .iter()
+            .filter(|m| {
+                m.json()["raw"]["key"]
+                    .as_str()
+                    .is_some_and(|k| k.starts_with("full-"))
+            })
+            .count()
+    };
+    assert_eq!(
+        published(&r.obs),
+        0,
+        "nothing is published before it is on disk: {paused}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("reading upstream is paused until writes work again"),
+        "the log says why:\n{log}"
+    );
+    assert_eq!(
+        log.matches("outbox: cannot write to").count(),
+        1,
+        "rate-limited (seconds of retries, one line):\n{log}"
+    );
+    assert!(d.log().matches("checkpoint failed").count() <= 1);
+
+    // Writes work again: it resumes by itself and every alarm arrives, once.
+    assert!(set_fsize(d.child.id(), "unlimited"));
+    r.obs.wait_keys(&sos_topic(), &keys, T).await;
+    r.obs
+        .wait_topic(&health_topic, T, |m| {
+            let o = &m.json()["outbox"];
+            o["paused"] == false && o["write_error"].is_null()
+        })
+        .await;
+    assert_eq!(published(&r.obs), keys.len(), "no duplicates either");
+    bvcsp2mqtt::sim::eventually("the log says it resumed", T, || {
+        d.log().contains("writes work again")
+    })
+    .await;
+    stop(d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_while_the_disk_refuses_writes_still_ends() {
+    let r = rig("[service]\nhealth_interval = \"1s\"\ngrace_period = \"1s\"\n").await;
+    let mut d = Daemon::spawn(&r.config);
+    r.obs.wait_all_up(&[Stream::Alarm], T).await;
+    alarm_flows(&r, "before").await;
+    if !set_fsize(d.child.id(), "1") {
+        eprintln!("skipping: prlimit is not installed");
+        return;
+    }
+    for i in 0..5 {
+        assert_eq!(r.sim.inject(Stream::Alarm, alarm(&format!("stop-{i}"))), 1);
+    }
+    r.obs
+        .wait_topic(&format!("{BASE}/bridge/health"), T, |m| {
+            m.json()["outbox"]["paused"] == true
+        })
+        .await;
+    d.signal("-TERM");
+    let status = d.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log());
+}

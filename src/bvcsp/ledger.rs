@@ -32,6 +32,8 @@ use crate::mqtt::Outbox;
 pub const FILE_NAME: &str = "alarm-ledger.json";
 /// Saves are at most this frequent.
 const SAVE_DELAY: Duration = Duration::from_millis(200);
+/// At a stop, how long the last save waits for the outbox to commit what it records.
+const STOP_SAVE_WAIT: Duration = Duration::from_secs(3);
 /// Keys remembered after the floor at most; the oldest are forgotten first (a forgotten
 /// key can only cause a duplicate, never a loss).
 const KNOWN_MAX: usize = 10_000;
@@ -354,7 +356,28 @@ impl AlarmLedger {
                 }
             }
             if let Some(bytes) = self.snapshot() {
-                outbox.committed().await;
+                // The disk may be refusing writes: a stop does not wait for it for ever.
+                // Unsaved, the ledger is older than what was published: at worst some
+                // alarms are backfilled twice, none is skipped.
+                if stopping {
+                    if tokio::time::timeout(STOP_SAVE_WAIT, outbox.committed())
+                        .await
+                        .is_err()
+                    {
+                        warn!(
+                            "alarm ledger not saved at stop: the outbox could not write within {STOP_SAVE_WAIT:?}"
+                        );
+                        return;
+                    }
+                } else {
+                    tokio::select! {
+                        _ = outbox.committed() => {}
+                        _ = cancel.cancelled() => {
+                            self.lock().dirty = true;
+                            continue;
+                        }
+                    }
+                }
                 let p = path.clone();
                 match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
                     Ok(Ok(())) => {}

@@ -58,6 +58,10 @@ const WAL_TRUNCATE_BYTES: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 /// How often the WAL is checkpointed (copied into the database and synced) while writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How soon a commit the disk refused is tried again.
+const RETRY_WRITE: Duration = Duration::from_millis(500);
+/// While the disk refuses writes, it is logged again at most this often.
+const TROUBLE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -102,10 +106,12 @@ struct Inner {
     replayed_at_start: u64,
     coalesced: u64,
     full_since: Option<Instant>,
+    /// The disk refuses writes (full, a size limit, an I/O error) since then, and why.
+    write_error: Option<(Instant, String)>,
 }
 
 /// Counters for health reporting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxStats {
     pub depth: usize,
     pub unsent: usize,
@@ -118,6 +124,12 @@ pub struct OutboxStats {
     pub replayed_at_start: u64,
     pub coalesced: u64,
     pub full: bool,
+    /// Why the disk refuses writes, while it does (reading upstream is paused).
+    pub write_error: Option<String>,
+    pub write_error_for_s: u64,
+    /// Events wait (the outbox is full, or the disk refuses writes): reading upstream is
+    /// paused.
+    pub paused: bool,
 }
 
 impl OutboxStats {
@@ -126,6 +138,8 @@ impl OutboxStats {
             "depth": self.depth, "unsent": self.unsent, "bytes": self.bytes,
             "oldest_age_ms": self.oldest_age_ms, "acked": self.acked, "replayed": self.replayed,
             "replayed_at_start": self.replayed_at_start, "coalesced": self.coalesced, "full": self.full,
+            "write_error": self.write_error, "write_error_for_s": self.write_error_for_s,
+            "paused": self.paused,
         })
     }
 }
@@ -173,6 +187,8 @@ struct Dirty {
 /// never a producer, which may be an async task on the runtime's thread), and the queue
 /// of what is to be written.
 struct Store {
+    /// The database file, for messages.
+    path: std::path::PathBuf,
     conn: Mutex<rusqlite::Connection>,
     /// Threads that committed (tests check it is only ever the writer).
     #[cfg(test)]
@@ -219,6 +235,8 @@ pub struct Outbox {
     drained: Notify,
     durable: watch::Sender<u64>,
     full: watch::Sender<bool>,
+    /// True while events wait, for space or for the disk.
+    paused: watch::Sender<bool>,
     /// Where a corrupt outbox file found at start was moved.
     set_aside: Option<std::path::PathBuf>,
 }
@@ -250,6 +268,7 @@ impl Outbox {
             drained: Notify::new(),
             durable: watch::channel(0).0,
             full: watch::channel(false).0,
+            paused: watch::channel(false).0,
             set_aside: None,
         }
     }
@@ -308,6 +327,7 @@ impl Outbox {
         }
         outbox.durable.send_replace(outbox.lock().next_id);
         let store = Arc::new(Store {
+            path: path.clone(),
             conn: Mutex::new(conn),
             #[cfg(test)]
             commit_threads: Mutex::default(),
@@ -349,15 +369,20 @@ impl Outbox {
                 let drained = self.drained.notified();
                 {
                     let mut g = self.lock();
-                    if g.bytes < self.max_bytes {
-                        if g.full_since.take().is_some() {
-                            self.full.send_replace(false);
-                        }
+                    let room = g.bytes < self.max_bytes;
+                    if room && g.full_since.take().is_some() {
+                        self.full.send_replace(false);
+                    }
+                    if room && g.write_error.is_none() {
+                        self.paused
+                            .send_if_modified(|p| std::mem::replace(p, false));
                         break;
                     }
                     // Rows an open batch holds back must not wait behind this push.
                     self.kick();
-                    if g.full_since.is_none() {
+                    self.paused
+                        .send_if_modified(|p| !std::mem::replace(p, true));
+                    if !room && g.full_since.is_none() {
                         g.full_since = Some(Instant::now());
                         warn!(
                             "outbox full ({} bytes, storage.max_bytes {}): reading upstream paused until the broker takes more",
@@ -419,8 +444,18 @@ impl Outbox {
         // Queued while the lock is held, so rows reach the writer in id order: the
         // writer's "everything below N is on disk" depends on it.
         let mut q = store.queue();
+        if let Some(old) = removed {
+            // Superseded before it was written (say, while the disk refuses writes): it
+            // is never written at all, so the queue stays as small as the live state.
+            match q.inserts.binary_search_by_key(&old, |i| i.id) {
+                Ok(at) => {
+                    q.inserts.remove(at);
+                    g.spilled_gone.remove(&old);
+                }
+                Err(_) => q.deletes.push(old),
+            }
+        }
         q.inserts.push(row);
-        q.deletes.extend(removed);
         if q.deferring == 0 {
             store.wake_if_idle(&q);
         }
@@ -608,6 +643,49 @@ impl Outbox {
         self.full.subscribe()
     }
 
+    /// Changes to `true` while events wait, for space or because the disk refuses writes:
+    /// reading upstream is paused.
+    pub fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
+    /// Why the disk refuses writes, while it does.
+    pub fn write_error(&self) -> Option<String> {
+        self.lock().write_error.as_ref().map(|(_, e)| e.clone())
+    }
+
+    /// The writer could not commit: events wait from now on (nothing is lost: what is
+    /// queued stays queued, and nothing unwritten is sent).
+    fn write_failed(&self, e: &str) {
+        {
+            let mut g = self.lock();
+            match &mut g.write_error {
+                Some((_, why)) => {
+                    if why != e {
+                        *why = e.to_string();
+                    }
+                }
+                None => g.write_error = Some((Instant::now(), e.to_string())),
+            }
+        }
+        self.paused
+            .send_if_modified(|p| !std::mem::replace(p, true));
+    }
+
+    /// Commits work again: waiting events go on. Returns how long writes were refused.
+    fn write_recovered(&self) -> Option<Duration> {
+        let (since, still_full) = {
+            let mut g = self.lock();
+            let (since, _) = g.write_error.take()?;
+            (since, g.full_since.is_some())
+        };
+        if !still_full {
+            self.paused.send_replace(false);
+        }
+        self.drained.notify_waiters();
+        Some(since.elapsed())
+    }
+
     /// Wait until nothing is left unacknowledged.
     pub async fn wait_empty(&self) {
         loop {
@@ -648,6 +726,13 @@ impl Outbox {
             replayed_at_start: g.replayed_at_start,
             coalesced: g.coalesced,
             full: g.full_since.is_some(),
+            write_error: g.write_error.as_ref().map(|(_, e)| e.clone()),
+            write_error_for_s: g
+                .write_error
+                .as_ref()
+                .map(|(t, _)| t.elapsed().as_secs())
+                .unwrap_or(0),
+            paused: g.full_since.is_some() || g.write_error.is_some(),
         }
     }
 }
@@ -929,6 +1014,7 @@ fn commit_queued(
 /// Commit what producers queued, in one transaction per round; read rows back when
 /// asked; tell waiters what is on disk.
 fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
+    let mut trouble: Option<Trouble> = None;
     loop {
         let (closing, refill) = {
             let mut q = store.queue();
@@ -975,22 +1061,59 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
         let outbox = outbox.upgrade();
         let conn = store.conn();
         let done = match commit_queued(&store, &conn, outbox.as_deref()) {
-            // Reading back is pointless once stopping.
-            Ok(()) => closing || !refill || outbox.as_ref().is_none_or(|o| o.refill(&conn)),
+            Ok(()) => {
+                if let Some(t) = trouble.take() {
+                    let took = outbox.as_ref().and_then(|o| o.write_recovered());
+                    info!(
+                        "outbox: writes work again after {} s ({} failed attempts); reading upstream resumes",
+                        took.unwrap_or_else(|| t.since.elapsed()).as_secs(),
+                        t.attempts
+                    );
+                }
+                // Reading back is pointless once stopping.
+                closing || !refill || outbox.as_ref().is_none_or(|o| o.refill(&conn))
+            }
             Err(e) if closing => {
                 error!("outbox: cannot write the last changes to disk while stopping: {e}");
                 true
             }
             Err(e) => {
-                // The disk is full or failing: keep everything, say so, try again.
-                // Producers wait meanwhile, so nothing is published unwritten.
-                error!("outbox: cannot write to disk: {e}; retrying");
+                // The disk is full or failing: keep everything, say so (rate-limited),
+                // pause the producers, try again. Nothing is published unwritten.
+                let text = e.to_string();
+                if let Some(o) = &outbox {
+                    o.write_failed(&text);
+                }
+                let waiting = store.queue().inserts.len();
+                match &mut trouble {
+                    None => {
+                        error!(
+                            "outbox: cannot write to {}: {text}; reading upstream is paused until writes work again (nothing read is lost; retrying)",
+                            store.path.display()
+                        );
+                        trouble = Some(Trouble {
+                            since: Instant::now(),
+                            logged: Instant::now(),
+                            attempts: 1,
+                        });
+                    }
+                    Some(t) => {
+                        t.attempts += 1;
+                        if t.logged.elapsed() >= TROUBLE_LOG_EVERY {
+                            t.logged = Instant::now();
+                            warn!(
+                                "outbox: still cannot write to disk after {} s: {text}; {waiting} messages wait in memory, reading upstream stays paused",
+                                t.since.elapsed().as_secs()
+                            );
+                        }
+                    }
+                }
                 false
             }
         };
         if !done {
             drop(conn);
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(RETRY_WRITE);
             if refill {
                 store.queue().refill = true;
             }
@@ -1008,10 +1131,27 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
     }
 }
 
+/// A disk refusing writes, as the writer sees it (for rate-limited logging).
+struct Trouble {
+    since: Instant,
+    logged: Instant,
+    attempts: u64,
+}
+
 /// Checkpoint the WAL every `CHECKPOINT_EVERY` while there are writes, or sooner once it
 /// has grown by `WAL_RESET_BYTES`, on a connection of its own: the fsyncs happen here,
 /// not in a commit's path.
 fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
+    // A failing checkpoint is logged once, not every second (the writer says more).
+    let mut failing = false;
+    let mut report = |r: rusqlite::Result<()>| match r {
+        Ok(()) => failing = false,
+        Err(e) if !failing => {
+            failing = true;
+            warn!("outbox: checkpoint failed: {e} (retrying; logged again once it has worked)");
+        }
+        Err(_) => {}
+    };
     loop {
         {
             let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -1037,15 +1177,15 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
         // end of the log, and only a checkpoint that does lets the log start over. So
         // once the log has grown, a TRUNCATE checkpoint finishes the job: it holds
         // commits back for the moment it takes to copy the last few frames.
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-            Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                    warn!("outbox: checkpoint failed: {e}");
+        report(
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
+                    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 }
-            }
-            Ok(_) => {}
-            Err(e) => warn!("outbox: checkpoint failed: {e}"),
-        }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
+        );
     }
 }
 
@@ -1261,6 +1401,71 @@ mod tests {
             threads,
             HashSet::from(["outbox-writer".to_string()]),
             "only the writer thread commits"
+        );
+        o.close();
+    }
+
+    /// Let the database grow no further than it is (`full`), like a full disk, or freely
+    /// again; set on the writer's connection, the one that must feel it.
+    fn limit_growth(o: &Outbox, full: bool) {
+        let store = o.store.clone().unwrap();
+        let conn = store.conn();
+        let limit: i64 = if full {
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        } else {
+            1 << 30
+        };
+        conn.pragma_update(None, "max_page_count", limit).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_disk_refusing_writes_pauses_events_and_they_resume_by_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        o.push(ev("e", "0")).await;
+        o.committed().await;
+        limit_growth(&o, true);
+        let mut paused = o.paused();
+        let big = "x".repeat(64 << 10);
+        o.push(ev("e", &big)).await;
+        tokio::time::timeout(Duration::from_secs(5), paused.wait_for(|p| *p))
+            .await
+            .expect("paused once a commit fails")
+            .unwrap();
+        let stats = o.stats();
+        assert!(stats.paused && !stats.full, "{stats:?}");
+        assert!(
+            stats.write_error.as_deref().unwrap_or("").contains("full"),
+            "{stats:?}"
+        );
+        let waiter = {
+            let o = o.clone();
+            tokio::spawn(async move { o.push(ev("e", "after")).await })
+        };
+        // The committed message may go; the unwritten one may not.
+        assert_eq!(o.take_next().unwrap().1.payload, "0");
+        assert!(o.take_next().is_none(), "nothing unwritten is handed out");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), paused.changed())
+                .await
+                .is_err()
+                && !waiter.is_finished(),
+            "events wait while the disk refuses writes"
+        );
+        o.untake(0);
+        limit_growth(&o, false);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("resumes by itself")
+            .unwrap();
+        o.committed().await;
+        assert!(!*o.paused().borrow());
+        assert!(o.stats().write_error.is_none());
+        let got: Vec<Bytes> = drain(&o).await.into_iter().map(|m| m.payload).collect();
+        assert_eq!(
+            got,
+            vec![Bytes::from("0"), Bytes::from(big), Bytes::from("after")]
         );
         o.close();
     }

@@ -54,6 +54,8 @@ enum Slot {
     Outbox(u64),
     Online,
     Offline,
+    /// A publish that bypassed the outbox (see [`Direct`]).
+    Direct,
 }
 
 #[derive(Debug, Default)]
@@ -96,9 +98,15 @@ struct Shared {
     subscriptions: Vec<String>,
     incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
     status: watch::Sender<MqttStatus>,
+    /// The newest publish that bypasses the outbox, until it is handed over.
+    direct: Mutex<Option<Message>>,
 }
 
 impl Shared {
+    fn direct(&self) -> std::sync::MutexGuard<'_, Option<Message>> {
+        self.direct.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn corr(&self) -> std::sync::MutexGuard<'_, Correlation> {
         self.corr.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -117,6 +125,19 @@ impl Shared {
                 false
             }
         }
+    }
+}
+
+/// Publishes that bypass the outbox, for what must get out while the outbox cannot write
+/// (the bridge's own health report): in memory only, newest wins, sent when connected,
+/// never retried after a lost session. Not for anything read from upstream.
+#[derive(Clone)]
+pub struct Direct(Arc<Shared>);
+
+impl Direct {
+    pub fn publish(&self, msg: Message) {
+        *self.0.direct() = Some(msg);
+        self.0.progress.notify_one();
     }
 }
 
@@ -200,6 +221,7 @@ impl Publisher {
             subscriptions,
             incoming,
             status,
+            direct: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -229,6 +251,11 @@ impl Publisher {
 
     pub fn status(&self) -> watch::Receiver<MqttStatus> {
         self.shared.status.subscribe()
+    }
+
+    /// A handle for publishes that bypass the outbox (see [`Direct`]).
+    pub fn direct(&self) -> Direct {
+        Direct(self.shared.clone())
     }
 
     /// Wait until every queued message is acknowledged, up to `grace`. True if drained.
@@ -457,7 +484,7 @@ fn acknowledge(shared: &Shared, pkid: u16) {
 fn settle(shared: &Shared, slot: Slot) {
     match slot {
         Slot::Outbox(id) => shared.outbox.ack(id),
-        Slot::Online => {}
+        Slot::Online | Slot::Direct => {}
         Slot::Offline => shared.offline_acked.notify_one(),
     }
     shared.progress.notify_one();
@@ -481,6 +508,15 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
         {
             let mut corr = shared.corr();
             while corr.connected && corr.in_hand() < WINDOW {
+                let direct = shared.direct().take();
+                if let Some(msg) = direct {
+                    if !shared.hand_over(&mut corr, Slot::Direct, &msg) {
+                        shared.direct().get_or_insert(msg);
+                        break;
+                    }
+                    handed = true;
+                    continue;
+                }
                 let Some((id, msg)) = shared.outbox.take_next() else {
                     break;
                 };

@@ -356,6 +356,18 @@ impl prometheus_client::collector::Collector for Collector {
         )?;
         counter(
             &mut encoder,
+            "bvcsp2mqtt_dead_letters",
+            "Messages the broker cannot take, moved to the dead-letter table",
+            o.dead_letters,
+        )?;
+        gauge(
+            &mut encoder,
+            "bvcsp2mqtt_dead_letters_kept",
+            "Rows in the dead-letter table (bounded)",
+            o.dead_letters_kept as i64,
+        )?;
+        counter(
+            &mut encoder,
             "bvcsp2mqtt_messages_replayed",
             "Messages sent again after a lost broker session or a restart",
             o.replayed + o.replayed_at_start,

@@ -33,6 +33,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use super::Message;
+use super::dead_letters::{self, DeadRow, LastDeadLetter};
 
 /// Default bound on what the outbox holds, in bytes of topic and payload.
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
@@ -108,6 +109,12 @@ struct Inner {
     full_since: Option<Instant>,
     /// The disk refuses writes (full, a size limit, an I/O error) since then, and why.
     write_error: Option<(Instant, String)>,
+    /// Messages moved to the dead-letter table since start, and the newest.
+    dead_letters: u64,
+    last_dead: Option<LastDeadLetter>,
+    /// Dead letters are logged one by one at most once a minute; the rest are summed up.
+    dead_logged_at: Option<Instant>,
+    dead_unlogged: u64,
 }
 
 /// Counters for health reporting.
@@ -130,6 +137,11 @@ pub struct OutboxStats {
     /// Events wait (the outbox is full, or the disk refuses writes): reading upstream is
     /// paused.
     pub paused: bool,
+    /// Messages the broker cannot take, moved to the dead-letter table since start.
+    pub dead_letters: u64,
+    /// Rows in the dead-letter table (bounded, see `dead_letters::MAX_ROWS`).
+    pub dead_letters_kept: u64,
+    pub last_dead_letter: Option<LastDeadLetter>,
 }
 
 impl OutboxStats {
@@ -139,7 +151,9 @@ impl OutboxStats {
             "oldest_age_ms": self.oldest_age_ms, "acked": self.acked, "replayed": self.replayed,
             "replayed_at_start": self.replayed_at_start, "coalesced": self.coalesced, "full": self.full,
             "write_error": self.write_error, "write_error_for_s": self.write_error_for_s,
-            "paused": self.paused,
+            "paused": self.paused, "dead_letters": self.dead_letters,
+            "dead_letters_kept": self.dead_letters_kept,
+            "last_dead_letter": self.last_dead_letter.as_ref().map(LastDeadLetter::to_json),
         })
     }
 }
@@ -158,6 +172,8 @@ struct Insert {
 struct Queue {
     inserts: Vec<Insert>,
     deletes: Vec<u64>,
+    /// Messages moving to the dead-letter table (their ids are in `deletes` too).
+    dead: Vec<DeadRow>,
     refill: bool,
     closing: bool,
     /// The writer is waiting: only then is a wake-up (a syscall) worth its cost.
@@ -239,6 +255,8 @@ pub struct Outbox {
     paused: watch::Sender<bool>,
     /// Where a corrupt outbox file found at start was moved.
     set_aside: Option<std::path::PathBuf>,
+    /// Rows in the dead-letter table, as last counted by the writer.
+    dead_kept: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -270,6 +288,7 @@ impl Outbox {
             full: watch::channel(false).0,
             paused: watch::channel(false).0,
             set_aside: None,
+            dead_kept: Default::default(),
         }
     }
 
@@ -313,6 +332,8 @@ impl Outbox {
         };
         let mut outbox = Outbox::memory(max_bytes);
         outbox.set_aside = set_aside;
+        let kept = dead_letters::count(&conn).map_err(cannot_open)?;
+        *outbox.dead_kept.get_mut() = kept;
         {
             let slot = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
             *slot = inner;
@@ -545,6 +566,73 @@ impl Outbox {
         self.drained.notify_waiters();
     }
 
+    /// The broker cannot take message `id` (why: `reason`): it leaves the outbox into the
+    /// dead-letter table, in the transaction that deletes its row, and the messages behind
+    /// it go on. Logged (one line a minute at most), counted in the stats.
+    pub fn dead_letter(&self, id: u64, reason: &str) {
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let Some(e) = inner.entries.remove(&id) else {
+                return;
+            };
+            inner.bytes -= cost(&e.msg);
+            if e.msg.retain {
+                dec(&mut inner.state_unacked, &e.msg.topic);
+                if inner.newest_state.get(&e.msg.topic).map(|s| s.0) == Some(id) {
+                    inner.newest_state.remove(&e.msg.topic);
+                }
+            }
+            inner.dead_letters += 1;
+            let at_ms = now_ms();
+            let size = e.msg.topic.len() + e.msg.payload.len();
+            inner.last_dead = Some(LastDeadLetter {
+                topic: e.msg.topic.clone(),
+                bytes: size,
+                reason: reason.to_string(),
+                at_ms,
+            });
+            let log_now = inner
+                .dead_logged_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if log_now {
+                let also = std::mem::take(&mut inner.dead_unlogged);
+                let where_ = if self.store.is_some() {
+                    "kept in the outbox database, table dead_letters"
+                } else {
+                    "dropped (no storage)"
+                };
+                error!(
+                    "dead letter: a message for {} ({size} bytes) cannot be published: {reason}; {where_}{}",
+                    e.msg.topic,
+                    if also > 0 {
+                        format!(" ({also} more since the last report)")
+                    } else {
+                        String::new()
+                    }
+                );
+                inner.dead_logged_at = Some(Instant::now());
+            } else {
+                inner.dead_unlogged += 1;
+            }
+            if let Some(store) = &self.store {
+                let mut q = store.queue();
+                q.deletes.push(id);
+                q.dead.push(DeadRow {
+                    outbox_id: id,
+                    topic: e.msg.topic,
+                    payload: e.msg.payload,
+                    retain: e.msg.retain,
+                    failed_at_ms: at_ms,
+                    reason: reason.to_string(),
+                });
+                store.wake_if_idle(&q);
+            }
+        }
+        self.drained.notify_waiters();
+        self.sendable.notify_one();
+    }
+
     /// The broker session is gone: everything unacknowledged is sent again, in order, and
     /// retained state the broker may have lost with it is restored.
     pub fn rewind(&self) {
@@ -733,6 +821,9 @@ impl Outbox {
                 .map(|(t, _)| t.elapsed().as_secs())
                 .unwrap_or(0),
             paused: g.full_since.is_some() || g.write_error.is_some(),
+            dead_letters: g.dead_letters,
+            dead_letters_kept: self.dead_kept.load(std::sync::atomic::Ordering::Relaxed),
+            last_dead_letter: g.last_dead.clone(),
         }
     }
 }
@@ -850,6 +941,7 @@ fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
             queued_at INTEGER NOT NULL
         )",
     )?;
+    dead_letters::create_table(&conn)?;
     Ok(conn)
 }
 
@@ -954,14 +1046,15 @@ fn commit_queued(
     conn: &rusqlite::Connection,
     outbox: Option<&Outbox>,
 ) -> rusqlite::Result<()> {
-    let (inserts, mut deletes) = {
+    let (inserts, mut deletes, dead) = {
         let mut q = store.queue();
         (
             std::mem::take(&mut q.inserts),
             std::mem::take(&mut q.deletes),
+            std::mem::take(&mut q.dead),
         )
     };
-    if inserts.is_empty() && deletes.is_empty() {
+    if inserts.is_empty() && deletes.is_empty() && dead.is_empty() {
         return Ok(());
     }
     #[cfg(test)]
@@ -970,12 +1063,33 @@ fn commit_queued(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(std::thread::current().name().unwrap_or("?").to_string());
-    if let Err(e) = commit(conn, &inserts, &mut deletes) {
-        let mut q = store.queue();
-        let newer = std::mem::replace(&mut q.inserts, inserts);
-        q.inserts.extend(newer);
-        q.deletes.extend(deletes);
-        return Err(e);
+    let trimmed = match commit(conn, &inserts, &mut deletes, &dead) {
+        Ok(trimmed) => trimmed,
+        Err(e) => {
+            let mut q = store.queue();
+            let newer = std::mem::replace(&mut q.inserts, inserts);
+            q.inserts.extend(newer);
+            q.deletes.extend(deletes);
+            let newer = std::mem::replace(&mut q.dead, dead);
+            q.dead.extend(newer);
+            return Err(e);
+        }
+    };
+    if !dead.is_empty()
+        && let Some(outbox) = outbox
+    {
+        if trimmed > 0 {
+            warn!(
+                "outbox: {trimmed} old dead letters deleted to keep the table within {} rows / {} MiB",
+                dead_letters::MAX_ROWS,
+                dead_letters::MAX_BYTES >> 20
+            );
+        }
+        if let Ok(n) = dead_letters::count(conn) {
+            outbox
+                .dead_kept
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     let upto = inserts.last().map(|i| i.id + 1);
     if let Some(outbox) = outbox {
@@ -1028,7 +1142,7 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                 // Rows of an open batch wait for it, unless they pile up.
                 let inserts_due = !q.inserts.is_empty()
                     && (q.deferring == 0 || q.inserts.len() > BATCH_MAX || q.forced);
-                if inserts_due || q.refill || q.closing || deletes_due {
+                if inserts_due || q.refill || q.closing || deletes_due || !q.dead.is_empty() {
                     break;
                 }
                 // After writing rows, acknowledgements are due: wait with a deadline so
@@ -1189,11 +1303,14 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
     }
 }
 
+/// One transaction: new rows, dead letters (their outbox rows are among `deletes`), then
+/// deletes. Returns how many old dead letters were trimmed.
 fn commit(
     conn: &rusqlite::Connection,
     inserts: &[Insert],
     deletes: &mut [u64],
-) -> rusqlite::Result<()> {
+    dead: &[DeadRow],
+) -> rusqlite::Result<u64> {
     let tx = conn.unchecked_transaction()?;
     {
         let mut insert = tx.prepare_cached(
@@ -1221,7 +1338,9 @@ fn commit(
             i = j + 1;
         }
     }
-    tx.commit()
+    let trimmed = dead_letters::insert(&tx, dead)?;
+    tx.commit()?;
+    Ok(trimmed)
 }
 
 #[cfg(test)]
@@ -1466,6 +1585,56 @@ mod tests {
         assert_eq!(
             got,
             vec![Bytes::from("0"), Bytes::from(big), Bytes::from("after")]
+        );
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_leaves_the_outbox_only_into_the_table_and_stays_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+            o.push(ev("a", "1")).await;
+            o.push(ev("a", "huge")).await;
+            o.push(ev("a", "3")).await;
+            o.committed().await;
+            let (first, _) = o.take_next().unwrap();
+            let (dead, m) = o.take_next().unwrap();
+            assert_eq!(m.payload, "huge");
+            o.dead_letter(dead, "too large");
+            // The one behind it is not held up.
+            assert_eq!(o.take_next().unwrap().1.payload, "3");
+            o.ack(first);
+            let stats = o.stats();
+            assert_eq!((stats.dead_letters, stats.depth), (1, 1));
+            assert_eq!(stats.last_dead_letter.unwrap().reason, "too large");
+            crate::sim::eventually(
+                "the dead letter is committed",
+                Duration::from_secs(5),
+                || o.stats().dead_letters_kept == 1,
+            )
+            .await;
+            o.close();
+        }
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let got: Vec<Bytes> = std::iter::from_fn(|| o.take_next())
+            .map(|(_, m)| m.payload)
+            .collect();
+        assert_eq!(
+            got,
+            vec![Bytes::from("3")],
+            "not sent again after a restart"
+        );
+        assert_eq!(o.stats().dead_letters_kept, 1);
+        let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
+        let (topic, payload, reason): (String, Vec<u8>, String) = conn
+            .query_row("SELECT topic, payload, reason FROM dead_letters", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (topic.as_str(), &payload[..], reason.as_str()),
+            ("a", &b"huge"[..], "too large")
         );
         o.close();
     }

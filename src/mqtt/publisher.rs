@@ -41,6 +41,12 @@ pub struct Incoming {
 
 /// Requests handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 256;
+/// A message is refused by the broker when the connection is lost this many times in a
+/// row, each within `STRIKE_WINDOW` of connecting, with it the oldest message in flight.
+const STRIKES: u32 = 3;
+const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+/// The largest packet MQTT can carry (a 4-byte remaining length, plus the fixed header).
+pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {
@@ -67,6 +73,9 @@ struct Correlation {
     fifo: VecDeque<Slot>,
     /// Packet id -> what it carries, until acknowledged.
     inflight: HashMap<u16, Slot>,
+    /// The message suspected of making the broker close the connection, and how often
+    /// it has (see `STRIKES`).
+    suspect: Option<(u64, u32)>,
 }
 
 impl Correlation {
@@ -319,6 +328,8 @@ async fn drive(
     let mut backoff = builder.build();
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
+    // When the current connection was made (None while not connected).
+    let mut connected_at: Option<std::time::Instant> = None;
     loop {
         heartbeats.beat("mqtt", alive);
         let event = tokio::select! {
@@ -328,6 +339,7 @@ async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = builder.build();
+                connected_at = Some(std::time::Instant::now());
                 {
                     let mut corr = shared.corr();
                     corr.connected = true;
@@ -420,6 +432,9 @@ async fn drive(
                     corr.connected = false;
                     eventloop.clean();
                     requeue_in_order(&mut eventloop);
+                    if let Some(at) = connected_at.take() {
+                        strike(&shared, &mut corr, &mut eventloop, at.elapsed());
+                    }
                 }
                 let text = describe(&e);
                 shared.status.send_modify(|s| {
@@ -474,7 +489,16 @@ fn requeue_in_order(eventloop: &mut EventLoop) {
 }
 
 fn acknowledge(shared: &Shared, pkid: u16) {
-    let slot = shared.corr().inflight.remove(&pkid);
+    let slot = {
+        let mut corr = shared.corr();
+        let slot = corr.inflight.remove(&pkid);
+        if let (Some(Slot::Outbox(id)), Some((suspect, _))) = (slot, corr.suspect)
+            && id == suspect
+        {
+            corr.suspect = None;
+        }
+        slot
+    };
     match slot {
         Some(slot) => settle(shared, slot),
         None => debug!("acknowledgement for unknown packet id {pkid}"),
@@ -520,13 +544,8 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
                 let Some((id, msg)) = shared.outbox.take_next() else {
                     break;
                 };
-                let size = msg.topic.len() + msg.payload.len() + 16;
-                if size > shared.max_packet {
-                    error!(
-                        "dropping a message of {size} bytes for {}: larger than mqtt.max_packet_size ({})",
-                        msg.topic, shared.max_packet
-                    );
-                    shared.outbox.ack(id);
+                if let Some(reason) = unpublishable(&msg, shared.max_packet) {
+                    shared.outbox.dead_letter(id, &reason);
                     continue;
                 }
                 if !shared.hand_over(&mut corr, Slot::Outbox(id), &msg) {
@@ -545,6 +564,77 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
             _ = sendable => {}
         }
     }
+}
+
+/// The size of the PUBLISH packet carrying `msg` (with a packet id), as rumqttc checks it.
+fn packet_size(msg: &Message) -> usize {
+    let len = 2 + msg.topic.len() + 2 + msg.payload.len();
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
+
+/// Why `msg` can never be published (so it goes to the dead letters), if it cannot.
+fn unpublishable(msg: &Message, max_packet: usize) -> Option<String> {
+    let size = packet_size(msg);
+    if msg.topic.len() > usize::from(u16::MAX) {
+        Some(format!(
+            "its topic is {} bytes long, more than MQTT allows (65535)",
+            msg.topic.len()
+        ))
+    } else if size > max_packet.min(MQTT_MAX_PACKET) {
+        Some(format!(
+            "the packet would be {size} bytes, larger than mqtt.max_packet_size ({max_packet})"
+        ))
+    } else {
+        None
+    }
+}
+
+/// The connection was lost: if it had only just been made and the same message has been
+/// the oldest in flight every time, the broker is refusing it (say, larger than its own
+/// limit). Then it becomes a dead letter and leaves rumqttc's queue, so the messages
+/// behind it go on. Runs with rumqttc's pending requests collected (after `clean`).
+fn strike(shared: &Shared, corr: &mut Correlation, eventloop: &mut EventLoop, up_for: Duration) {
+    let oldest = corr
+        .inflight
+        .iter()
+        .filter_map(|(pkid, slot)| match slot {
+            Slot::Outbox(id) => Some((*id, *pkid)),
+            _ => None,
+        })
+        .min();
+    let Some((id, pkid)) = oldest else {
+        corr.suspect = None;
+        return;
+    };
+    if up_for > STRIKE_WINDOW {
+        corr.suspect = None;
+        return;
+    }
+    let strikes = match corr.suspect {
+        Some((suspect, n)) if suspect == id => n + 1,
+        _ => 1,
+    };
+    if strikes < STRIKES {
+        corr.suspect = Some((id, strikes));
+        return;
+    }
+    corr.suspect = None;
+    corr.inflight.remove(&pkid);
+    eventloop
+        .pending
+        .retain(|r| !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid));
+    shared.outbox.dead_letter(
+        id,
+        &format!(
+            "the broker closed the connection {STRIKES} times in a row right after it was sent (larger than the broker accepts, or refused)"
+        ),
+    );
 }
 
 /// The retained `{base}/bridge/info` payload.

@@ -148,7 +148,8 @@ impl Probe {
             "uptime_s": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "memory_rss_bytes": rss_bytes(),
             "outbox": outbox,
-            "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error},
+            "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error,
+                "incoming_dropped": m.incoming_dropped},
             "bvcsp": self.bvcsp_link.as_ref().map(|l| {
                 let mut v = link_json(l);
                 v["counters"] = self.bvcsp_stats.to_json();

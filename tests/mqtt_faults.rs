@@ -11,6 +11,7 @@ use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::Config;
 use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 use serde_json::json;
 
@@ -140,11 +141,62 @@ async fn a_message_the_broker_refuses_is_a_dead_letter_and_does_not_block_the_re
     assert!(reason.contains("closed the connection"), "{reason}");
     assert_eq!(bridge.outbox.stats().dead_letters, 1);
     eventually("nothing left behind", T, || bridge.outbox.depth() == 0).await;
-    // It does not resend in a loop: the link stays up from here on.
-    let connects = bridge.mqtt_status().borrow().connects;
+    // It does not resend in a loop: once connected again, the link stays up.
+    let mut status = bridge.mqtt_status();
+    let connects = tokio::time::timeout(T, status.wait_for(|s| s.connected))
+        .await
+        .expect("connected again")
+        .unwrap()
+        .connects;
     assert_eq!(sim.inject(Stream::Alarm, alarm("small-4", "SOS")), 1);
     obs.wait_keys(&sos_topic(), &["small-4".to_string()], T)
         .await;
     assert_eq!(bridge.mqtt_status().borrow().connects, connects);
+    bridge.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_mib_command_does_not_disconnect_and_the_next_command_is_applied() {
+    let sim = PlayboxSim::start(PlayboxOptions::default()).await.unwrap();
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = bvcsp2mqtt::config::from_toml(&format!(
+        "[mqtt]\nurl = \"mqtt://{broker}\"\nclient_id = \"cmd-{id}\"\nkeepalive = \"5s\"\n\
+         [storage]\ndir = \"{dir}\"\n\
+         [[playbox]]\nname = \"lobby\"\nurl = \"{url}\"\nsn = \"2ZTA00000X0A00000000\"\n\
+         password = \"SN2008@+\"\npoll_interval = \"1s\"\nrequest_timeout = \"2s\"\ncommands = true\n",
+        id = rand_suffix(),
+        dir = dir.path().display(),
+        url = sim.url(),
+    ))
+    .unwrap();
+    let bridge = Bridge::start(cfg).await.unwrap();
+    let state = format!("{BASE}/playbox/lobby/state");
+    obs.wait_topic(&state, T, |_| true).await;
+    let status = bridge.mqtt_status();
+    assert_eq!(status.borrow().connects, 1);
+    let set = format!("{BASE}/playbox/lobby/brightness/set");
+
+    // Larger than mqtt.max_packet_size (1 MiB): read, dropped, counted; link untouched.
+    publish(broker, &set, &"9".repeat(2 << 20), false).await;
+    publish(broker, &set, "40", false).await;
+    sim.wait_until("brightness 40", T, |s| s.brightness() == 40.0)
+        .await;
+    let s = status.borrow().clone();
+    assert_eq!(s.connects, 1, "no reconnect: {s:?}");
+    assert!(s.connected && s.last_error.is_none(), "{s:?}");
+    assert_eq!(s.incoming_dropped, 1);
+    assert!(
+        obs.on(&format!("{BASE}/playbox/lobby/error")).is_empty(),
+        "dropped early, not echoed back"
+    );
+    let sets: Vec<_> = sim.sets();
+    assert_eq!(
+        sets.len(),
+        1,
+        "only the normal command reached the box: {}",
+        sets.len()
+    );
     bridge.stop(Duration::from_secs(5)).await;
 }

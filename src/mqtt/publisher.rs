@@ -47,6 +47,10 @@ const STRIKES: u32 = 3;
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
 /// The largest packet MQTT can carry (a 4-byte remaining length, plus the fixed header).
 pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+/// Commands (on the subscribed `…/set` topics) larger than this are dropped unread. A
+/// larger packet is still read off the connection (refusing it would mean disconnecting,
+/// and the broker would send it again at once, in a loop).
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {
@@ -90,6 +94,8 @@ pub struct MqttStatus {
     pub connected: bool,
     pub connects: u64,
     pub last_error: Option<String>,
+    /// Messages on the command topics that were dropped (too large, or too many waiting).
+    pub incoming_dropped: u64,
 }
 
 struct Shared {
@@ -170,7 +176,10 @@ fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, MqttSetupEr
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
     o.set_keep_alive(cfg.keepalive)
         .set_clean_session(false)
-        .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
+        // Incoming: anything MQTT can carry, so no message on a subscribed topic can cut
+        // the link (rumqttc disconnects on a larger one); oversized commands are dropped
+        // after reading. Outgoing: the configured limit (larger ones are dead letters).
+        .set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size)
         .set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX))
         .set_request_channel_capacity(WINDOW + 4)
         .set_last_will(LastWill::new(
@@ -330,6 +339,7 @@ async fn drive(
     let mut repeats = 0u64;
     // When the current connection was made (None while not connected).
     let mut connected_at: Option<std::time::Instant> = None;
+    let mut dropped_log = RateLimited::default();
     loop {
         heartbeats.beat("mqtt", alive);
         let event = tokio::select! {
@@ -411,13 +421,24 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(tx) = &shared.incoming {
-                    let msg = Incoming {
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
-                        retain: p.retain,
+                    let dropped = if p.payload.len() > MAX_COMMAND_BYTES {
+                        Some(format!(
+                            "{} bytes, more than a command may be ({MAX_COMMAND_BYTES})",
+                            p.payload.len()
+                        ))
+                    } else {
+                        let msg = Incoming {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            retain: p.retain,
+                        };
+                        tx.try_send(msg)
+                            .err()
+                            .map(|_| "too many commands waiting".to_string())
                     };
-                    if tx.try_send(msg).is_err() {
-                        warn!("dropping a command on {}: too many waiting", p.topic);
+                    if let Some(why) = dropped {
+                        shared.status.send_modify(|s| s.incoming_dropped += 1);
+                        dropped_log.note(&p.topic, &why);
                     }
                 }
             }
@@ -563,6 +584,33 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
             _ = progress => {}
             _ = sendable => {}
         }
+    }
+}
+
+/// A warning logged at most once a minute, with how many were left out in between.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn note(&mut self, topic: &str, why: &str) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.suppressed);
+        let more = if more > 0 {
+            format!(" ({more} more dropped since the last report)")
+        } else {
+            String::new()
+        };
+        warn!("dropping a message on {topic}: {why}{more}");
+        self.last = Some(std::time::Instant::now());
     }
 }
 

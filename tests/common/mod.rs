@@ -336,6 +336,7 @@ pub async fn publish(broker: SocketAddr, topic: &str, payload: &str, retain: boo
         broker.port(),
     );
     opts.set_clean_session(true);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut events) = AsyncClient::new(opts, 10);
     client
         .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())

@@ -276,7 +276,8 @@ pub struct MqttConfig {
     pub reconnect_min: Duration,
     #[serde(default = "d_30s", with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// Largest packet in either direction; a larger event is refused loudly, not silently.
+    /// Largest packet the bridge publishes (set it to the broker's limit); a larger
+    /// message becomes a dead letter. Incoming packets may be as large as MQTT allows.
     #[serde(default = "default_max_packet")]
     pub max_packet_size: usize,
 }

@@ -145,11 +145,16 @@ impl Probe {
                 "last_error": s.last_error,
             })
         };
+        let mut outbox = o.to_json();
+        if let Some(aside) = self.outbox.set_aside() {
+            outbox["corrupt_file_kept_as"] = serde_json::json!(aside.display().to_string());
+        }
         serde_json::json!({
             "uptime_s": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "memory_rss_bytes": rss_bytes(),
-            "outbox": o.to_json(),
-            "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error},
+            "outbox": outbox,
+            "mqtt": {"connected": m.connected, "connects": m.connects, "last_error": m.last_error,
+                "incoming_dropped": m.incoming_dropped},
             "bvcsp": self.bvcsp_link.as_ref().map(|l| {
                 let mut v = link_json(l);
                 v["counters"] = self.bvcsp_stats.to_json();
@@ -168,16 +173,29 @@ fn rss_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-/// Retained `{base}/bridge/health` every `interval`, and `outbox_full` on the BVCSP link
-/// as soon as the outbox fills or drains.
+/// Retained `{base}/bridge/health` every `interval` and whenever reading upstream pauses
+/// or resumes, and `outbox_full` on the BVCSP link as soon as the outbox fills or drains.
+/// While the outbox cannot write, the report goes out through `direct` (it could not
+/// leave the outbox), so the reason is visible where users look.
 pub async fn report_loop(
     probe: Probe,
     topics: Topics,
     interval: Duration,
+    direct: Option<crate::mqtt::publisher::Direct>,
     cancel: CancellationToken,
 ) {
     let mut full = probe.outbox.full();
+    let mut paused = probe.outbox.paused();
     let mut tick = tokio::time::interval(interval);
+    let publish = |probe: &Probe| {
+        let msg = Message::state_json(topics.bridge_health(), &probe.report());
+        match &direct {
+            Some(direct) if probe.outbox.write_error().is_some() => direct.publish(msg),
+            _ => {
+                probe.outbox.push_now(msg);
+            }
+        }
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -190,8 +208,15 @@ pub async fn report_loop(
                     link.set_detail("outbox_full", serde_json::json!(is_full));
                 }
             }
+            r = paused.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                paused.borrow_and_update();
+                publish(&probe);
+            }
             _ = tick.tick() => {
-                probe.outbox.push_now(Message::state_json(topics.bridge_health(), &probe.report()));
+                publish(&probe);
                 let o = probe.outbox.stats();
                 if o.depth > 0 && o.oldest_age_ms > 60_000 {
                     info!(
@@ -336,6 +361,18 @@ impl prometheus_client::collector::Collector for Collector {
             "bvcsp2mqtt_messages_acked",
             "Messages acknowledged by the broker",
             o.acked,
+        )?;
+        counter(
+            &mut encoder,
+            "bvcsp2mqtt_dead_letters",
+            "Messages the broker cannot take, moved to the dead-letter table",
+            o.dead_letters,
+        )?;
+        gauge(
+            &mut encoder,
+            "bvcsp2mqtt_dead_letters_kept",
+            "Rows in the dead-letter table (bounded)",
+            o.dead_letters_kept as i64,
         )?;
         counter(
             &mut encoder,

@@ -11,6 +11,7 @@ pub mod mqtt;
 pub mod playbox;
 pub mod retry;
 pub mod sim;
+pub mod storage;
 pub mod supervisor;
 pub mod tls;
 

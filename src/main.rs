@@ -9,9 +9,11 @@ use clap::{Parser, Subcommand};
 
 use bvcsp2mqtt::config::{self, LogConfig, LogFormat};
 
-/// Exit codes (sysexits): bad configuration or usage, internal error.
+/// Exit codes (sysexits): bad configuration or usage, internal error, and another
+/// bridge already running on `storage.dir` (EX_CANTCREAT).
 const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
+const EX_CANTCREAT: u8 = 73;
 
 #[derive(Parser)]
 #[command(
@@ -101,13 +103,20 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(&cfg.log);
-            exit_with(daemon_runtime().and_then(|rt| {
-                rt.block_on(async {
-                    bvcsp2mqtt::run(cfg, shutdown_signal())
-                        .await
-                        .context("cannot start")
-                })
-            }))
+            ignore_file_size_signal();
+            let rt = match daemon_runtime() {
+                Ok(rt) => rt,
+                Err(e) => return exit_with(Err(e)),
+            };
+            match rt.block_on(bvcsp2mqtt::run(cfg, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) if e.is_storage_locked() => {
+                    tracing::error!("cannot start: {e}");
+                    eprintln!("error: cannot start: {e}");
+                    ExitCode::from(EX_CANTCREAT)
+                }
+                Err(e) => exit_with(Err(anyhow::Error::new(e).context("cannot start"))),
+            }
         }
         Command::Bench {
             quick,
@@ -222,6 +231,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// A write past the file size limit (RLIMIT_FSIZE) must fail with EFBIG, which the
+/// outbox survives (it pauses and retries), not kill the process with SIGXFSZ.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler and touches no
+    // memory; it happens before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
 }
 
 fn init_tracing(log: &LogConfig) {

@@ -28,10 +28,22 @@ pub enum StartError {
     Playbox(#[from] playbox::PlayboxSetupError),
     #[error(transparent)]
     Outbox(#[from] crate::mqtt::outbox::OutboxError),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("service.http_listen {0}: {1}")]
     Http(String, #[source] std::io::Error),
     #[error("{0}: exiting so the service manager restarts the bridge")]
     Failed(String),
+}
+
+impl StartError {
+    /// Another bridge holds `storage.dir` (the binary exits with 73 for this).
+    pub fn is_storage_locked(&self) -> bool {
+        matches!(
+            self,
+            StartError::Storage(crate::storage::StorageError::Locked { .. })
+        )
+    }
 }
 
 /// A running bridge.
@@ -48,6 +60,8 @@ pub struct Bridge {
     /// Where the HTTP health listener is (when `service.http` is on).
     pub http_addr: Option<std::net::SocketAddr>,
     pub grace: Duration,
+    /// One bridge per `storage.dir`: held for as long as the bridge lives.
+    _lock: crate::storage::StorageLock,
 }
 
 impl Bridge {
@@ -57,8 +71,23 @@ impl Bridge {
     /// task start, so a failed start leaves nothing running.
     pub async fn start(cfg: Config) -> Result<Bridge, StartError> {
         let started = SystemTime::now();
+        // Before anything else: a second bridge on this directory must not touch it.
+        let lock = crate::storage::lock(&cfg.storage.dir)?;
         let topics = Topics::new(&cfg.mqtt.base_topic);
-        let outbox = Outbox::open(&cfg.storage.dir, cfg.storage.max_bytes)?;
+        // Opening reads (and may clean up) what the last run left: not on the runtime.
+        let outbox = {
+            let (dir, max) = (cfg.storage.dir.clone(), cfg.storage.max_bytes);
+            match tokio::task::spawn_blocking(move || Outbox::open(&dir, max)).await {
+                Ok(opened) => opened?,
+                Err(e) => {
+                    return Err(crate::mqtt::outbox::OutboxError::Open {
+                        dir: cfg.storage.dir.display().to_string(),
+                        message: format!("opening the outbox failed: {e}"),
+                    }
+                    .into());
+                }
+            }
+        };
         let latency = crate::health::latency_histogram();
         outbox.observe_latency(latency.clone());
         let heartbeats = Arc::new(Heartbeats::default());
@@ -145,6 +174,7 @@ impl Bridge {
                 probe.clone(),
                 topics.clone(),
                 cfg.service.health_interval,
+                Some(publisher.direct()),
                 health.clone(),
             ),
         );
@@ -176,6 +206,7 @@ impl Bridge {
             probe,
             http_addr,
             grace: cfg.service.grace_period,
+            _lock: lock,
         })
     }
 
@@ -220,6 +251,7 @@ impl Bridge {
         self.publisher.abort().await;
         self.upstream.cancel();
         self.tasks.wait().await;
+        self.health.cancel();
     }
 }
 

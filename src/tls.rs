@@ -88,9 +88,10 @@ impl TofuPin {
             None => {
                 *pin = Some(seen);
                 if let Some(dir) = self.path.parent() {
-                    let _ = std::fs::create_dir_all(dir);
+                    let _ = crate::storage::create_private_dir(dir);
                 }
-                match std::fs::write(&self.path, format!("{}\n", hex::encode(seen))) {
+                let text = format!("{}\n", hex::encode(seen));
+                match crate::storage::write_atomic(&self.path, text.as_bytes()) {
                     Ok(()) => tracing::info!(
                         "pinned certificate sha256 {} at first contact ({})",
                         hex::encode(seen),

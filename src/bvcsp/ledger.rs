@@ -16,7 +16,6 @@
 //! start then publishes those few alarms once more, with the same `event_id`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +32,8 @@ use crate::mqtt::Outbox;
 pub const FILE_NAME: &str = "alarm-ledger.json";
 /// Saves are at most this frequent.
 const SAVE_DELAY: Duration = Duration::from_millis(200);
+/// At a stop, how long the last save waits for the outbox to commit what it records.
+const STOP_SAVE_WAIT: Duration = Duration::from_secs(3);
 /// Keys remembered after the floor at most; the oldest are forgotten first (a forgotten
 /// key can only cause a duplicate, never a loss).
 const KNOWN_MAX: usize = 10_000;
@@ -409,7 +410,28 @@ impl AlarmLedger {
                 }
             }
             if let Some(bytes) = self.snapshot() {
-                outbox.committed().await;
+                // The disk may be refusing writes: a stop does not wait for it for ever.
+                // Unsaved, the ledger is older than what was published: at worst some
+                // alarms are backfilled twice, none is skipped.
+                if stopping {
+                    if tokio::time::timeout(STOP_SAVE_WAIT, outbox.committed())
+                        .await
+                        .is_err()
+                    {
+                        warn!(
+                            "alarm ledger not saved at stop: the outbox could not write within {STOP_SAVE_WAIT:?}"
+                        );
+                        return;
+                    }
+                } else {
+                    tokio::select! {
+                        _ = outbox.committed() => {}
+                        _ = cancel.cancelled() => {
+                            self.lock().dirty = true;
+                            continue;
+                        }
+                    }
+                }
                 let p = path.clone();
                 match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
                     Ok(Ok(())) => {}
@@ -439,23 +461,7 @@ fn advance(g: &mut State) {
     }
 }
 
-/// Write `bytes` to `path` as a whole or not at all, readable by the owner only.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-    }
-    std::fs::rename(&tmp, path)
-}
+pub use crate::storage::write_atomic;
 
 #[cfg(test)]
 mod tests {

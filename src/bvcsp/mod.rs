@@ -294,13 +294,14 @@ pub async fn run(
     ctx.link.stopped();
 }
 
-/// While the outbox is full, reading pauses and the server may drop what it cannot
-/// send: that is a gap in the alarm stream like any other, read back once there is room.
+/// While the outbox is full or cannot write, reading pauses and the server may drop what
+/// it cannot send: that is a gap in the alarm stream like any other, read back once
+/// reading resumes.
 async fn gap_while_full(ctx: Arc<Ctx>, cancel: CancellationToken) {
     if !ctx.cfg.backfill {
         return;
     }
-    let mut full = ctx.outbox.full();
+    let mut full = ctx.outbox.paused();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -1,6 +1,7 @@
 //! The MQTT side: topics, the outbox every message passes through, and the publisher
 //! that drives rumqttc and settles outbox entries on the broker's acknowledgement.
 
+pub mod dead_letters;
 pub mod outbox;
 pub mod publisher;
 pub mod topics;

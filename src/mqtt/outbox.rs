@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::Message;
+use super::dead_letters::{self, DeadRow, LastDeadLetter};
 
 /// Default bound on what the outbox holds, in bytes of topic and payload.
 pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
@@ -49,8 +50,8 @@ const REFILL_BATCH: usize = 512;
 const DELETE_DELAY: Duration = Duration::from_millis(200);
 /// ...or until this many have gathered.
 const DELETE_BATCH: usize = 4096;
-/// A batch of at most this many rows is committed inline, more by the writer thread.
-const INLINE_MAX: usize = 32;
+/// An open batch holds back at most this many rows; beyond that the writer takes them.
+const BATCH_MAX: usize = 32;
 /// The log is checkpointed and started over once it has grown by about this much.
 const WAL_RESET_BYTES: u64 = 4 << 20;
 /// A log at least this long after a checkpoint is truncated (started over).
@@ -59,6 +60,10 @@ const WAL_TRUNCATE_BYTES: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 /// How often the WAL is checkpointed (copied into the database and synced) while writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How soon a commit the disk refused is tried again.
+const RETRY_WRITE: Duration = Duration::from_millis(500);
+/// While the disk refuses writes, it is logged again at most this often.
+const TROUBLE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -103,10 +108,18 @@ struct Inner {
     replayed_at_start: u64,
     coalesced: u64,
     full_since: Option<Instant>,
+    /// The disk refuses writes (full, a size limit, an I/O error) since then, and why.
+    write_error: Option<(Instant, String)>,
+    /// Messages moved to the dead-letter table since start, and the newest.
+    dead_letters: u64,
+    last_dead: Option<LastDeadLetter>,
+    /// Dead letters are logged one by one at most once a minute; the rest are summed up.
+    dead_logged_at: Option<Instant>,
+    dead_unlogged: u64,
 }
 
 /// Counters for health reporting.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboxStats {
     pub depth: usize,
     pub unsent: usize,
@@ -119,6 +132,17 @@ pub struct OutboxStats {
     pub replayed_at_start: u64,
     pub coalesced: u64,
     pub full: bool,
+    /// Why the disk refuses writes, while it does (reading upstream is paused).
+    pub write_error: Option<String>,
+    pub write_error_for_s: u64,
+    /// Events wait (the outbox is full, or the disk refuses writes): reading upstream is
+    /// paused.
+    pub paused: bool,
+    /// Messages the broker cannot take, moved to the dead-letter table since start.
+    pub dead_letters: u64,
+    /// Rows in the dead-letter table (bounded, see `dead_letters::MAX_ROWS`).
+    pub dead_letters_kept: u64,
+    pub last_dead_letter: Option<LastDeadLetter>,
 }
 
 impl OutboxStats {
@@ -127,6 +151,10 @@ impl OutboxStats {
             "depth": self.depth, "unsent": self.unsent, "bytes": self.bytes,
             "oldest_age_ms": self.oldest_age_ms, "acked": self.acked, "replayed": self.replayed,
             "replayed_at_start": self.replayed_at_start, "coalesced": self.coalesced, "full": self.full,
+            "write_error": self.write_error, "write_error_for_s": self.write_error_for_s,
+            "paused": self.paused, "dead_letters": self.dead_letters,
+            "dead_letters_kept": self.dead_letters_kept,
+            "last_dead_letter": self.last_dead_letter.as_ref().map(LastDeadLetter::to_json),
         })
     }
 }
@@ -145,6 +173,8 @@ struct Insert {
 struct Queue {
     inserts: Vec<Insert>,
     deletes: Vec<u64>,
+    /// Messages moving to the dead-letter table (their ids are in `deletes` too).
+    dead: Vec<DeadRow>,
     refill: bool,
     closing: bool,
     /// The writer is waiting: only then is a wake-up (a syscall) worth its cost.
@@ -170,10 +200,16 @@ struct Dirty {
     closing: bool,
 }
 
-/// The store: one connection, used by whoever commits (the writer thread, or a producer
-/// committing its own small batch inline), and the queue of what is to be written.
+/// The store: one connection, used only by the writer thread (commits and reads back;
+/// never a producer, which may be an async task on the runtime's thread), and the queue
+/// of what is to be written.
 struct Store {
+    /// The database file, for messages.
+    path: std::path::PathBuf,
     conn: Mutex<rusqlite::Connection>,
+    /// Threads that committed (tests check it is only ever the writer).
+    #[cfg(test)]
+    commit_threads: Mutex<HashSet<String>>,
     queue: Mutex<Queue>,
     wake: Condvar,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -216,6 +252,12 @@ pub struct Outbox {
     drained: Notify,
     durable: watch::Sender<u64>,
     full: watch::Sender<bool>,
+    /// True while events wait, for space or for the disk.
+    paused: watch::Sender<bool>,
+    /// Where a corrupt outbox file found at start was moved.
+    set_aside: Option<std::path::PathBuf>,
+    /// Rows in the dead-letter table, as last counted by the writer.
+    dead_kept: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -245,7 +287,15 @@ impl Outbox {
             drained: Notify::new(),
             durable: watch::channel(0).0,
             full: watch::channel(false).0,
+            paused: watch::channel(false).0,
+            set_aside: None,
+            dead_kept: Default::default(),
         }
+    }
+
+    /// Where a corrupt outbox file found at start was kept, if there was one.
+    pub fn set_aside(&self) -> Option<&Path> {
+        self.set_aside.as_deref()
     }
 
     /// Open (or create) the outbox under `dir`, loading what a previous run left.
@@ -254,16 +304,41 @@ impl Outbox {
             dir: dir.display().to_string(),
             message,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+        crate::storage::create_private_dir(dir)
+            .map_err(|e| err(format!("cannot create it: {e}")))?;
         let path = dir.join("outbox.sqlite3");
-        let conn =
-            open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-        let checkpointer =
-            open_db(&path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        // database file's mode.
+        crate::storage::ensure_private_file(&path)
+            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
+        let cannot_open = |e: rusqlite::Error| err(format!("cannot open {}: {e}", path.display()));
+        let mut set_aside = None;
+        let (conn, checkpointer, inner) = match open_store(&path) {
+            Ok(opened) => opened,
+            Err(e) if is_corrupt(&e) => {
+                // Kept for a post-mortem (it may hold unsent messages), never deleted.
+                let aside = crate::storage::set_aside(&path)
+                    .map_err(|e| err(format!("cannot move {} aside: {e}", path.display())))?;
+                error!(
+                    "outbox {} is corrupt ({e}); kept as {} and starting a fresh outbox: what it held is not sent",
+                    path.display(),
+                    aside.display()
+                );
+                crate::storage::ensure_private_file(&path)
+                    .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
+                set_aside = Some(aside);
+                open_store(&path).map_err(cannot_open)?
+            }
+            Err(e) => return Err(cannot_open(e)),
+        };
         let mut outbox = Outbox::memory(max_bytes);
+        outbox.set_aside = set_aside;
+        let kept = dead_letters::count(&conn).map_err(cannot_open)?;
+        *outbox.dead_kept.get_mut() = kept;
         {
-            let inner = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-            load(&conn, inner).map_err(|e| err(e.to_string()))?;
+            let slot = outbox.inner.get_mut().unwrap_or_else(|p| p.into_inner());
+            *slot = inner;
+            let inner = slot;
             if inner.depth() > 0 {
                 info!(
                     "outbox: {} unacknowledged messages from the last run ({} bytes); sending them first",
@@ -274,7 +349,10 @@ impl Outbox {
         }
         outbox.durable.send_replace(outbox.lock().next_id);
         let store = Arc::new(Store {
+            path: path.clone(),
             conn: Mutex::new(conn),
+            #[cfg(test)]
+            commit_threads: Mutex::default(),
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -324,15 +402,20 @@ impl Outbox {
                 let drained = self.drained.notified();
                 {
                     let mut g = self.lock();
-                    if g.bytes < self.max_bytes {
-                        if g.full_since.take().is_some() {
-                            self.full.send_replace(false);
-                        }
+                    let room = g.bytes < self.max_bytes;
+                    if room && g.full_since.take().is_some() {
+                        self.full.send_replace(false);
+                    }
+                    if room && g.write_error.is_none() {
+                        self.paused
+                            .send_if_modified(|p| std::mem::replace(p, false));
                         break;
                     }
                     // Rows an open batch holds back must not wait behind this push.
                     self.kick();
-                    if g.full_since.is_none() {
+                    self.paused
+                        .send_if_modified(|p| !std::mem::replace(p, true));
+                    if !room && g.full_since.is_none() {
                         g.full_since = Some(Instant::now());
                         warn!(
                             "outbox full ({} bytes, storage.max_bytes {}): reading upstream paused until the broker takes more",
@@ -412,8 +495,18 @@ impl Outbox {
         // Queued while the lock is held, so rows reach the writer in id order: the
         // writer's "everything below N is on disk" depends on it.
         let mut q = store.queue();
+        if let Some(old) = removed {
+            // Superseded before it was written (say, while the disk refuses writes): it
+            // is never written at all, so the queue stays as small as the live state.
+            match q.inserts.binary_search_by_key(&old, |i| i.id) {
+                Ok(at) => {
+                    q.inserts.remove(at);
+                    g.spilled_gone.remove(&old);
+                }
+                Err(_) => q.deletes.push(old),
+            }
+        }
         q.inserts.push(row);
-        q.deletes.extend(removed);
         if q.deferring == 0 {
             store.wake_if_idle(&q);
         }
@@ -421,8 +514,8 @@ impl Outbox {
     }
 
     /// Hold back commits while a batch of messages is queued (say, every frame already
-    /// read off a socket): when the last batch ends, a few rows are committed right there,
-    /// sparing two thread hand-offs per message at low rates; many go to the writer thread.
+    /// read off a socket): when the last batch ends, the writer thread commits them in one
+    /// transaction (and takes them earlier if more than `BATCH_MAX` pile up).
     pub fn batch(&self) -> CommitBatch<'_> {
         if let Some(store) = &self.store {
             store.queue().deferring += 1;
@@ -437,36 +530,6 @@ impl Outbox {
             let mut q = store.queue();
             q.forced = true;
             store.wake_if_idle(&q);
-        }
-    }
-
-    /// Commit what is queued on this thread if it is little and the connection is free;
-    /// otherwise leave it to the writer thread.
-    fn commit_now(&self) {
-        let Some(store) = &self.store else { return };
-        {
-            let q = store.queue();
-            if q.inserts.is_empty() {
-                return;
-            }
-            if q.inserts.len() > INLINE_MAX {
-                store.wake_if_idle(&q);
-                return;
-            }
-        }
-        let conn = match store.conn.try_lock() {
-            Ok(conn) => conn,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            // Someone else is committing: make sure the writer takes these rows next.
-            Err(std::sync::TryLockError::WouldBlock) => {
-                self.kick();
-                return;
-            }
-        };
-        if commit_queued(store, &conn, Some(self)).is_err() {
-            drop(conn);
-            // The writer retries and reports.
-            self.kick();
         }
     }
 
@@ -531,6 +594,73 @@ impl Outbox {
             }
         }
         self.drained.notify_waiters();
+    }
+
+    /// The broker cannot take message `id` (why: `reason`): it leaves the outbox into the
+    /// dead-letter table, in the transaction that deletes its row, and the messages behind
+    /// it go on. Logged (one line a minute at most), counted in the stats.
+    pub fn dead_letter(&self, id: u64, reason: &str) {
+        {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let Some(e) = inner.entries.remove(&id) else {
+                return;
+            };
+            inner.bytes -= cost(&e.msg);
+            if e.msg.retain {
+                dec(&mut inner.state_unacked, &e.msg.topic);
+                if inner.newest_state.get(&e.msg.topic).map(|s| s.0) == Some(id) {
+                    inner.newest_state.remove(&e.msg.topic);
+                }
+            }
+            inner.dead_letters += 1;
+            let at_ms = now_ms();
+            let size = e.msg.topic.len() + e.msg.payload.len();
+            inner.last_dead = Some(LastDeadLetter {
+                topic: e.msg.topic.clone(),
+                bytes: size,
+                reason: reason.to_string(),
+                at_ms,
+            });
+            let log_now = inner
+                .dead_logged_at
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if log_now {
+                let also = std::mem::take(&mut inner.dead_unlogged);
+                let where_ = if self.store.is_some() {
+                    "kept in the outbox database, table dead_letters"
+                } else {
+                    "dropped (no storage)"
+                };
+                error!(
+                    "dead letter: a message for {} ({size} bytes) cannot be published: {reason}; {where_}{}",
+                    e.msg.topic,
+                    if also > 0 {
+                        format!(" ({also} more since the last report)")
+                    } else {
+                        String::new()
+                    }
+                );
+                inner.dead_logged_at = Some(Instant::now());
+            } else {
+                inner.dead_unlogged += 1;
+            }
+            if let Some(store) = &self.store {
+                let mut q = store.queue();
+                q.deletes.push(id);
+                q.dead.push(DeadRow {
+                    outbox_id: id,
+                    topic: e.msg.topic,
+                    payload: e.msg.payload,
+                    retain: e.msg.retain,
+                    failed_at_ms: at_ms,
+                    reason: reason.to_string(),
+                });
+                store.wake_if_idle(&q);
+            }
+        }
+        self.drained.notify_waiters();
+        self.sendable.notify_one();
     }
 
     /// The broker session is gone: everything unacknowledged is sent again, in order, and
@@ -631,6 +761,49 @@ impl Outbox {
         self.full.subscribe()
     }
 
+    /// Changes to `true` while events wait, for space or because the disk refuses writes:
+    /// reading upstream is paused.
+    pub fn paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
+    /// Why the disk refuses writes, while it does.
+    pub fn write_error(&self) -> Option<String> {
+        self.lock().write_error.as_ref().map(|(_, e)| e.clone())
+    }
+
+    /// The writer could not commit: events wait from now on (nothing is lost: what is
+    /// queued stays queued, and nothing unwritten is sent).
+    fn write_failed(&self, e: &str) {
+        {
+            let mut g = self.lock();
+            match &mut g.write_error {
+                Some((_, why)) => {
+                    if why != e {
+                        *why = e.to_string();
+                    }
+                }
+                None => g.write_error = Some((Instant::now(), e.to_string())),
+            }
+        }
+        self.paused
+            .send_if_modified(|p| !std::mem::replace(p, true));
+    }
+
+    /// Commits work again: waiting events go on. Returns how long writes were refused.
+    fn write_recovered(&self) -> Option<Duration> {
+        let (since, still_full) = {
+            let mut g = self.lock();
+            let (since, _) = g.write_error.take()?;
+            (since, g.full_since.is_some())
+        };
+        if !still_full {
+            self.paused.send_replace(false);
+        }
+        self.drained.notify_waiters();
+        Some(since.elapsed())
+    }
+
     /// Wait until nothing is left unacknowledged.
     pub async fn wait_empty(&self) {
         loop {
@@ -671,6 +844,16 @@ impl Outbox {
             replayed_at_start: g.replayed_at_start,
             coalesced: g.coalesced,
             full: g.full_since.is_some(),
+            write_error: g.write_error.as_ref().map(|(_, e)| e.clone()),
+            write_error_for_s: g
+                .write_error
+                .as_ref()
+                .map(|(t, _)| t.elapsed().as_secs())
+                .unwrap_or(0),
+            paused: g.full_since.is_some() || g.write_error.is_some(),
+            dead_letters: g.dead_letters,
+            dead_letters_kept: self.dead_kept.load(std::sync::atomic::Ordering::Relaxed),
+            last_dead_letter: g.last_dead.clone(),
         }
     }
 }
@@ -685,13 +868,11 @@ impl Drop for CommitBatch<'_> {
         let Some(store) = &self.outbox.store else {
             return;
         };
-        let last = {
-            let mut q = store.queue();
-            q.deferring -= 1;
-            q.deferring == 0
-        };
-        if last {
-            self.outbox.commit_now();
+        let mut q = store.queue();
+        q.deferring -= 1;
+        // The writer thread commits; the producer (an async task) never touches the disk.
+        if q.deferring == 0 && !q.inserts.is_empty() {
+            store.wake_if_idle(&q);
         }
     }
 }
@@ -790,7 +971,27 @@ fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
             queued_at INTEGER NOT NULL
         )",
     )?;
+    dead_letters::create_table(&conn)?;
     Ok(conn)
+}
+
+/// The writer's and the checkpointer's connections, and what a previous run left.
+fn open_store(
+    path: &Path,
+) -> rusqlite::Result<(rusqlite::Connection, rusqlite::Connection, Inner)> {
+    let conn = open_db(path)?;
+    let checkpointer = open_db(path)?;
+    let mut inner = Inner::default();
+    load(&conn, &mut inner)?;
+    Ok((conn, checkpointer, inner))
+}
+
+/// SQLite says the file is not (or no longer) a database.
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 type Row = (u64, Message, Instant);
@@ -875,22 +1076,50 @@ fn commit_queued(
     conn: &rusqlite::Connection,
     outbox: Option<&Outbox>,
 ) -> rusqlite::Result<()> {
-    let (inserts, mut deletes) = {
+    let (inserts, mut deletes, dead) = {
         let mut q = store.queue();
         (
             std::mem::take(&mut q.inserts),
             std::mem::take(&mut q.deletes),
+            std::mem::take(&mut q.dead),
         )
     };
-    if inserts.is_empty() && deletes.is_empty() {
+    if inserts.is_empty() && deletes.is_empty() && dead.is_empty() {
         return Ok(());
     }
-    if let Err(e) = commit(conn, &inserts, &mut deletes) {
-        let mut q = store.queue();
-        let newer = std::mem::replace(&mut q.inserts, inserts);
-        q.inserts.extend(newer);
-        q.deletes.extend(deletes);
-        return Err(e);
+    #[cfg(test)]
+    store
+        .commit_threads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(std::thread::current().name().unwrap_or("?").to_string());
+    let trimmed = match commit(conn, &inserts, &mut deletes, &dead) {
+        Ok(trimmed) => trimmed,
+        Err(e) => {
+            let mut q = store.queue();
+            let newer = std::mem::replace(&mut q.inserts, inserts);
+            q.inserts.extend(newer);
+            q.deletes.extend(deletes);
+            let newer = std::mem::replace(&mut q.dead, dead);
+            q.dead.extend(newer);
+            return Err(e);
+        }
+    };
+    if !dead.is_empty()
+        && let Some(outbox) = outbox
+    {
+        if trimmed > 0 {
+            warn!(
+                "outbox: {trimmed} old dead letters deleted to keep the table within {} rows / {} MiB",
+                dead_letters::MAX_ROWS,
+                dead_letters::MAX_BYTES >> 20
+            );
+        }
+        if let Ok(n) = dead_letters::count(conn) {
+            outbox
+                .dead_kept
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     let upto = inserts.last().map(|i| i.id + 1);
     if let Some(outbox) = outbox {
@@ -929,6 +1158,7 @@ fn commit_queued(
 /// Commit what producers queued, in one transaction per round; read rows back when
 /// asked; tell waiters what is on disk.
 fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
+    let mut trouble: Option<Trouble> = None;
     loop {
         let (closing, refill) = {
             let mut q = store.queue();
@@ -941,8 +1171,8 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
                 });
                 // Rows of an open batch wait for it, unless they pile up.
                 let inserts_due = !q.inserts.is_empty()
-                    && (q.deferring == 0 || q.inserts.len() > INLINE_MAX || q.forced);
-                if inserts_due || q.refill || q.closing || deletes_due {
+                    && (q.deferring == 0 || q.inserts.len() > BATCH_MAX || q.forced);
+                if inserts_due || q.refill || q.closing || deletes_due || !q.dead.is_empty() {
                     break;
                 }
                 // After writing rows, acknowledgements are due: wait with a deadline so
@@ -975,22 +1205,59 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
         let outbox = outbox.upgrade();
         let conn = store.conn();
         let done = match commit_queued(&store, &conn, outbox.as_deref()) {
-            // Reading back is pointless once stopping.
-            Ok(()) => closing || !refill || outbox.as_ref().is_none_or(|o| o.refill(&conn)),
+            Ok(()) => {
+                if let Some(t) = trouble.take() {
+                    let took = outbox.as_ref().and_then(|o| o.write_recovered());
+                    info!(
+                        "outbox: writes work again after {} s ({} failed attempts); reading upstream resumes",
+                        took.unwrap_or_else(|| t.since.elapsed()).as_secs(),
+                        t.attempts
+                    );
+                }
+                // Reading back is pointless once stopping.
+                closing || !refill || outbox.as_ref().is_none_or(|o| o.refill(&conn))
+            }
             Err(e) if closing => {
                 error!("outbox: cannot write the last changes to disk while stopping: {e}");
                 true
             }
             Err(e) => {
-                // The disk is full or failing: keep everything, say so, try again.
-                // Producers wait meanwhile, so nothing is published unwritten.
-                error!("outbox: cannot write to disk: {e}; retrying");
+                // The disk is full or failing: keep everything, say so (rate-limited),
+                // pause the producers, try again. Nothing is published unwritten.
+                let text = e.to_string();
+                if let Some(o) = &outbox {
+                    o.write_failed(&text);
+                }
+                let waiting = store.queue().inserts.len();
+                match &mut trouble {
+                    None => {
+                        error!(
+                            "outbox: cannot write to {}: {text}; reading upstream is paused until writes work again (nothing read is lost; retrying)",
+                            store.path.display()
+                        );
+                        trouble = Some(Trouble {
+                            since: Instant::now(),
+                            logged: Instant::now(),
+                            attempts: 1,
+                        });
+                    }
+                    Some(t) => {
+                        t.attempts += 1;
+                        if t.logged.elapsed() >= TROUBLE_LOG_EVERY {
+                            t.logged = Instant::now();
+                            warn!(
+                                "outbox: still cannot write to disk after {} s: {text}; {waiting} messages wait in memory, reading upstream stays paused",
+                                t.since.elapsed().as_secs()
+                            );
+                        }
+                    }
+                }
                 false
             }
         };
         if !done {
             drop(conn);
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(RETRY_WRITE);
             if refill {
                 store.queue().refill = true;
             }
@@ -1008,10 +1275,27 @@ fn writer(store: Arc<Store>, outbox: std::sync::Weak<Outbox>) {
     }
 }
 
+/// A disk refusing writes, as the writer sees it (for rate-limited logging).
+struct Trouble {
+    since: Instant,
+    logged: Instant,
+    attempts: u64,
+}
+
 /// Checkpoint the WAL every `CHECKPOINT_EVERY` while there are writes, or sooner once it
 /// has grown by `WAL_RESET_BYTES`, on a connection of its own: the fsyncs happen here,
 /// not in a commit's path.
 fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
+    // A failing checkpoint is logged once, not every second (the writer says more).
+    let mut failing = false;
+    let mut report = |r: rusqlite::Result<()>| match r {
+        Ok(()) => failing = false,
+        Err(e) if !failing => {
+            failing = true;
+            warn!("outbox: checkpoint failed: {e} (retrying; logged again once it has worked)");
+        }
+        Err(_) => {}
+    };
     loop {
         {
             let mut dirty = store.dirty.lock().unwrap_or_else(|p| p.into_inner());
@@ -1037,23 +1321,26 @@ fn checkpoints(conn: rusqlite::Connection, store: Arc<Store>) {
         // end of the log, and only a checkpoint that does lets the log start over. So
         // once the log has grown, a TRUNCATE checkpoint finishes the job: it holds
         // commits back for the moment it takes to copy the last few frames.
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-            Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                    warn!("outbox: checkpoint failed: {e}");
+        report(
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
+                    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
                 }
-            }
-            Ok(_) => {}
-            Err(e) => warn!("outbox: checkpoint failed: {e}"),
-        }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            },
+        );
     }
 }
 
+/// One transaction: new rows, dead letters (their outbox rows are among `deletes`), then
+/// deletes. Returns how many old dead letters were trimmed.
 fn commit(
     conn: &rusqlite::Connection,
     inserts: &[Insert],
     deletes: &mut [u64],
-) -> rusqlite::Result<()> {
+    dead: &[DeadRow],
+) -> rusqlite::Result<u64> {
     let tx = conn.unchecked_transaction()?;
     {
         let mut insert = tx.prepare_cached(
@@ -1081,7 +1368,9 @@ fn commit(
             i = j + 1;
         }
     }
-    tx.commit()
+    let trimmed = dead_letters::insert(&tx, dead)?;
+    tx.commit()?;
+    Ok(trimmed)
 }
 
 #[cfg(test)]
@@ -1236,6 +1525,166 @@ mod tests {
         assert_eq!(rows_on_disk(dir.path()), 1);
         assert!(o.take_next().is_some());
         o.close();
+    }
+
+    #[tokio::test]
+    async fn commits_run_on_the_writer_thread_never_on_the_producers() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        // Small batches, the case that used to be committed inline by the producer.
+        for i in 0..50 {
+            let batch = o.batch();
+            o.push(ev("e", &i.to_string())).await;
+            o.push(ev("f", &i.to_string())).await;
+            drop(batch);
+            o.committed().await;
+        }
+        assert_eq!(drain(&o).await.len(), 100);
+        crate::sim::eventually("deletes committed", Duration::from_secs(5), || {
+            rows_on_disk(dir.path()) == 0
+        })
+        .await;
+        let store = o.store.clone().unwrap();
+        let threads = store.commit_threads.lock().unwrap().clone();
+        assert_eq!(
+            threads,
+            HashSet::from(["outbox-writer".to_string()]),
+            "only the writer thread commits"
+        );
+        o.close();
+    }
+
+    /// Let the database grow no further than it is (`full`), like a full disk, or freely
+    /// again; set on the writer's connection, the one that must feel it.
+    fn limit_growth(o: &Outbox, full: bool) {
+        let store = o.store.clone().unwrap();
+        let conn = store.conn();
+        let limit: i64 = if full {
+            conn.query_row("PRAGMA page_count", [], |r| r.get(0))
+                .unwrap()
+        } else {
+            1 << 30
+        };
+        conn.pragma_update(None, "max_page_count", limit).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_disk_refusing_writes_pauses_events_and_they_resume_by_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Outbox::open(dir.path(), 1 << 30).unwrap();
+        o.push(ev("e", "0")).await;
+        o.committed().await;
+        limit_growth(&o, true);
+        let mut paused = o.paused();
+        let big = "x".repeat(64 << 10);
+        o.push(ev("e", &big)).await;
+        tokio::time::timeout(Duration::from_secs(5), paused.wait_for(|p| *p))
+            .await
+            .expect("paused once a commit fails")
+            .unwrap();
+        let stats = o.stats();
+        assert!(stats.paused && !stats.full, "{stats:?}");
+        assert!(
+            stats.write_error.as_deref().unwrap_or("").contains("full"),
+            "{stats:?}"
+        );
+        let waiter = {
+            let o = o.clone();
+            tokio::spawn(async move { o.push(ev("e", "after")).await })
+        };
+        // The committed message may go; the unwritten one may not.
+        assert_eq!(o.take_next().unwrap().1.payload, "0");
+        assert!(o.take_next().is_none(), "nothing unwritten is handed out");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), paused.changed())
+                .await
+                .is_err()
+                && !waiter.is_finished(),
+            "events wait while the disk refuses writes"
+        );
+        o.untake(0);
+        limit_growth(&o, false);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("resumes by itself")
+            .unwrap();
+        o.committed().await;
+        assert!(!*o.paused().borrow());
+        assert!(o.stats().write_error.is_none());
+        let got: Vec<Bytes> = drain(&o).await.into_iter().map(|m| m.payload).collect();
+        assert_eq!(
+            got,
+            vec![Bytes::from("0"), Bytes::from(big), Bytes::from("after")]
+        );
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_leaves_the_outbox_only_into_the_table_and_stays_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+            o.push(ev("a", "1")).await;
+            o.push(ev("a", "huge")).await;
+            o.push(ev("a", "3")).await;
+            o.committed().await;
+            let (first, _) = o.take_next().unwrap();
+            let (dead, m) = o.take_next().unwrap();
+            assert_eq!(m.payload, "huge");
+            o.dead_letter(dead, "too large");
+            // The one behind it is not held up.
+            assert_eq!(o.take_next().unwrap().1.payload, "3");
+            o.ack(first);
+            let stats = o.stats();
+            assert_eq!((stats.dead_letters, stats.depth), (1, 1));
+            assert_eq!(stats.last_dead_letter.unwrap().reason, "too large");
+            crate::sim::eventually(
+                "the dead letter is committed",
+                Duration::from_secs(5),
+                || o.stats().dead_letters_kept == 1,
+            )
+            .await;
+            o.close();
+        }
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let got: Vec<Bytes> = std::iter::from_fn(|| o.take_next())
+            .map(|(_, m)| m.payload)
+            .collect();
+        assert_eq!(
+            got,
+            vec![Bytes::from("3")],
+            "not sent again after a restart"
+        );
+        assert_eq!(o.stats().dead_letters_kept, 1);
+        let conn = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
+        let (topic, payload, reason): (String, Vec<u8>, String) = conn
+            .query_row("SELECT topic, payload, reason FROM dead_letters", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(
+            (topic.as_str(), &payload[..], reason.as_str()),
+            ("a", &b"huge"[..], "too large")
+        );
+        o.close();
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_is_kept_aside_and_a_fresh_outbox_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.sqlite3");
+        let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        let aside = o.set_aside().expect("moved aside").to_path_buf();
+        let name = aside.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("outbox.sqlite3.corrupt-"), "{name}");
+        assert_eq!(std::fs::read(&aside).unwrap(), garbage, "kept as it was");
+        o.push(ev("a", "1")).await;
+        o.committed().await;
+        assert_eq!(o.take_next().unwrap().1.payload, "1");
+        o.close();
+        assert_eq!(rows_on_disk(dir.path()), 1);
     }
 
     /// Rows in the store, as a second connection sees them.
@@ -1460,7 +1909,15 @@ mod tests {
             let batch = o.batch();
             o.push(ev("e", &payload)).await;
             drop(batch);
-            let (id, _) = o.take_next().expect("committed inline");
+            let (id, _) = loop {
+                let wake = o.sendable();
+                if let Some(next) = o.take_next() {
+                    break next;
+                }
+                tokio::time::timeout(Duration::from_secs(5), wake)
+                    .await
+                    .expect("committed by the writer");
+            };
             o.ack(id);
             if i % 100 == 0 {
                 largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));

@@ -41,6 +41,16 @@ pub struct Incoming {
 
 /// Requests handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 256;
+/// A message is refused by the broker when the connection is lost this many times in a
+/// row, each within `STRIKE_WINDOW` of connecting, with it the oldest message in flight.
+const STRIKES: u32 = 3;
+const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+/// The largest packet MQTT can carry (a 4-byte remaining length, plus the fixed header).
+pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+/// Commands (on the subscribed `…/set` topics) larger than this are dropped unread. A
+/// larger packet is still read off the connection (refusing it would mean disconnecting,
+/// and the broker would send it again at once, in a loop).
+pub const MAX_COMMAND_BYTES: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttSetupError {
@@ -54,6 +64,8 @@ enum Slot {
     Outbox(u64),
     Online,
     Offline,
+    /// A publish that bypassed the outbox (see [`Direct`]).
+    Direct,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +77,9 @@ struct Correlation {
     fifo: VecDeque<Slot>,
     /// Packet id -> what it carries, until acknowledged.
     inflight: HashMap<u16, Slot>,
+    /// The message suspected of making the broker close the connection, and how often
+    /// it has (see `STRIKES`).
+    suspect: Option<(u64, u32)>,
 }
 
 impl Correlation {
@@ -79,6 +94,8 @@ pub struct MqttStatus {
     pub connected: bool,
     pub connects: u64,
     pub last_error: Option<String>,
+    /// Messages on the command topics that were dropped (too large, or too many waiting).
+    pub incoming_dropped: u64,
 }
 
 struct Shared {
@@ -96,9 +113,15 @@ struct Shared {
     subscriptions: Vec<String>,
     incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
     status: watch::Sender<MqttStatus>,
+    /// The newest publish that bypasses the outbox, until it is handed over.
+    direct: Mutex<Option<Message>>,
 }
 
 impl Shared {
+    fn direct(&self) -> std::sync::MutexGuard<'_, Option<Message>> {
+        self.direct.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn corr(&self) -> std::sync::MutexGuard<'_, Correlation> {
         self.corr.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -117,6 +140,19 @@ impl Shared {
                 false
             }
         }
+    }
+}
+
+/// Publishes that bypass the outbox, for what must get out while the outbox cannot write
+/// (the bridge's own health report): in memory only, newest wins, sent when connected,
+/// never retried after a lost session. Not for anything read from upstream.
+#[derive(Clone)]
+pub struct Direct(Arc<Shared>);
+
+impl Direct {
+    pub fn publish(&self, msg: Message) {
+        *self.0.direct() = Some(msg);
+        self.0.progress.notify_one();
     }
 }
 
@@ -140,7 +176,10 @@ fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, MqttSetupEr
     let mut o = MqttOptions::new(cfg.client_id.clone(), host, port);
     o.set_keep_alive(cfg.keepalive)
         .set_clean_session(false)
-        .set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size)
+        // Incoming: anything MQTT can carry, so no message on a subscribed topic can cut
+        // the link (rumqttc disconnects on a larger one); oversized commands are dropped
+        // after reading. Outgoing: the configured limit (larger ones are dead letters).
+        .set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_size)
         .set_inflight(u16::try_from(WINDOW * 2).unwrap_or(u16::MAX))
         .set_request_channel_capacity(WINDOW + 4)
         .set_last_will(LastWill::new(
@@ -200,6 +239,7 @@ impl Publisher {
             subscriptions,
             incoming,
             status,
+            direct: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -229,6 +269,11 @@ impl Publisher {
 
     pub fn status(&self) -> watch::Receiver<MqttStatus> {
         self.shared.status.subscribe()
+    }
+
+    /// A handle for publishes that bypass the outbox (see [`Direct`]).
+    pub fn direct(&self) -> Direct {
+        Direct(self.shared.clone())
     }
 
     /// Wait until every queued message is acknowledged, up to `grace`. True if drained.
@@ -292,6 +337,9 @@ async fn drive(
     let mut backoff = builder.build();
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
+    // When the current connection was made (None while not connected).
+    let mut connected_at: Option<std::time::Instant> = None;
+    let mut dropped_log = RateLimited::default();
     loop {
         heartbeats.beat("mqtt", alive);
         let event = tokio::select! {
@@ -301,6 +349,7 @@ async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff = builder.build();
+                connected_at = Some(std::time::Instant::now());
                 {
                     let mut corr = shared.corr();
                     corr.connected = true;
@@ -372,13 +421,24 @@ async fn drive(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(tx) = &shared.incoming {
-                    let msg = Incoming {
-                        topic: p.topic.clone(),
-                        payload: p.payload.clone(),
-                        retain: p.retain,
+                    let dropped = if p.payload.len() > MAX_COMMAND_BYTES {
+                        Some(format!(
+                            "{} bytes, more than a command may be ({MAX_COMMAND_BYTES})",
+                            p.payload.len()
+                        ))
+                    } else {
+                        let msg = Incoming {
+                            topic: p.topic.clone(),
+                            payload: p.payload.clone(),
+                            retain: p.retain,
+                        };
+                        tx.try_send(msg)
+                            .err()
+                            .map(|_| "too many commands waiting".to_string())
                     };
-                    if tx.try_send(msg).is_err() {
-                        warn!("dropping a command on {}: too many waiting", p.topic);
+                    if let Some(why) = dropped {
+                        shared.status.send_modify(|s| s.incoming_dropped += 1);
+                        dropped_log.note(&p.topic, &why);
                     }
                 }
             }
@@ -393,6 +453,9 @@ async fn drive(
                     corr.connected = false;
                     eventloop.clean();
                     requeue_in_order(&mut eventloop);
+                    if let Some(at) = connected_at.take() {
+                        strike(&shared, &mut corr, &mut eventloop, at.elapsed());
+                    }
                 }
                 let text = describe(&e);
                 shared.status.send_modify(|s| {
@@ -447,7 +510,16 @@ fn requeue_in_order(eventloop: &mut EventLoop) {
 }
 
 fn acknowledge(shared: &Shared, pkid: u16) {
-    let slot = shared.corr().inflight.remove(&pkid);
+    let slot = {
+        let mut corr = shared.corr();
+        let slot = corr.inflight.remove(&pkid);
+        if let (Some(Slot::Outbox(id)), Some((suspect, _))) = (slot, corr.suspect)
+            && id == suspect
+        {
+            corr.suspect = None;
+        }
+        slot
+    };
     match slot {
         Some(slot) => settle(shared, slot),
         None => debug!("acknowledgement for unknown packet id {pkid}"),
@@ -457,7 +529,7 @@ fn acknowledge(shared: &Shared, pkid: u16) {
 fn settle(shared: &Shared, slot: Slot) {
     match slot {
         Slot::Outbox(id) => shared.outbox.ack(id),
-        Slot::Online => {}
+        Slot::Online | Slot::Direct => {}
         Slot::Offline => shared.offline_acked.notify_one(),
     }
     shared.progress.notify_one();
@@ -481,16 +553,20 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
         {
             let mut corr = shared.corr();
             while corr.connected && corr.in_hand() < WINDOW {
+                let direct = shared.direct().take();
+                if let Some(msg) = direct {
+                    if !shared.hand_over(&mut corr, Slot::Direct, &msg) {
+                        shared.direct().get_or_insert(msg);
+                        break;
+                    }
+                    handed = true;
+                    continue;
+                }
                 let Some((id, msg)) = shared.outbox.take_next() else {
                     break;
                 };
-                let size = msg.topic.len() + msg.payload.len() + 16;
-                if size > shared.max_packet {
-                    error!(
-                        "dropping a message of {size} bytes for {}: larger than mqtt.max_packet_size ({})",
-                        msg.topic, shared.max_packet
-                    );
-                    shared.outbox.ack(id);
+                if let Some(reason) = unpublishable(&msg, shared.max_packet) {
+                    shared.outbox.dead_letter(id, &reason);
                     continue;
                 }
                 if !shared.hand_over(&mut corr, Slot::Outbox(id), &msg) {
@@ -509,6 +585,104 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
             _ = sendable => {}
         }
     }
+}
+
+/// A warning logged at most once a minute, with how many were left out in between.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn note(&mut self, topic: &str, why: &str) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.suppressed);
+        let more = if more > 0 {
+            format!(" ({more} more dropped since the last report)")
+        } else {
+            String::new()
+        };
+        warn!("dropping a message on {topic}: {why}{more}");
+        self.last = Some(std::time::Instant::now());
+    }
+}
+
+/// The size of the PUBLISH packet carrying `msg` (with a packet id), as rumqttc checks it.
+fn packet_size(msg: &Message) -> usize {
+    let len = 2 + msg.topic.len() + 2 + msg.payload.len();
+    let len_len = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + len
+}
+
+/// Why `msg` can never be published (so it goes to the dead letters), if it cannot.
+fn unpublishable(msg: &Message, max_packet: usize) -> Option<String> {
+    let size = packet_size(msg);
+    if msg.topic.len() > usize::from(u16::MAX) {
+        Some(format!(
+            "its topic is {} bytes long, more than MQTT allows (65535)",
+            msg.topic.len()
+        ))
+    } else if size > max_packet.min(MQTT_MAX_PACKET) {
+        Some(format!(
+            "the packet would be {size} bytes, larger than mqtt.max_packet_size ({max_packet})"
+        ))
+    } else {
+        None
+    }
+}
+
+/// The connection was lost: if it had only just been made and the same message has been
+/// the oldest in flight every time, the broker is refusing it (say, larger than its own
+/// limit). Then it becomes a dead letter and leaves rumqttc's queue, so the messages
+/// behind it go on. Runs with rumqttc's pending requests collected (after `clean`).
+fn strike(shared: &Shared, corr: &mut Correlation, eventloop: &mut EventLoop, up_for: Duration) {
+    let oldest = corr
+        .inflight
+        .iter()
+        .filter_map(|(pkid, slot)| match slot {
+            Slot::Outbox(id) => Some((*id, *pkid)),
+            _ => None,
+        })
+        .min();
+    let Some((id, pkid)) = oldest else {
+        corr.suspect = None;
+        return;
+    };
+    if up_for > STRIKE_WINDOW {
+        corr.suspect = None;
+        return;
+    }
+    let strikes = match corr.suspect {
+        Some((suspect, n)) if suspect == id => n + 1,
+        _ => 1,
+    };
+    if strikes < STRIKES {
+        corr.suspect = Some((id, strikes));
+        return;
+    }
+    corr.suspect = None;
+    corr.inflight.remove(&pkid);
+    eventloop
+        .pending
+        .retain(|r| !matches!(r, rumqttc::Request::Publish(p) if p.pkid == pkid));
+    shared.outbox.dead_letter(
+        id,
+        &format!(
+            "the broker closed the connection {STRIKES} times in a row right after it was sent (larger than the broker accepts, or refused)"
+        ),
+    );
 }
 
 /// The retained `{base}/bridge/info` payload.

@@ -567,6 +567,12 @@ impl BoxRunner {
     }
 
     fn report_error(&self, kind: CommandKind, payload: &str, error: &str) {
+        // Echo what was refused, but not a megabyte of it.
+        const SHOWN: usize = 200;
+        let payload = match payload.char_indices().nth(SHOWN) {
+            Some((end, _)) => &payload[..end],
+            None => payload,
+        };
         warn!(
             "playbox {}: {} command {:?} refused: {error}",
             self.cfg.name,

@@ -336,6 +336,7 @@ pub async fn publish(broker: SocketAddr, topic: &str, payload: &str, retain: boo
         broker.port(),
     );
     opts.set_clean_session(true);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut events) = AsyncClient::new(opts, 10);
     client
         .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
@@ -380,11 +381,19 @@ impl Daemon {
     }
 
     pub fn spawn_with_env(config: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"))
-            .args(["run", "--config"])
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bvcsp2mqtt"));
+        cmd.args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "debug")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Daemon::spawn_command(cmd)
+    }
+
+    /// Run `cmd` (the daemon, perhaps behind a wrapper such as `sh -c` or `prlimit`).
+    pub fn spawn_command(mut cmd: std::process::Command) -> Daemon {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "debug");
+        }
+        let mut child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -452,4 +461,28 @@ pub async fn one_device_sim() -> BvcspSim {
     })
     .await
     .expect("simulator")
+}
+
+/// A plain HTTP/1.1 GET against the health listener; (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the health listener");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

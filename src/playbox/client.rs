@@ -27,6 +27,9 @@ pub enum BoxError {
     SessionHeld,
     #[error("reply lacks `{0}`")]
     Missing(&'static str),
+    /// Nothing was sent: logins are held back after a refusal or a lockout.
+    #[error("no login attempted: {0}")]
+    Held(String),
 }
 
 /// What a failed request means for the session.
@@ -42,6 +45,10 @@ pub enum Meaning {
     NoSuchPath,
     /// Looks like an expired or refused token: log in again once.
     AuthExpired,
+    /// The box asks for fewer requests (code 22): back off, no re-login.
+    TooFrequent,
+    /// Nothing was sent because logins are held back.
+    Held,
     /// Anything else: retry at the next poll.
     Other,
 }
@@ -60,6 +67,7 @@ impl BoxError {
             BoxError::Code { .. } => Meaning::AuthExpired,
             BoxError::SessionHeld => Meaning::Other,
             BoxError::Missing(_) => Meaning::NoSuchPath,
+            BoxError::Held(_) => Meaning::Held,
         }
     }
 }

@@ -2,12 +2,12 @@
 //! publish retained state and availability, apply commands, and never lock the box out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -35,8 +35,10 @@ pub const INFO_PATHS: &[&str] = &["/terminal/core/v1/version", "/terminal/core/v
 
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
-/// After code 17 no login for at least this long.
+/// After a lockout (code 17 or 67) no login for at least this long.
 const LOCKOUT_WAIT: Duration = Duration::from_secs(61);
+/// With the password refused too often, how often the password file is looked at.
+const PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 /// Refused passwords in a row after which the bridge stops trying on its own: the box
 /// locks logins after three, and the bridge must never be the one that causes it.
 const MAX_REFUSED: u32 = 2;
@@ -169,6 +171,24 @@ pub struct BoxRunner {
     refused: u32,
     password_seen: Secret,
     heartbeats: Arc<crate::health::Heartbeats>,
+    /// No login before this instant, and why: every login (a poll's, a command's, a
+    /// read-back's) goes through [`BoxRunner::login`], which honours it.
+    hold: Option<(Instant, Hold)>,
+    auth: ExponentialBuilder,
+    auth_backoff: ExponentialBackoff,
+    lockout: ExponentialBuilder,
+    lockout_backoff: ExponentialBackoff,
+}
+
+/// Why logins are held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The password was refused (code 24 or 33).
+    Refused,
+    /// The box is locking logins (code 17 or 67).
+    LockedOut,
+    /// Some other refusal of the login itself.
+    Backoff,
 }
 
 impl BoxRunner {
@@ -186,6 +206,14 @@ impl BoxRunner {
             &[],
         );
         let password_seen = cfg.password.clone();
+        let auth = ExponentialBuilder::default()
+            .with_min_delay(cfg.auth_retry_min)
+            .with_max_delay(cfg.auth_retry_max)
+            .without_max_times();
+        let lockout = ExponentialBuilder::default()
+            .with_min_delay(LOCKOUT_WAIT)
+            .with_max_delay(cfg.auth_retry_max.max(LOCKOUT_WAIT))
+            .without_max_times();
         BoxRunner {
             cfg,
             client,
@@ -202,6 +230,11 @@ impl BoxRunner {
             refused: 0,
             password_seen,
             heartbeats,
+            hold: None,
+            auth_backoff: auth.build(),
+            auth,
+            lockout_backoff: lockout.build(),
+            lockout,
         }
     }
 
@@ -223,12 +256,7 @@ impl BoxRunner {
             .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
             .with_jitter()
             .without_max_times();
-        let auth = ExponentialBuilder::default()
-            .with_min_delay(self.cfg.auth_retry_min)
-            .with_max_delay(self.cfg.auth_retry_max)
-            .without_max_times();
         let mut net_backoff = net.build();
-        let mut auth_backoff = auth.build();
         let mut next_poll = Instant::now();
         loop {
             // A poll is a handful of requests, each bounded by request_timeout.
@@ -239,11 +267,7 @@ impl BoxRunner {
             );
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = sleep_until(next_poll.into()) => {
-                    if self.refused >= MAX_REFUSED && !self.password_changed() {
-                        next_poll = Instant::now() + Duration::from_secs(60);
-                        continue;
-                    }
+                _ = sleep_until(next_poll) => {
                     let result = tokio::select! {
                         _ = cancel.cancelled() => break,
                         r = self.poll() => r,
@@ -251,12 +275,11 @@ impl BoxRunner {
                     next_poll = match result {
                         Ok(()) => {
                             net_backoff = net.build();
-                            auth_backoff = auth.build();
-                            self.refused = 0;
                             self.link.set(LinkState::Up, None, None);
+                            self.link.set_detail("locked_out", Value::Null);
                             Instant::now() + self.cfg.poll_interval
                         }
-                        Err(e) => Instant::now() + self.failed(&e, &mut net_backoff, &mut auth_backoff),
+                        Err(e) => Instant::now() + self.failed(&e, &mut net_backoff),
                     };
                 }
                 Some(cmd) = commands.recv() => {
@@ -270,19 +293,22 @@ impl BoxRunner {
         self.link.stopped();
     }
 
-    /// React to a failed poll; returns how long to wait before the next one.
-    fn failed(
-        &mut self,
-        e: &BoxError,
-        net: &mut impl Iterator<Item = Duration>,
-        auth: &mut impl Iterator<Item = Duration>,
-    ) -> Duration {
+    /// How long logins are still held back, if they are.
+    fn held_for(&self) -> Option<Duration> {
+        let (until, _) = self.hold?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// React to a failed poll; returns how long to wait before the next one. Logins are
+    /// held back by [`BoxRunner::login`] itself; this only schedules polls and reports.
+    fn failed(&mut self, e: &BoxError, net: &mut impl Iterator<Item = Duration>) -> Duration {
         self.set_online(false);
+        let held = self.held_for();
         match e.meaning() {
+            // Nothing was sent: the state shown (auth_failed, locked out) stays.
+            Meaning::Held => held.unwrap_or(PASSWORD_RECHECK),
             Meaning::WrongPassword => {
-                self.token = None;
-                self.refused += 1;
-                let d = auth.next().unwrap_or(self.cfg.auth_retry_max);
                 let next = if self.refused >= MAX_REFUSED {
                     error!(
                         "playbox {}: password refused {} times; not trying again until it changes \
@@ -293,31 +319,86 @@ impl BoxRunner {
                     None
                 } else {
                     error!(
-                        "playbox {}: password refused (code 24); next attempt in {d:?}",
-                        self.name()
+                        "playbox {}: password refused; next attempt in {:?}",
+                        self.name(),
+                        held.unwrap_or_default()
                     );
-                    Some(d)
+                    held
                 };
                 self.link
                     .set(LinkState::AuthFailed, Some(e.to_string()), next);
-                d
+                held.unwrap_or(PASSWORD_RECHECK)
             }
             Meaning::LockedOut => {
-                self.token = None;
-                let d = net.next().unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
+                let d = held.unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
                 warn!(
-                    "playbox {}: the box is locking logins (code 17); waiting {d:?}",
+                    "playbox {}: the box is locking logins ({e}); no login for {d:?}",
                     self.name()
                 );
+                self.link.set_detail("locked_out", json!(true));
+                self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
+                d
+            }
+            Meaning::TooFrequent => {
+                let d = net
+                    .next()
+                    .unwrap_or(self.cfg.poll_interval)
+                    .max(self.cfg.poll_interval)
+                    .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
             _ => {
-                let d = net.next().unwrap_or(self.cfg.poll_interval);
+                let d = net
+                    .next()
+                    .unwrap_or(self.cfg.poll_interval)
+                    .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
         }
+    }
+
+    /// Why no login may be tried now, if one may not.
+    fn login_held(&mut self) -> Option<String> {
+        if self.refused >= MAX_REFUSED && !self.password_changed() {
+            return Some(format!(
+                "the password was refused {} times; no login until it changes",
+                self.refused
+            ));
+        }
+        let left = self.held_for()?;
+        let why = match self.hold.map(|(_, h)| h) {
+            Some(Hold::Refused) => "the password was refused",
+            Some(Hold::LockedOut) => "the box is locking logins",
+            _ => "the box refused the last login",
+        };
+        Some(format!("{why}; no login for another {}s", left.as_secs()))
+    }
+
+    /// Hold logins back after a refused login, as long as its reply says to.
+    fn hold_logins(&mut self, e: &BoxError) {
+        let (hold, d) = match e.meaning() {
+            Meaning::WrongPassword => {
+                self.refused += 1;
+                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                (Hold::Refused, d)
+            }
+            Meaning::LockedOut => {
+                let d = self.lockout_backoff.next().unwrap_or(LOCKOUT_WAIT);
+                (Hold::LockedOut, d.max(LOCKOUT_WAIT))
+            }
+            Meaning::TooFrequent => (Hold::Backoff, self.cfg.poll_interval),
+            // Any other refusal of a login by the box itself: never a faster retry than
+            // the auth backoff (shared/spec/playbox.md §2, "other").
+            _ if matches!(e, BoxError::Code { .. } | BoxError::SessionHeld) => {
+                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                (Hold::Backoff, d)
+            }
+            // Network trouble: nothing was refused, the poll backoff paces it.
+            _ => return,
+        };
+        self.hold = Some((Instant::now() + d, hold));
     }
 
     /// After refusals, retry only when the password file says something new.
@@ -337,6 +418,11 @@ impl BoxRunner {
                     self.cfg.password = new;
                     self.client.set_password(self.cfg.password.clone());
                     self.refused = 0;
+                    // A wait for a refused password ends with a new one; a lockout does not.
+                    if matches!(self.hold, Some((_, Hold::Refused))) {
+                        self.hold = None;
+                        self.auth_backoff = self.auth.build();
+                    }
                     true
                 } else {
                     false
@@ -357,7 +443,12 @@ impl BoxRunner {
         }
     }
 
+    /// The only place a login is sent. While logins are held back (a refused password,
+    /// a lockout) it fails at once with [`BoxError::Held`] and sends nothing.
     async fn login(&mut self) -> Result<(), BoxError> {
+        if let Some(why) = self.login_held() {
+            return Err(BoxError::Held(why));
+        }
         self.link.set(LinkState::Connecting, None, None);
         let forms = match self.form {
             Some(f) => vec![f],
@@ -377,6 +468,10 @@ impl BoxRunner {
                     }
                     self.form = Some(form);
                     self.token = Some(token);
+                    self.refused = 0;
+                    self.hold = None;
+                    self.auth_backoff = self.auth.build();
+                    self.lockout_backoff = self.lockout.build();
                     // A new session: the paths may have changed (a reboot, an upgrade).
                     self.probed = [false; 4];
                     self.info = None;
@@ -387,7 +482,11 @@ impl BoxRunner {
                 Err(e) if form == LoginForm::Documented && e.meaning() == Meaning::NoSuchPath => {
                     last = Some(e)
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.token = None;
+                    self.hold_logins(&e);
+                    return Err(e);
+                }
             }
         }
         Err(last.unwrap_or(BoxError::Missing("login")))
@@ -599,7 +698,7 @@ impl BoxRunner {
                 );
             }
             Err(e) => {
-                return self.report_error(cmd.kind, &cmd.payload, &format!("box unreachable: {e}"));
+                return self.report_error(cmd.kind, &cmd.payload, &format!("not sent: {e}"));
             }
         };
         let mut result = self.post(&path, &body).await;

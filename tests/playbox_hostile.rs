@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::config::{self, Config};
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt::sim::playbox::{BRIGHTNESS_PATHS, PlayboxOptions, PlayboxSim, SCREEN_PATHS};
 use common::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(20);
+const PASSWORD: &str = "SN2008@+";
 
 fn box_entry(name: &str, sim: &PlayboxSim, password: &str) -> String {
     format!(
@@ -105,6 +106,22 @@ fn set_topic(name: &str, what: &str) -> String {
     format!("{BASE}/playbox/{name}/{what}/set")
 }
 
+fn avail_topic(name: &str) -> String {
+    format!("{BASE}/playbox/{name}/availability")
+}
+
+/// Wait for `n` more polls of a healthy box: a clock that says "some seconds passed"
+/// without sleeping.
+async fn polls_of(clock: &PlayboxSim, n: u64) {
+    let path = BRIGHTNESS_PATHS[0];
+    let start = clock.requests(path);
+    clock
+        .wait_until("more polls of the other box", T, move |s| {
+            s.requests(path) >= start + n
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_to_an_auth_failed_box_are_refused_without_a_login() {
     let sim = sim(PlayboxOptions::default()).await;
@@ -135,5 +152,92 @@ async fn commands_to_an_auth_failed_box_are_refused_without_a_login() {
     assert!(sim.sets().is_empty(), "{:?}", sim.sets());
     let link = rig.link("lobby", |_| true).await;
     assert_eq!(link["state"], "auth_failed", "{link}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_box_answering_67_is_locked_out_and_left_alone() {
+    let locked = sim(PlayboxOptions {
+        lockout_code: 67,
+        ..PlayboxOptions::default()
+    })
+    .await;
+    locked.lock_out(Duration::from_secs(600));
+    let clock = sim(PlayboxOptions::default()).await;
+    let rig = Rig::start(&[("locked", &locked, PASSWORD), ("clock", &clock, PASSWORD)]).await;
+    let link = rig.link("locked", |l| l["locked_out"] == true).await;
+    assert_eq!(link["state"], "down", "{link}");
+    assert!(
+        link["retry_in_s"].as_f64().is_some_and(|s| s >= 60.0),
+        "{link}"
+    );
+    assert!(
+        link["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("67")),
+        "{link}"
+    );
+    for payload in ["10", "20", "30"] {
+        rig.set("locked", "brightness", payload).await;
+        rig.error_for("locked", payload).await;
+    }
+    polls_of(&clock, 3).await;
+    assert_eq!(
+        locked.login_attempts(),
+        1,
+        "logged in again during the lockout"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrelated_code_is_no_reason_to_log_in_again() {
+    let sim = sim(PlayboxOptions::default()).await;
+    let rig = Rig::start(&[("lobby", &sim, PASSWORD)]).await;
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "online")
+        .await;
+    let logins = sim.login_attempts();
+    // "Screen not connected" on every read: a failed poll, the token is still good.
+    sim.set_value_code(Some(38));
+    polls_of(&sim, 3).await;
+    assert_eq!(sim.login_attempts(), logins, "code 38 made it log in again");
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "offline")
+        .await;
+    let offline = rig.obs.on(&avail_topic("lobby")).len();
+    sim.set_value_code(None);
+    rig.obs
+        .wait_for("online again", T, |log| {
+            log.iter()
+                .filter(|r| r.topic == avail_topic("lobby"))
+                .skip(offline)
+                .find(|r| r.text() == "online")
+                .map(|_| ())
+        })
+        .await;
+    assert_eq!(sim.login_attempts(), logins);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_12_and_36_on_a_probe_mean_try_the_next_path() {
+    let opts = |code| PlayboxOptions {
+        brightness_path: 1,
+        screen_path: 2,
+        missing_path_code: Some(code),
+        ..PlayboxOptions::default()
+    };
+    let twelve = sim(opts(12)).await;
+    let thirty_six = sim(opts(36)).await;
+    let rig = Rig::start(&[("a", &twelve, PASSWORD), ("b", &thirty_six, PASSWORD)]).await;
+    for (name, sim) in [("a", &twelve), ("b", &thirty_six)] {
+        let link = rig
+            .link(name, |l| l["state"] == "up" && !l["screen_path"].is_null())
+            .await;
+        assert_eq!(link["brightness_path"], BRIGHTNESS_PATHS[1], "{link}");
+        assert_eq!(link["screen_path"], SCREEN_PATHS[2], "{link}");
+        assert_eq!(sim.login_attempts(), 1, "{name}: probing logged in again");
+    }
     rig.stop().await;
 }

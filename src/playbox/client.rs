@@ -37,21 +37,43 @@ pub enum BoxError {
 pub enum Meaning {
     /// The box cannot be reached (down, rebooting, hung).
     Unreachable,
-    /// Wrong username or password (code 24): stop, report, retry only after a long wait.
+    /// Wrong username or password, or no such account (code 24, 33): stop, report,
+    /// retry only after a long wait.
     WrongPassword,
-    /// Too many login failures (code 17): no login for at least 60 s.
+    /// The box is locking logins (code 17, 67): no login for at least 60 s.
     LockedOut,
-    /// This path does not exist here (404/405, not JSON, code 1 or 3).
+    /// This path does not exist here (404/405, not JSON, code 1, 3, 12 or 36): on a
+    /// candidate path, try the next one.
     NoSuchPath,
-    /// Looks like an expired or refused token: log in again once.
+    /// The token is no longer accepted (code 11, 18, 39, HTTP 401/403): log in again
+    /// once. Nothing else is a reason to log in again.
     AuthExpired,
     /// The box asks for fewer requests (code 22): back off, no re-login.
     TooFrequent,
     /// Nothing was sent because logins are held back.
     Held,
-    /// Anything else: retry at the next poll.
+    /// Anything else: a failure of that request, retried at the next poll.
     Other,
 }
+
+/// What a non-zero `code` means, after shared/spec/playbox.md §2 (the ViplexCore SDK's
+/// global error enum). Only 11, 18 and 39 mean "log in again": re-login on any other
+/// code is what turns one bad endpoint into a login loop.
+pub fn code_meaning(code: i64) -> Meaning {
+    match code {
+        11 | 18 | 39 => Meaning::AuthExpired,
+        17 | 67 => Meaning::LockedOut,
+        24 | 33 => Meaning::WrongPassword,
+        22 => Meaning::TooFrequent,
+        1 | 3 | 12 | 36 => Meaning::NoSuchPath,
+        _ => Meaning::Other,
+    }
+}
+
+/// Codes the spec's table names; any other is logged the first time a box sends it.
+const KNOWN_CODES: &[i64] = &[1, 3, 11, 12, 17, 18, 19, 22, 24, 33, 36, 38, 39, 67];
+/// A box's `message` is kept to this many bytes (it ends up in logs and on MQTT).
+const MAX_MESSAGE_BYTES: usize = 128;
 
 impl BoxError {
     pub fn meaning(&self) -> Meaning {
@@ -60,16 +82,24 @@ impl BoxError {
             BoxError::Status(401 | 403) => Meaning::AuthExpired,
             BoxError::Status(404 | 405) | BoxError::NotJson => Meaning::NoSuchPath,
             BoxError::Status(_) => Meaning::Other,
-            BoxError::Code { code: 24, .. } => Meaning::WrongPassword,
-            BoxError::Code { code: 17, .. } => Meaning::LockedOut,
-            BoxError::Code { code: 1 | 3, .. } => Meaning::NoSuchPath,
-            BoxError::Code { code: 19, .. } => Meaning::Other,
-            BoxError::Code { .. } => Meaning::AuthExpired,
+            BoxError::Code { code, .. } => code_meaning(*code),
             BoxError::SessionHeld => Meaning::Other,
             BoxError::Missing(_) => Meaning::NoSuchPath,
             BoxError::Held(_) => Meaning::Held,
         }
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Which login form a box accepted.
@@ -96,6 +126,9 @@ pub struct BoxClient {
     password: Secret,
     /// Our own stable client id, never ViPlex Express's, so logging in kicks nobody out.
     client_id: u32,
+    name: String,
+    /// Unknown codes already logged for this box.
+    codes_seen: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 /// A stable, unusual integer client id derived from the box name.
@@ -130,6 +163,8 @@ impl BoxClient {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             client_id: client_id_for(&cfg.name),
+            name: cfg.name.clone(),
+            codes_seen: Default::default(),
         })
     }
 
@@ -167,14 +202,27 @@ impl BoxClient {
         let v: Value = serde_json::from_slice(&bytes).map_err(|_| BoxError::NotJson)?;
         match field(&v, "code").and_then(as_i64) {
             Some(0) => Ok(field(&v, "data").cloned().unwrap_or(Value::Null)),
-            Some(code) => Err(BoxError::Code {
-                code,
-                message: field(&v, "message")
+            Some(code) => {
+                let message = field(&v, "message")
                     .or_else(|| field(&v, "msg"))
                     .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .into(),
-            }),
+                    .unwrap_or("");
+                let message = clip(message, MAX_MESSAGE_BYTES).to_owned();
+                if !KNOWN_CODES.contains(&code)
+                    && self
+                        .codes_seen
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(code)
+                {
+                    tracing::warn!(
+                        "playbox {}: the box replied code {code} ({message:?}), which the spec \
+                         does not name; treated as a failure of that request (logged once per code)",
+                        self.name
+                    );
+                }
+                Err(BoxError::Code { code, message })
+            }
             None => Err(BoxError::NotJson),
         }
     }
@@ -250,13 +298,43 @@ mod tests {
             code: c,
             message: String::new(),
         };
-        assert_eq!(code(24).meaning(), Meaning::WrongPassword);
-        assert_eq!(code(17).meaning(), Meaning::LockedOut);
-        assert_eq!(code(39).meaning(), Meaning::AuthExpired);
-        assert_eq!(code(3).meaning(), Meaning::NoSuchPath);
-        assert_eq!(code(19).meaning(), Meaning::Other);
+        // shared/spec/playbox.md §2, row by row.
+        for (c, m) in [
+            (1, Meaning::NoSuchPath),
+            (3, Meaning::NoSuchPath),
+            (11, Meaning::AuthExpired),
+            (12, Meaning::NoSuchPath),
+            (17, Meaning::LockedOut),
+            (18, Meaning::AuthExpired),
+            (19, Meaning::Other),
+            (22, Meaning::TooFrequent),
+            (24, Meaning::WrongPassword),
+            (33, Meaning::WrongPassword),
+            (36, Meaning::NoSuchPath),
+            (38, Meaning::Other),
+            (39, Meaning::AuthExpired),
+            (67, Meaning::LockedOut),
+        ] {
+            assert_eq!(code(c).meaning(), m, "code {c}");
+        }
+        // Nothing outside 11, 18, 39 and 401/403 means "log in again".
+        for c in (-5..200).chain([i64::MIN, i64::MAX]) {
+            if code(c).meaning() == Meaning::AuthExpired {
+                assert!([11, 18, 39].contains(&c), "code {c} would log in again");
+            }
+        }
+        assert_eq!(BoxError::Status(403).meaning(), Meaning::AuthExpired);
+        assert_eq!(BoxError::Status(500).meaning(), Meaning::Other);
         assert_eq!(BoxError::Status(404).meaning(), Meaning::NoSuchPath);
         assert_eq!(BoxError::Status(401).meaning(), Meaning::AuthExpired);
         assert_eq!(BoxError::NotJson.meaning(), Meaning::NoSuchPath);
+    }
+
+    #[test]
+    fn clip_keeps_whole_characters() {
+        assert_eq!(clip("abc", 64), "abc");
+        assert_eq!(clip("abcdef", 3), "abc");
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("", 0), "");
     }
 }

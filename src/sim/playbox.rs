@@ -53,6 +53,9 @@
 //! - [`PlayboxSim::viplex_login`] logs in in-process and bypasses the lockout and the
 //!   counters, so tests count only what the bridge did.
 //! - A `*_path` index out of range means that function has no endpoint at all.
+//! - `missing_path_code` answers the candidates that do not exist with that code (HTTP
+//!   200) instead of 404, after the POST is recorded and before the token check.
+//! - [`PlayboxSim::set_value_code`] answers after the token check, for GET and POST.
 //!
 //! # Time
 //!
@@ -166,6 +169,11 @@ pub struct PlayboxOptions {
     pub reject_empty_user_agent: bool,
     /// Answer AVON searches on a UDP socket bound to `127.0.0.1:0`.
     pub udp_discovery: bool,
+    /// The code a locked login answers: 17 (ERR_FORBIDDEN) or 67 (ERR_LOGIN_LOCKED).
+    pub lockout_code: i64,
+    /// `Some(code)`: the candidate paths that do not exist answer HTTP 200 with this
+    /// code (e.g. 12 or 36) instead of HTTP 404.
+    pub missing_path_code: Option<i64>,
 }
 
 impl Default for PlayboxOptions {
@@ -193,6 +201,8 @@ impl Default for PlayboxOptions {
             rich_brightness: false,
             reject_empty_user_agent: true,
             udp_discovery: true,
+            lockout_code: 17,
+            missing_path_code: None,
         }
     }
 }
@@ -294,6 +304,10 @@ struct State {
     integer_only_brightness: bool,
     rich_brightness: bool,
     reject_empty_user_agent: bool,
+    lockout_code: i64,
+    missing_path_code: Option<i64>,
+    /// Set at run time: every request to an existing value path answers this code.
+    value_code: Option<i64>,
 
     consecutive_failures: u32,
     locked_until: Option<Instant>,
@@ -390,6 +404,9 @@ impl State {
             integer_only_brightness: opts.integer_only_brightness,
             rich_brightness: opts.rich_brightness,
             reject_empty_user_agent: opts.reject_empty_user_agent,
+            lockout_code: opts.lockout_code,
+            missing_path_code: opts.missing_path_code,
+            value_code: None,
             consecutive_failures: 0,
             locked_until: None,
             tokens: HashMap::new(),
@@ -449,7 +466,10 @@ impl State {
     fn login(&mut self, form: LoginForm, body: &[u8]) -> Value {
         self.login_attempts += 1;
         if self.locked() {
-            return code(17, "too many login attempts, try again later");
+            return code(
+                self.lockout_code,
+                "too many login attempts, try again later",
+            );
         }
         let Some(obj) = parse_object(body) else {
             return code(3, "invalid param");
@@ -556,6 +576,9 @@ impl State {
             self.sets.push((path.to_owned(), body_value(body)));
         }
         if !exists {
+            if let Some(c) = self.missing_path_code {
+                return Reply::Json(code(c, "not supported"));
+            }
             return Reply::Status(StatusCode::NOT_FOUND, "404 not found");
         }
         let allowed = *method == Method::GET || (*method == Method::POST && func != Func::Info);
@@ -564,6 +587,9 @@ impl State {
         }
         if !token.is_some_and(|t| self.token_valid(t)) {
             return Reply::Json(self.expired());
+        }
+        if let Some(c) = self.value_code {
+            return Reply::Json(code(c, "simulated failure"));
         }
         let get = *method == Method::GET;
         Reply::Json(match func {
@@ -975,6 +1001,20 @@ impl PlayboxSim {
     /// Existing tokens stay valid.
     pub fn set_password(&self, p: &str) {
         self.inner.lock().password = p.to_owned();
+    }
+
+    /// Lock logins now, for `lock_for`, as three wrong passwords would (answered with
+    /// `lockout_code`). Counted in [`PlayboxSim::lockouts`].
+    pub fn lock_out(&self, lock_for: Duration) {
+        let mut st = self.inner.lock();
+        st.locked_until = Some(Instant::now() + lock_for);
+        st.lockouts += 1;
+    }
+
+    /// `Some(code)`: every request to an existing value path (with a valid token)
+    /// answers `code` with HTTP 200, e.g. 38 "screen not connected". `None`: normal.
+    pub fn set_value_code(&self, code: Option<i64>) {
+        self.inner.lock().value_code = code;
     }
 
     /// Every current token answers `expired_code` from now on.

@@ -110,6 +110,37 @@ fn avail_topic(name: &str) -> String {
     format!("{BASE}/playbox/{name}/availability")
 }
 
+/// Publish `payloads` to `topic` back to back from one client (a UI slider), and wait
+/// until the broker has acknowledged every one.
+async fn publish_burst(broker: SocketAddr, topic: &str, payloads: &[String]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let opts = MqttOptions::new(
+        format!("slider-{}", rand_suffix()),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    let (client, mut events) = AsyncClient::new(opts, payloads.len() + 10);
+    for p in payloads {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, p.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let want = payloads.len();
+    let acked = async {
+        let mut n = 0;
+        while n < want {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = events.poll().await {
+                n += 1;
+            }
+        }
+    };
+    tokio::time::timeout(T, acked)
+        .await
+        .expect("burst acknowledged");
+    let _ = client.disconnect().await;
+}
+
 /// Wait for `n` more polls of a healthy box: a clock that says "some seconds passed"
 /// without sleeping.
 async fn polls_of(clock: &PlayboxSim, n: u64) {
@@ -239,5 +270,72 @@ async fn codes_12_and_36_on_a_probe_mean_try_the_next_path() {
         assert_eq!(link["screen_path"], SCREEN_PATHS[2], "{link}");
         assert_eq!(sim.login_attempts(), 1, "{name}: probing logged in again");
     }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_command_is_refused_and_the_next_one_applied() {
+    let sim = sim(PlayboxOptions::default()).await;
+    let rig = Rig::start(&[("lobby", &sim, PASSWORD)]).await;
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "online")
+        .await;
+    // 300 bytes that would be a valid `55` once trimmed.
+    let long = format!("55{}", " ".repeat(298));
+    rig.set("lobby", "brightness", &long).await;
+    let e = rig.error_for("lobby", &long[..64]).await;
+    assert_eq!(e["command"], "brightness");
+    let error = e["error"].as_str().unwrap_or_default();
+    assert!(error.contains("300 bytes") && error.contains("256"), "{e}");
+    rig.set("lobby", "brightness", "40").await;
+    sim.wait_until("brightness 40", T, |s| s.brightness() == 40.0)
+        .await;
+    assert!(
+        sim.sets().iter().all(|(_, b)| b["ratio"] != 55.0),
+        "the oversized command reached the box: {:?}",
+        sim.sets()
+    );
+    for r in rig.obs.on(&format!("{BASE}/playbox/lobby/error")) {
+        assert!(r.json()["payload"].as_str().is_some_and(|p| p.len() <= 64));
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_commands_is_coalesced_and_the_last_value_wins() {
+    let sim = sim(PlayboxOptions::default()).await;
+    let rig = Rig::start(&[("lobby", &sim, PASSWORD)]).await;
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "online")
+        .await;
+    let requests = |s: &PlayboxSim| -> u64 {
+        [BRIGHTNESS_PATHS[0], SCREEN_PATHS[0]]
+            .iter()
+            .map(|p| s.requests(p))
+            .sum()
+    };
+    let before = requests(&sim);
+    let burst: Vec<String> = (1..=60).map(|v| v.to_string()).collect();
+    publish_burst(rig.broker, &set_topic("lobby", "brightness"), &burst).await;
+    sim.wait_until("brightness 60", T, |s| s.brightness() == 60.0)
+        .await;
+    rig.obs
+        .wait_topic(&format!("{BASE}/playbox/lobby/state"), T, |r| {
+            r.json()["brightness"] == 60.0
+        })
+        .await;
+    let sets = sim.sets();
+    assert!(
+        (1..=4).contains(&sets.len()),
+        "60 commands made {} sets: {sets:?}",
+        sets.len()
+    );
+    assert_eq!(
+        sets.last().map(|(_, b)| b["ratio"].clone()),
+        Some(60.0.into())
+    );
+    // Each set is one POST and one read-back; a few polls may fall in between.
+    let used = requests(&sim) - before;
+    assert!(used <= 20, "{used} requests for one slider move");
     rig.stop().await;
 }

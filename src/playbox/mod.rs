@@ -3,6 +3,7 @@
 
 pub mod avon;
 pub mod client;
+pub mod commands;
 pub mod discovery;
 pub mod poller;
 
@@ -20,7 +21,7 @@ use crate::mqtt::publisher::Incoming;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, TofuPin, Trust};
 
-pub use poller::{Command, CommandKind};
+pub use commands::{Command, CommandKind, Pending};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlayboxSetupError {
@@ -87,9 +88,9 @@ pub fn start(
         let trust = trust_for(cfg, storage).map_err(err)?;
         let tls = tls::client_config(&trust, None).map_err(|e| err(e.to_string()))?;
         let client = client::BoxClient::new(cfg, tls).map_err(|e| err(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(16);
+        let pending = Arc::new(Pending::default());
         if cfg.commands {
-            routes.insert(cfg.name.clone(), tx);
+            routes.insert(cfg.name.clone(), pending.clone());
         }
         let runner = poller::BoxRunner::new(
             cfg.clone(),
@@ -97,18 +98,21 @@ pub fn start(
             outbox.clone(),
             topics.clone(),
             heartbeats.clone(),
+            pending,
         );
         links.push((cfg.name.clone(), runner.link()));
-        tracker.spawn(runner.run(rx, cancel.clone()));
+        tracker.spawn(runner.run(cancel.clone()));
     }
-    tracker.spawn(route_commands(incoming, routes, topics, cancel));
+    tracker.spawn(route_commands(incoming, routes, outbox, topics, cancel));
     Ok(links)
 }
 
-/// Hand each command message to its box.
+/// Check each command message and hand it to its box. A bad or oversized one is refused
+/// on the box's `…/error` topic here and never reaches the box.
 async fn route_commands(
     mut incoming: mpsc::Receiver<Incoming>,
-    routes: HashMap<String, mpsc::Sender<Command>>,
+    routes: HashMap<String, Arc<Pending>>,
+    outbox: Arc<Outbox>,
     topics: Topics,
     cancel: CancellationToken,
 ) {
@@ -127,25 +131,21 @@ async fn route_commands(
         else {
             continue;
         };
-        let Some(tx) = routes.get(name) else { continue };
+        let Some(pending) = routes.get(name) else {
+            continue;
+        };
         if msg.retain {
             // A retained command would be replayed at every subscribe: act on live ones only.
-            warn!(
-                "playbox {name}: ignoring a retained command on {}",
-                msg.topic
-            );
+            pending.ignore(name, &msg.topic, "a retained command");
             continue;
         }
         let Some(kind) = CommandKind::from_topic(kind) else {
-            warn!("playbox {name}: unknown command topic {}", msg.topic);
+            pending.ignore(name, &msg.topic, "an unknown command");
             continue;
         };
-        let payload = String::from_utf8_lossy(&msg.payload).into_owned();
-        if tx.try_send(Command { kind, payload }).is_err() {
-            warn!(
-                "playbox {name}: too many commands waiting; dropping one on {}",
-                msg.topic
-            );
+        match Command::parse(kind, &msg.payload) {
+            Ok(cmd) => pending.put(cmd),
+            Err(e) => pending.refuse(&outbox, &topics, name, kind.name(), &msg.payload, &e),
         }
     }
 }

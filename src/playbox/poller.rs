@@ -6,12 +6,12 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::client::{BoxClient, BoxError, LoginForm, Meaning};
+use super::commands::{Coalescer, Command, CommandKind, Pending};
 use crate::bvcsp::model::{as_f64, as_string, field, rfc3339_millis};
 use crate::config::{PlayboxConfig, Secret};
 use crate::link::{Link, LinkState};
@@ -86,65 +86,12 @@ impl Function {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommandKind {
-    Brightness,
-    Screen,
-    Volume,
-}
-
-impl CommandKind {
-    pub fn from_topic(s: &str) -> Option<CommandKind> {
-        match s {
-            "brightness" => Some(CommandKind::Brightness),
-            "screen" => Some(CommandKind::Screen),
-            "volume" => Some(CommandKind::Volume),
-            _ => None,
-        }
+fn function_of(kind: CommandKind) -> Function {
+    match kind {
+        CommandKind::Brightness => Function::Brightness,
+        CommandKind::Screen => Function::Screen,
+        CommandKind::Volume => Function::Volume,
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CommandKind::Brightness => "brightness",
-            CommandKind::Screen => "screen",
-            CommandKind::Volume => "volume",
-        }
-    }
-
-    fn function(self) -> Function {
-        match self {
-            CommandKind::Brightness => Function::Brightness,
-            CommandKind::Screen => Function::Screen,
-            CommandKind::Volume => Function::Volume,
-        }
-    }
-
-    /// Strict validation of a plain-text payload into the request body.
-    pub fn body(self, payload: &str) -> Result<Value, String> {
-        let p = payload.trim();
-        match self {
-            CommandKind::Brightness | CommandKind::Volume => {
-                let v: f64 = p
-                    .parse()
-                    .map_err(|_| format!("expected a number 0-100, got {p:?}"))?;
-                if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-                    return Err(format!("expected a number 0-100, got {p}"));
-                }
-                Ok(json!({"ratio": v}))
-            }
-            CommandKind::Screen => match p.to_ascii_lowercase().as_str() {
-                "on" => Ok(json!({"state": "OPEN"})),
-                "off" => Ok(json!({"state": "CLOSE"})),
-                _ => Err(format!("expected `on` or `off`, got {p:?}")),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Command {
-    pub kind: CommandKind,
-    pub payload: String,
 }
 
 /// What the box shows, as the contract's `state` payload has it.
@@ -171,6 +118,8 @@ pub struct BoxRunner {
     refused: u32,
     password_seen: Secret,
     heartbeats: Arc<crate::health::Heartbeats>,
+    /// Commands from MQTT not sent yet.
+    commands: Arc<Pending>,
     /// No login before this instant, and why: every login (a poll's, a command's, a
     /// read-back's) goes through [`BoxRunner::login`], which honours it.
     hold: Option<(Instant, Hold)>,
@@ -198,6 +147,7 @@ impl BoxRunner {
         outbox: Arc<Outbox>,
         topics: Topics,
         heartbeats: Arc<crate::health::Heartbeats>,
+        commands: Arc<Pending>,
     ) -> BoxRunner {
         let link = Link::new(
             &format!("playbox/{}", cfg.name),
@@ -230,6 +180,7 @@ impl BoxRunner {
             refused: 0,
             password_seen,
             heartbeats,
+            commands,
             hold: None,
             auth_backoff: auth.build(),
             auth,
@@ -246,7 +197,7 @@ impl BoxRunner {
         self.link.clone()
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let beat_name = format!("playbox/{}", self.cfg.name);
         let heartbeats = self.heartbeats.clone();
         let _alive =
@@ -258,6 +209,7 @@ impl BoxRunner {
             .without_max_times();
         let mut net_backoff = net.build();
         let mut next_poll = Instant::now();
+        let mut commands = Coalescer::new(self.commands.clone());
         loop {
             // A poll is a handful of requests, each bounded by request_timeout.
             let wait = next_poll.saturating_duration_since(Instant::now());
@@ -282,10 +234,10 @@ impl BoxRunner {
                         Err(e) => Instant::now() + self.failed(&e, &mut net_backoff),
                     };
                 }
-                Some(cmd) = commands.recv() => {
+                batch = commands.next_batch() => {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = self.apply(cmd) => {}
+                        _ = self.apply(batch) => {}
                     }
                 }
             }
@@ -497,12 +449,12 @@ impl BoxRunner {
         if self.token.is_none() {
             self.login().await?;
         }
-        let token = self.token.clone().expect("logged in");
+        let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.get(path, &token).await {
             Err(e) if e.meaning() == Meaning::AuthExpired => {
                 self.token = None;
                 self.login().await?;
-                let token = self.token.clone().expect("logged in");
+                let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
                 self.client.get(path, &token).await
             }
             r => r,
@@ -513,12 +465,12 @@ impl BoxRunner {
         if self.token.is_none() {
             self.login().await?;
         }
-        let token = self.token.clone().expect("logged in");
+        let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.post(path, &token, body).await {
             Err(e) if e.meaning() == Meaning::AuthExpired => {
                 self.token = None;
                 self.login().await?;
-                let token = self.token.clone().expect("logged in");
+                let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
                 self.client.post(path, &token, body).await
             }
             r => r,
@@ -665,46 +617,63 @@ impl BoxRunner {
         self.last = Some((reading, Instant::now()));
     }
 
-    fn report_error(&self, kind: CommandKind, payload: &str, error: &str) {
-        warn!(
-            "playbox {}: {} command {:?} refused: {error}",
-            self.cfg.name,
-            kind.name(),
-            payload
+    fn report_error(&self, cmd: &Command, error: &str) {
+        self.commands.refuse(
+            &self.outbox,
+            &self.topics,
+            &self.cfg.name,
+            cmd.kind.name(),
+            cmd.payload.as_bytes(),
+            error,
         );
-        let body = json!({"command": kind.name(), "payload": payload, "error": error});
-        let msg = Message {
-            topic: self.topics.playbox_error(&self.cfg.name),
-            payload: body.to_string().into(),
-            retain: false,
-        };
-        self.outbox.push_now(msg);
     }
 
-    /// Apply one command, then read the box back and publish what it now shows.
-    async fn apply(&mut self, cmd: Command) {
-        let body = match cmd.kind.body(&cmd.payload) {
-            Ok(b) => b,
-            Err(e) => return self.report_error(cmd.kind, &cmd.payload, &e),
-        };
-        let f = cmd.kind.function();
+    /// Apply a batch of commands (at most one per setting), then read the box back once
+    /// and publish what it now shows.
+    async fn apply(&mut self, batch: Vec<Command>) {
+        let mut applied = false;
+        for cmd in &batch {
+            applied |= self.apply_one(cmd).await;
+        }
+        if !applied {
+            return;
+        }
+        if let Err(e) = self.poll().await {
+            warn!(
+                "playbox {}: read-back after a set failed: {e}",
+                self.cfg.name
+            );
+        }
+        // Publish even when unchanged: the reply to a command.
+        if let Some((reading, _)) = self.last.clone() {
+            self.publish_state(reading, true);
+        }
+    }
+
+    /// Send one command; `true` when the box took it. Refusals go to `…/error`.
+    async fn apply_one(&mut self, cmd: &Command) -> bool {
+        let f = function_of(cmd.kind);
         let path = match self.read(f).await {
-            Ok(Some(_)) => self.paths[f.index()].clone().expect("read found it"),
+            Ok(Some(_)) => match self.paths[f.index()].clone() {
+                Some(p) => p,
+                None => {
+                    self.report_error(cmd, "no path known for it");
+                    return false;
+                }
+            },
             Ok(None) => {
-                return self.report_error(
-                    cmd.kind,
-                    &cmd.payload,
-                    &format!("the box has no working {} path", f.name()),
-                );
+                self.report_error(cmd, &format!("the box has no working {} path", f.name()));
+                return false;
             }
             Err(e) => {
-                return self.report_error(cmd.kind, &cmd.payload, &format!("not sent: {e}"));
+                self.report_error(cmd, &format!("not sent: {e}"));
+                return false;
             }
         };
-        let mut result = self.post(&path, &body).await;
+        let mut result = self.post(&path, &cmd.body).await;
         // Older firmware takes whole numbers only.
         if let (Err(BoxError::Code { code: 3, .. }), Some(v)) =
-            (&result, body.get("ratio").and_then(Value::as_f64))
+            (&result, cmd.body.get("ratio").and_then(Value::as_f64))
             && v.fract() != 0.0
         {
             result = self.post(&path, &json!({"ratio": v.round()})).await;
@@ -715,52 +684,14 @@ impl BoxRunner {
                     "playbox {}: {} set to {}",
                     self.cfg.name,
                     cmd.kind.name(),
-                    cmd.payload.trim()
+                    cmd.payload
                 );
-                if let Err(e) = self.poll().await {
-                    warn!(
-                        "playbox {}: read-back after a set failed: {e}",
-                        self.cfg.name
-                    );
-                }
-                // Publish even when unchanged: the reply to a command.
-                if let Some((reading, _)) = self.last.clone() {
-                    self.publish_state(reading, true);
-                }
+                true
             }
-            Err(e) => self.report_error(cmd.kind, &cmd.payload, &e.to_string()),
+            Err(e) => {
+                self.report_error(cmd, &e.to_string());
+                false
+            }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_are_validated_strictly() {
-        assert_eq!(
-            CommandKind::Brightness.body("40").unwrap(),
-            json!({"ratio": 40.0})
-        );
-        assert_eq!(
-            CommandKind::Brightness.body(" 12.5\n").unwrap(),
-            json!({"ratio": 12.5})
-        );
-        for bad in ["abc", "-1", "100.5", "NaN", "inf", "", "40%"] {
-            assert!(CommandKind::Brightness.body(bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            CommandKind::Screen.body("ON").unwrap(),
-            json!({"state": "OPEN"})
-        );
-        assert_eq!(
-            CommandKind::Screen.body("off").unwrap(),
-            json!({"state": "CLOSE"})
-        );
-        assert!(CommandKind::Screen.body("1").is_err());
-        assert!(CommandKind::Volume.body("101").is_err());
-        assert_eq!(CommandKind::from_topic("volume"), Some(CommandKind::Volume));
-        assert_eq!(CommandKind::from_topic("reboot"), None);
     }
 }

@@ -6,6 +6,7 @@ pub mod client;
 pub mod commands;
 pub mod discovery;
 pub mod poller;
+mod values;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! publish retained state and availability, apply commands, and never lock the box out.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
@@ -11,27 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::client::{BoxClient, BoxError, LoginForm, Meaning};
-use super::commands::{Coalescer, Command, CommandKind, Pending};
-use crate::bvcsp::model::{as_f64, as_string, field, rfc3339_millis};
+use super::commands::{Coalescer, Command, Pending};
+pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS};
+use super::values::{Function, Reading, function_of, state_payload};
+use crate::bvcsp::model::{as_f64, as_string, field};
 use crate::config::{PlayboxConfig, Secret};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
-
-/// Candidate paths, in try order (shared/spec/playbox.md §8).
-pub const BRIGHTNESS_PATHS: &[&str] = &[
-    "/terminal/core/v1/screen/brightness",
-    "/terminal/core/v1/brightness",
-];
-pub const SCREEN_PATHS: &[&str] = &[
-    "/terminal/core/v1/screen/power",
-    "/terminal/core/v1/screen/status",
-    "/terminal/core/v1/screen/power-state",
-];
-pub const VOLUME_PATHS: &[&str] = &[
-    "/terminal/core/v1/device/volume",
-    "/terminal/core/v1/volume",
-];
-pub const INFO_PATHS: &[&str] = &["/terminal/core/v1/version", "/terminal/core/v2/device/info"];
 
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
@@ -42,65 +28,6 @@ const PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 /// Refused passwords in a row after which the bridge stops trying on its own: the box
 /// locks logins after three, and the bridge must never be the one that causes it.
 const MAX_REFUSED: u32 = 2;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Function {
-    Brightness,
-    Screen,
-    Volume,
-    Info,
-}
-
-impl Function {
-    fn name(self) -> &'static str {
-        match self {
-            Function::Brightness => "brightness",
-            Function::Screen => "screen",
-            Function::Volume => "volume",
-            Function::Info => "info",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn defaults(self) -> &'static [&'static str] {
-        match self {
-            Function::Brightness => BRIGHTNESS_PATHS,
-            Function::Screen => SCREEN_PATHS,
-            Function::Volume => VOLUME_PATHS,
-            Function::Info => INFO_PATHS,
-        }
-    }
-
-    /// The reply really is this function's when it has this field.
-    fn expected(self, data: &Value) -> bool {
-        match self {
-            Function::Brightness | Function::Volume => {
-                field(data, "ratio").and_then(as_f64).is_some()
-            }
-            Function::Screen => field(data, "state").is_some_and(Value::is_string),
-            Function::Info => data.is_object(),
-        }
-    }
-}
-
-fn function_of(kind: CommandKind) -> Function {
-    match kind {
-        CommandKind::Brightness => Function::Brightness,
-        CommandKind::Screen => Function::Screen,
-        CommandKind::Volume => Function::Volume,
-    }
-}
-
-/// What the box shows, as the contract's `state` payload has it.
-#[derive(Debug, Clone, PartialEq, Default)]
-struct Reading {
-    brightness: Option<f64>,
-    screen: Option<String>,
-    volume: Option<f64>,
-}
 
 pub struct BoxRunner {
     cfg: PlayboxConfig,
@@ -571,45 +498,7 @@ impl BoxRunner {
         if !(due || force) {
             return;
         }
-        let screen = match reading
-            .screen
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
-            Some("OPEN") => "on",
-            Some("CLOSE") => "off",
-            _ => "unknown",
-        };
-        let mut p = json!({
-            "brightness": reading.brightness,
-            "screen": screen,
-            "volume": reading.volume,
-            "updated_at": rfc3339_millis(SystemTime::now()),
-        });
-        if let Some(raw) = &reading.screen
-            && screen == "unknown"
-        {
-            p["screen_raw"] = json!(raw);
-        }
-        if let Some(info) = self.info.as_ref().filter(|i| i.is_object()) {
-            for (out, keys) in [
-                ("sn", &["sn"][..]),
-                ("product_name", &["productName"][..]),
-                ("alias_name", &["aliasName"][..]),
-                ("firmware", &["mainVersion", "main"][..]),
-                ("model", &["model"][..]),
-                ("mac", &["mac"][..]),
-            ] {
-                if let Some(v) = keys
-                    .iter()
-                    .find_map(|k| field(info, k))
-                    .filter(|v| !v.is_null())
-                {
-                    p[out] = v.clone();
-                }
-            }
-        }
+        let p = state_payload(&reading, self.info.as_ref());
         self.outbox.push_now(Message::state_json(
             self.topics.playbox_state(&self.cfg.name),
             &p,

@@ -339,3 +339,37 @@ async fn a_burst_of_commands_is_coalesced_and_the_last_value_wins() {
     assert!(used <= 20, "{used} requests for one slider move");
     rig.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_reply_body_fails_that_poll_only() {
+    let sim = sim(PlayboxOptions::default()).await;
+    let rig = Rig::start(&[("lobby", &sim, PASSWORD)]).await;
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "online")
+        .await;
+    // A valid reply of 8 MiB, streamed without a length.
+    sim.set_huge_replies(Some(8 << 20));
+    let link = rig
+        .link("lobby", |l| {
+            l["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("larger than 1048576"))
+        })
+        .await;
+    assert_eq!(link["state"], "down", "{link}");
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "offline")
+        .await;
+    let offline = rig.obs.on(&avail_topic("lobby")).len();
+    sim.set_huge_replies(None);
+    rig.obs
+        .wait_for("online again", T, |log| {
+            log.iter()
+                .filter(|r| r.topic == avail_topic("lobby"))
+                .skip(offline)
+                .find(|r| r.text() == "online")
+                .map(|_| ())
+        })
+        .await;
+    rig.stop().await;
+}

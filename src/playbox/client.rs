@@ -13,12 +13,19 @@ use crate::config::{PlayboxConfig, Secret};
 pub const DOCUMENTED_LOGIN: &str = "/terminal/core/v1/user/login";
 pub const FALLBACK_LOGIN: &str = "/terminal/core/v1/login";
 
+/// The largest reply body read from a box: 1 MiB. Real replies are a few hundred
+/// bytes; a bigger body (announced or streamed) fails that request, and so its poll or
+/// command, without being read further, and its connection is dropped.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BoxError {
     #[error("unreachable: {0}")]
     Unreachable(String),
     #[error("HTTP status {0}")]
     Status(u16),
+    #[error("reply body larger than {limit} bytes; not read")]
+    TooLarge { limit: usize },
     #[error("reply is not JSON")]
     NotJson,
     #[error("box replied code {code} ({message})")]
@@ -81,7 +88,7 @@ impl BoxError {
             BoxError::Unreachable(_) => Meaning::Unreachable,
             BoxError::Status(401 | 403) => Meaning::AuthExpired,
             BoxError::Status(404 | 405) | BoxError::NotJson => Meaning::NoSuchPath,
-            BoxError::Status(_) => Meaning::Other,
+            BoxError::Status(_) | BoxError::TooLarge { .. } => Meaning::Other,
             BoxError::Code { code, .. } => code_meaning(*code),
             BoxError::SessionHeld => Meaning::Other,
             BoxError::Missing(_) => Meaning::NoSuchPath,
@@ -142,6 +149,25 @@ fn unreachable(e: reqwest::Error) -> BoxError {
     BoxError::Unreachable(crate::bvcsp::rest::describe_http_error(&e))
 }
 
+/// The body of `resp`, or [`BoxError::TooLarge`] as soon as it is known to exceed `cap`.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, BoxError> {
+    let too_large = BoxError::TooLarge { limit: cap };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(cap).unwrap_or(u64::MAX))
+    {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 impl BoxClient {
     pub fn new(
         cfg: &PlayboxConfig,
@@ -195,7 +221,7 @@ impl BoxClient {
         };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(unreachable)?;
+        let bytes = read_capped(resp, MAX_REPLY_BYTES).await?;
         if !status.is_success() {
             return Err(BoxError::Status(status.as_u16()));
         }

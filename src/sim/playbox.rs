@@ -55,7 +55,8 @@
 //! - A `*_path` index out of range means that function has no endpoint at all.
 //! - `missing_path_code` answers the candidates that do not exist with that code (HTTP
 //!   200) instead of 404, after the POST is recorded and before the token check.
-//! - [`PlayboxSim::set_value_code`] answers after the token check, for GET and POST.
+//! - [`PlayboxSim::set_value_code`] answers after the token check, for GET and POST;
+//!   [`PlayboxSim::set_huge_replies`] after that, for GET only.
 //!
 //! # Time
 //!
@@ -278,7 +279,12 @@ enum Func {
 enum Reply {
     Json(Value),
     Status(StatusCode, &'static str),
+    /// A successful reply padded to about this many bytes, streamed (chunked, no length).
+    Huge(usize),
 }
+
+/// Every reply body the simulator sends.
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 struct State {
     sn: String,
@@ -308,6 +314,8 @@ struct State {
     missing_path_code: Option<i64>,
     /// Set at run time: every request to an existing value path answers this code.
     value_code: Option<i64>,
+    /// Set at run time: every GET of an existing value path answers a body this big.
+    huge_replies: Option<usize>,
 
     consecutive_failures: u32,
     locked_until: Option<Instant>,
@@ -407,6 +415,7 @@ impl State {
             lockout_code: opts.lockout_code,
             missing_path_code: opts.missing_path_code,
             value_code: None,
+            huge_replies: None,
             consecutive_failures: 0,
             locked_until: None,
             tokens: HashMap::new(),
@@ -592,6 +601,9 @@ impl State {
             return Reply::Json(code(c, "simulated failure"));
         }
         let get = *method == Method::GET;
+        if let Some(n) = self.huge_replies.filter(|_| get) {
+            return Reply::Huge(n);
+        }
         Reply::Json(match func {
             Func::Brightness if get => self.get_brightness(),
             Func::Brightness => self.set_brightness(body),
@@ -704,15 +716,37 @@ fn respond(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+/// `{"code":0,"message":"","data":{"ratio":50,"pad":"xxx…"}}`, about `size` bytes, in
+/// 64 KiB chunks with no `Content-Length`: valid, and only a size cap can refuse it.
+fn huge(size: usize) -> Response<Body> {
+    use futures_util::stream;
+    use hyper::body::Frame;
+    const CHUNK: usize = 64 << 10;
+    let head = Bytes::from_static(br#"{"code":0,"message":"","data":{"ratio":50,"pad":""#);
+    let tail = Bytes::from_static(br#""}}"#);
+    let pad = Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = std::iter::once(head)
+        .chain(std::iter::repeat_n(pad, size / CHUNK))
+        .chain(std::iter::once(tail))
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let body = http_body_util::StreamBody::new(stream::iter(chunks));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=utf-8"),
+    );
+    resp
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", text)
 }
 
@@ -830,7 +864,7 @@ async fn handle_request(
     inner: Arc<Inner>,
     req: Request<Incoming>,
     kill: CancellationToken,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let user_agent = req
         .headers()
@@ -880,6 +914,7 @@ async fn handle_request(
             v.to_string(),
         ),
         Reply::Status(status, text) => plain(status, text),
+        Reply::Huge(size) => huge(size),
     }
 }
 
@@ -1015,6 +1050,12 @@ impl PlayboxSim {
     /// answers `code` with HTTP 200, e.g. 38 "screen not connected". `None`: normal.
     pub fn set_value_code(&self, code: Option<i64>) {
         self.inner.lock().value_code = code;
+    }
+
+    /// `Some(bytes)`: every GET of an existing value path (with a valid token) answers a
+    /// valid reply padded to about `bytes`, streamed without a length. `None`: normal.
+    pub fn set_huge_replies(&self, bytes: Option<usize>) {
+        self.inner.lock().huge_replies = bytes;
     }
 
     /// Every current token answers `expired_code` from now on.
@@ -1778,6 +1819,30 @@ mod tests {
         let t = login(&c, &sim, 7).await;
         assert_eq!(get(&c, &sim, b, &t).await["data"]["ratio"], 60.0);
         assert!(discover(sim.udp_addr().expect("udp"), WAIT).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn huge_replies_are_valid_and_unannounced() {
+        let sim = start(PlayboxOptions::default()).await;
+        let c = client();
+        let t = login(&c, &sim, 7).await;
+        sim.set_huge_replies(Some(2 << 20));
+        let resp = c
+            .get(format!("{}{}", sim.url(), BRIGHTNESS_PATHS[0]))
+            .header("Authorization", &t)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.content_length(), None);
+        let body = resp.bytes().await.expect("body");
+        assert!(body.len() >= 2 << 20, "{}", body.len());
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["data"]["ratio"], 50);
+        sim.set_huge_replies(None);
+        assert_eq!(
+            get(&c, &sim, BRIGHTNESS_PATHS[0], &t).await["data"]["ratio"],
+            50.0
+        );
     }
 
     #[tokio::test]

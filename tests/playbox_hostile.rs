@@ -44,7 +44,6 @@ async fn sim(opts: PlayboxOptions) -> PlayboxSim {
 struct Rig {
     broker: SocketAddr,
     obs: Observer,
-    #[allow(dead_code)]
     dir: tempfile::TempDir,
     bridge: Bridge,
 }
@@ -371,5 +370,93 @@ async fn an_oversized_reply_body_fails_that_poll_only() {
                 .map(|_| ())
         })
         .await;
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_pin_file_fails_closed() {
+    type Prepare = fn(&std::path::Path);
+    let cases: [(&str, Prepare); 3] = [
+        ("a directory", |p| std::fs::create_dir(p).unwrap()),
+        ("not a fingerprint", |p| {
+            std::fs::write(p, "hello\n").unwrap()
+        }),
+        ("not UTF-8", |p| {
+            std::fs::write(p, [0xff, 0xfe, 0x00]).unwrap()
+        }),
+    ];
+    for (what, prepare) in cases {
+        let boxed = sim(PlayboxOptions::default()).await;
+        let clock = sim(PlayboxOptions::default()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("playbox-lobby.pin");
+        prepare(&pin);
+        let before = std::fs::read(&pin).ok();
+        let rig = Rig::start_in(
+            dir,
+            &[("lobby", &boxed, PASSWORD), ("clock", &clock, PASSWORD)],
+        )
+        .await;
+        let link = rig
+            .link("lobby", |l| {
+                l["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("pin file") && e.contains("refusing"))
+            })
+            .await;
+        assert_eq!(link["state"], "down", "{what}: {link}");
+        polls_of(&clock, 3).await;
+        assert_eq!(
+            boxed.tls_handshakes() + boxed.tls_failures(),
+            0,
+            "{what}: connected despite the pin file"
+        );
+        assert_eq!(boxed.login_attempts(), 0, "{what}");
+        assert_eq!(
+            std::fs::read(&pin).ok(),
+            before,
+            "{what}: the pin file was touched"
+        );
+        assert_eq!(pin.is_dir(), what == "a directory");
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handshake_pins_nothing() {
+    let sim = sim(PlayboxOptions::default()).await;
+    // Someone in the middle with the box's certificate but not its key.
+    sim.set_impostor(true);
+    let rig = Rig::start(&[("lobby", &sim, PASSWORD)]).await;
+    let pin = rig.dir.path().join("playbox-lobby.pin");
+    sim.wait_until("two refused handshakes", T, |s| s.tls_failures() >= 2)
+        .await;
+    assert!(
+        !pin.exists(),
+        "pinned a certificate whose key the peer does not hold"
+    );
+    assert_eq!(sim.login_attempts(), 0, "a password went to the impostor");
+    let link = rig.link("lobby", |l| l["last_error"].is_string()).await;
+    assert_eq!(link["state"], "down", "{link}");
+
+    // The real box: pinned once the handshake completed, then used.
+    sim.set_impostor(false);
+    rig.obs
+        .wait_topic(&avail_topic("lobby"), T, |r| r.text() == "online")
+        .await;
+    let stored = std::fs::read_to_string(&pin).unwrap();
+    assert_eq!(stored.trim(), sim.cert_fingerprint_sha256());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pin).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let strays: Vec<_> = std::fs::read_dir(rig.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pin-"))
+        .collect();
+    assert!(strays.is_empty(), "temporary files left: {strays:?}");
     rig.stop().await;
 }

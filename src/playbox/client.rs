@@ -34,6 +34,9 @@ pub enum BoxError {
     SessionHeld,
     #[error("reply lacks `{0}`")]
     Missing(&'static str),
+    /// Trust on first use could not be established or its pin file is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Nothing was sent: logins are held back after a refusal or a lockout.
     #[error("no login attempted: {0}")]
     Held(String),
@@ -85,7 +88,7 @@ const MAX_MESSAGE_BYTES: usize = 128;
 impl BoxError {
     pub fn meaning(&self) -> Meaning {
         match self {
-            BoxError::Unreachable(_) => Meaning::Unreachable,
+            BoxError::Unreachable(_) | BoxError::Tls(_) => Meaning::Unreachable,
             BoxError::Status(401 | 403) => Meaning::AuthExpired,
             BoxError::Status(404 | 405) | BoxError::NotJson => Meaning::NoSuchPath,
             BoxError::Status(_) | BoxError::TooLarge { .. } => Meaning::Other,
@@ -134,6 +137,9 @@ pub struct BoxClient {
     /// Our own stable client id, never ViPlex Express's, so logging in kicks nobody out.
     client_id: u32,
     name: String,
+    /// With trust on first use: the pin, made at the first completed handshake.
+    tofu: Option<std::sync::Arc<crate::tls::TofuPin>>,
+    request_timeout: Duration,
     /// Unknown codes already logged for this box.
     codes_seen: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
@@ -172,6 +178,7 @@ impl BoxClient {
     pub fn new(
         cfg: &PlayboxConfig,
         tls: rustls::ClientConfig,
+        tofu: Option<std::sync::Arc<crate::tls::TofuPin>>,
     ) -> Result<BoxClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("bvcsp2mqtt/", env!("CARGO_PKG_VERSION")))
@@ -190,6 +197,8 @@ impl BoxClient {
             password: cfg.password.clone(),
             client_id: client_id_for(&cfg.name),
             name: cfg.name.clone(),
+            tofu,
+            request_timeout: cfg.request_timeout,
             codes_seen: Default::default(),
         })
     }
@@ -210,6 +219,7 @@ impl BoxClient {
         req: reqwest::RequestBuilder,
         token: Option<&Secret>,
     ) -> Result<Value, BoxError> {
+        self.first_contact().await?;
         let req = match token {
             Some(t) => {
                 let mut v =
@@ -251,6 +261,22 @@ impl BoxClient {
             }
             None => Err(BoxError::NotJson),
         }
+    }
+
+    /// With trust on first use and no pin yet, pin the box's certificate after a
+    /// completed handshake, before anything (a password above all) is sent.
+    async fn first_contact(&self) -> Result<(), BoxError> {
+        let Some(pin) = &self.tofu else {
+            return Ok(());
+        };
+        if self.base.scheme() != "https" {
+            return Ok(());
+        }
+        let host = self.base.host_str().unwrap_or_default();
+        let port = self.base.port_or_known_default().unwrap_or(443);
+        pin.first_contact(host, port, self.request_timeout)
+            .await
+            .map_err(|e| BoxError::Tls(e.to_string()))
     }
 
     pub async fn get(&self, path: &str, token: &Secret) -> Result<Value, BoxError> {

@@ -88,7 +88,11 @@ pub fn start(
         };
         let trust = trust_for(cfg, storage).map_err(err)?;
         let tls = tls::client_config(&trust, None).map_err(|e| err(e.to_string()))?;
-        let client = client::BoxClient::new(cfg, tls).map_err(|e| err(e.to_string()))?;
+        let tofu = match &trust {
+            Trust::Tofu(pin) => Some(pin.clone()),
+            _ => None,
+        };
+        let client = client::BoxClient::new(cfg, tls, tofu).map_err(|e| err(e.to_string()))?;
         let pending = Arc::new(Pending::default());
         if cfg.commands {
             routes.insert(cfg.name.clone(), pending.clone());

@@ -227,6 +227,8 @@ impl Drop for Owner {
 #[derive(Clone)]
 struct TlsInfo {
     acceptor: tokio_rustls::TlsAcceptor,
+    /// The same certificate, the handshake signed with another key.
+    impostor: tokio_rustls::TlsAcceptor,
     fingerprint: String,
 }
 
@@ -316,6 +318,8 @@ struct State {
     value_code: Option<i64>,
     /// Set at run time: every GET of an existing value path answers a body this big.
     huge_replies: Option<usize>,
+    /// Set at run time: handshakes are signed with a key that is not the certificate's.
+    impostor: bool,
 
     consecutive_failures: u32,
     locked_until: Option<Instant>,
@@ -331,6 +335,7 @@ struct State {
     login_failures: u64,
     lockouts: u64,
     tls_handshakes: u64,
+    tls_failures: u64,
     requests: BTreeMap<String, u64>,
     sets: Vec<(String, Value)>,
     user_agents: Vec<String>,
@@ -416,6 +421,7 @@ impl State {
             missing_path_code: opts.missing_path_code,
             value_code: None,
             huge_replies: None,
+            impostor: false,
             consecutive_failures: 0,
             locked_until: None,
             tokens: HashMap::new(),
@@ -427,6 +433,7 @@ impl State {
             login_failures: 0,
             lockouts: 0,
             tls_handshakes: 0,
+            tls_failures: 0,
             requests: BTreeMap::new(),
             sets: Vec::new(),
             user_agents: Vec::new(),
@@ -765,6 +772,7 @@ fn make_tls() -> io::Result<TlsInfo> {
     let c = crate::sim::cert::self_signed("taurus-sim", false)?;
     Ok(TlsInfo {
         acceptor: c.acceptor,
+        impostor: c.impostor,
         fingerprint: c.fingerprint,
     })
 }
@@ -825,7 +833,12 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 
 async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationToken) {
     let _ = tcp.set_nodelay(true);
-    let acceptor = inner.tls().acceptor;
+    let tls = inner.tls();
+    let acceptor = if inner.lock().impostor {
+        tls.impostor
+    } else {
+        tls.acceptor
+    };
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
     let stream = tokio::select! {
         _ = kill.cancelled() => return,
@@ -833,6 +846,7 @@ async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationT
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(error = %e, "playbox sim: TLS handshake failed");
+                inner.lock().tls_failures += 1;
                 return;
             }
             Err(_) => {
@@ -1146,6 +1160,18 @@ impl PlayboxSim {
     /// Completed TLS handshakes.
     pub fn tls_handshakes(&self) -> u64 {
         self.inner.lock().tls_handshakes
+    }
+
+    /// TLS handshakes that failed (the client gave up or refused the server).
+    pub fn tls_failures(&self) -> u64 {
+        self.inner.lock().tls_failures
+    }
+
+    /// While set, new connections get the box's own certificate but a handshake signed
+    /// with another key, as from a machine in the middle that copied the certificate:
+    /// a client that checks the signature refuses every handshake.
+    pub fn set_impostor(&self, yes: bool) {
+        self.inner.lock().impostor = yes;
     }
 
     /// Poll `f` every 10 ms until it holds; panic naming `what` after `deadline` (measured

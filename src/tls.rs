@@ -26,6 +26,11 @@ pub enum TlsError {
     NoRoots,
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A trust-on-first-use pin that cannot be used or stored: nothing is sent.
+    #[error("{0}")]
+    Pin(String),
+    #[error("first contact (TLS handshake before pinning) failed: {0}")]
+    FirstContact(String),
 }
 
 /// How a server certificate is trusted.
@@ -45,68 +50,186 @@ pub enum Trust {
 }
 
 /// The pin of a trust-on-first-use peer, kept in a file so restarts keep it.
+///
+/// - A pin is stored only after a TLS handshake with the certificate completed
+///   ([`TofuPin::first_contact`]), never from inside the certificate verifier, where
+///   the peer has not yet proved it holds the certificate's key.
+/// - It is written atomically: a temporary file in the same directory (mode 0600),
+///   synced, then linked into place; an existing file is never overwritten.
+/// - A pin file that exists but cannot be read or parsed fails closed: every connection
+///   is refused, with the reason, until it is fixed or deleted. It is never replaced.
 #[derive(Debug)]
 pub struct TofuPin {
     path: std::path::PathBuf,
-    pin: std::sync::Mutex<Option<[u8; 32]>>,
+    state: std::sync::Mutex<PinState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PinState {
+    /// No pin file: the first completed handshake pins.
+    Empty,
+    Pinned([u8; 32]),
+    /// The pin file is there but unusable: refuse everything.
+    Broken(String),
 }
 
 impl TofuPin {
     /// Load the pin stored at `path`, if any.
     pub fn load(path: std::path::PathBuf) -> Arc<TofuPin> {
-        let pin = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| parse_fingerprint(s.trim()).ok());
+        let state = match std::fs::read_to_string(&path) {
+            Ok(s) => match parse_fingerprint(s.trim()) {
+                Ok(fp) => PinState::Pinned(fp),
+                Err(e) => PinState::Broken(format!(
+                    "pin file {} is not a SHA-256 fingerprint ({e}); refusing to connect \
+                     until it is fixed or deleted",
+                    path.display()
+                )),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PinState::Empty,
+            Err(e) => PinState::Broken(format!(
+                "cannot read pin file {}: {e}; refusing to connect until it is fixed or deleted",
+                path.display()
+            )),
+        };
+        if let PinState::Broken(why) = &state {
+            tracing::error!("{why}");
+        }
         Arc::new(TofuPin {
             path,
-            pin: std::sync::Mutex::new(pin),
+            state: std::sync::Mutex::new(state),
         })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, PinState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn pinned(&self) -> Option<String> {
-        self.pin
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(hex::encode)
+        match &*self.state() {
+            PinState::Pinned(p) => Some(hex::encode(p)),
+            _ => None,
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Accept `seen` if it is the pinned certificate, or pin it if nothing is pinned yet.
+    /// Accept `seen` only if it is the pinned certificate. Pins nothing.
     fn check(&self, seen: [u8; 32]) -> Result<(), rustls::Error> {
-        let mut pin = self.pin.lock().unwrap_or_else(|p| p.into_inner());
-        match *pin {
-            Some(p) if p == seen => Ok(()),
-            Some(p) => Err(rustls::Error::General(format!(
-                "certificate changed since first contact: pinned sha256 {}, got {};                  if the box was really replaced, delete {}",
+        match &*self.state() {
+            PinState::Pinned(p) if *p == seen => Ok(()),
+            PinState::Pinned(p) => Err(rustls::Error::General(format!(
+                "certificate changed since first contact: pinned sha256 {}, got {}; \
+                 if the box was really replaced, delete {}",
                 hex::encode(p),
                 hex::encode(seen),
                 self.path.display()
             ))),
-            None => {
-                *pin = Some(seen);
-                if let Some(dir) = self.path.parent() {
-                    let _ = crate::storage::create_private_dir(dir);
-                }
-                let text = format!("{}\n", hex::encode(seen));
-                match crate::storage::write_atomic(&self.path, text.as_bytes()) {
-                    Ok(()) => tracing::info!(
-                        "pinned certificate sha256 {} at first contact ({})",
-                        hex::encode(seen),
-                        self.path.display()
-                    ),
-                    Err(e) => tracing::warn!(
-                        "pinned certificate sha256 {} for this run only: cannot store it in {}: {e}",
-                        hex::encode(seen),
-                        self.path.display()
-                    ),
-                }
-                Ok(())
-            }
+            PinState::Empty => Err(rustls::Error::General(
+                "no certificate pinned yet (first contact not completed)".into(),
+            )),
+            PinState::Broken(why) => Err(rustls::Error::General(why.clone())),
         }
     }
+
+    /// Make sure a pin exists before anything is sent: with none yet, complete a TLS
+    /// handshake with `host:port` (the handshake signature checked against the
+    /// certificate presented) and only then store that certificate's fingerprint.
+    /// With a pin already, nothing happens; with a broken pin file, an error.
+    pub async fn first_contact(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: std::time::Duration,
+    ) -> Result<(), TlsError> {
+        match &*self.state() {
+            PinState::Pinned(_) => return Ok(()),
+            PinState::Broken(why) => return Err(TlsError::Pin(why.clone())),
+            PinState::Empty => {}
+        }
+        let seen = tokio::time::timeout(timeout, handshake_fingerprint(host, port))
+            .await
+            .map_err(|_| TlsError::FirstContact("timed out".into()))??;
+        let mut state = self.state();
+        match &*state {
+            PinState::Empty => {
+                store_pin(&self.path, seen).map_err(|e| {
+                    TlsError::Pin(format!(
+                        "cannot store the pin in {}: {e}; refusing to connect",
+                        self.path.display()
+                    ))
+                })?;
+                tracing::info!(
+                    "pinned certificate sha256 {} at first contact ({})",
+                    hex::encode(seen),
+                    self.path.display()
+                );
+                *state = PinState::Pinned(seen);
+                Ok(())
+            }
+            // Someone else got there first: the usual check decides.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The SHA-256 of the end-entity certificate of a completed handshake with `host:port`.
+async fn handshake_fingerprint(host: &str, port: u16) -> Result<[u8; 32], TlsError> {
+    let fail = |e: &dyn std::fmt::Display| TlsError::FirstContact(e.to_string());
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let name = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => ServerName::IpAddress(ip.into()),
+        Err(_) => ServerName::try_from(bare.to_owned()).map_err(|e| fail(&e))?,
+    };
+    let provider = provider();
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            pin: Pin::FirstContact,
+            algorithms: provider.signature_verification_algorithms,
+        }))
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect((bare, port))
+        .await
+        .map_err(|e| fail(&e))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| fail(&e))?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| fail(&"the server sent no certificate"))?;
+    Ok(Sha256::digest(cert.as_ref()).into())
+}
+
+/// Write `fp` to `path` atomically, mode 0600, never over an existing file.
+fn store_pin(path: &Path, fp: [u8; 32]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".pin-").tempfile_in(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    writeln!(tmp, "{}", hex::encode(fp))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist_noclobber(path).map_err(|e| e.error)?;
+    // The new name is durable once its directory is.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 impl Trust {
@@ -237,6 +360,9 @@ fn read_key(path: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>, Tls
 enum Pin {
     Fixed([u8; 32]),
     Tofu(Arc<TofuPin>),
+    /// A first contact: any certificate, but the handshake signature must be made with
+    /// its key; the caller pins it once the handshake completed.
+    FirstContact,
     /// The insecure mode: anything goes, signatures unchecked.
     Any,
 }
@@ -267,7 +393,7 @@ impl ServerCertVerifier for PinnedVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
         match &self.pin {
-            Pin::Any => Ok(ServerCertVerified::assertion()),
+            Pin::Any | Pin::FirstContact => Ok(ServerCertVerified::assertion()),
             Pin::Fixed(fp) if *fp == seen => Ok(ServerCertVerified::assertion()),
             Pin::Fixed(_) => Err(rustls::Error::General(format!(
                 "server certificate fingerprint mismatch: got sha256 {}",
@@ -323,6 +449,105 @@ mod tests {
         assert_eq!(parse_fingerprint(&with_colons).unwrap(), [0xab; 32]);
         assert!(parse_fingerprint("abcd").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn pin_files_load_or_fail_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = TofuPin::load(dir.path().join("none.pin"));
+        assert_eq!(*missing.state(), PinState::Empty);
+        assert!(missing.check([1; 32]).is_err(), "nothing accepted unpinned");
+
+        let good = dir.path().join("good.pin");
+        std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
+        let pin = TofuPin::load(good);
+        assert_eq!(pin.pinned(), Some("ab".repeat(32)));
+        assert!(pin.check([0xab; 32]).is_ok());
+        assert!(pin.check([1; 32]).is_err());
+
+        let a_dir = dir.path().join("dir.pin");
+        std::fs::create_dir(&a_dir).unwrap();
+        let garbage = dir.path().join("garbage.pin");
+        std::fs::write(&garbage, "not a pin").unwrap();
+        for path in [a_dir, garbage] {
+            let pin = TofuPin::load(path.clone());
+            assert!(matches!(*pin.state(), PinState::Broken(_)), "{path:?}");
+            let e = pin.check([1; 32]).unwrap_err().to_string();
+            assert!(e.contains("refusing to connect"), "{e}");
+        }
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let locked = dir.path().join("locked.pin");
+            std::fs::write(&locked, "ab".repeat(32)).unwrap();
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+            if std::fs::read(&locked).is_err() {
+                let pin = TofuPin::load(locked);
+                let e = pin.check([0xab; 32]).unwrap_err().to_string();
+                assert!(e.contains("cannot read pin file"), "{e}");
+            } else {
+                eprintln!("running as root: the permission-denied case cannot be made");
+            }
+        }
+    }
+
+    #[test]
+    fn pins_are_stored_atomically_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("box.pin");
+        store_pin(&path, [7; 32]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", "07".repeat(32))
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        }
+        assert!(
+            store_pin(&path, [8; 32]).is_err(),
+            "an existing pin replaced"
+        );
+        assert_eq!(TofuPin::load(path.clone()).pinned(), Some("07".repeat(32)));
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("box.pin")]);
+    }
+
+    #[tokio::test]
+    async fn first_contact_pins_only_a_completed_handshake() {
+        let sim = crate::sim::playbox::PlayboxSim::start(Default::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("box.pin");
+        let pin = TofuPin::load(path.clone());
+        let port = sim.addr().port();
+        let wait = std::time::Duration::from_secs(5);
+        sim.set_impostor(true);
+        let e = pin
+            .first_contact("127.0.0.1", port, wait)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TlsError::FirstContact(_)), "{e}");
+        assert!(!path.exists());
+        assert_eq!(pin.pinned(), None);
+        sim.set_impostor(false);
+        pin.first_contact("127.0.0.1", port, wait).await.unwrap();
+        assert_eq!(pin.pinned(), Some(sim.cert_fingerprint_sha256()));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap().trim(),
+            sim.cert_fingerprint_sha256()
+        );
+        // Pinned: no more handshakes of its own.
+        let before = sim.tls_handshakes();
+        pin.first_contact("127.0.0.1", port, wait).await.unwrap();
+        assert_eq!(sim.tls_handshakes(), before);
     }
 
     #[test]

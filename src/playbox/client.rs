@@ -13,12 +13,19 @@ use crate::config::{PlayboxConfig, Secret};
 pub const DOCUMENTED_LOGIN: &str = "/terminal/core/v1/user/login";
 pub const FALLBACK_LOGIN: &str = "/terminal/core/v1/login";
 
+/// The largest reply body read from a box: 1 MiB. Real replies are a few hundred
+/// bytes; a bigger body (announced or streamed) fails that request, and so its poll or
+/// command, without being read further, and its connection is dropped.
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BoxError {
     #[error("unreachable: {0}")]
     Unreachable(String),
     #[error("HTTP status {0}")]
     Status(u16),
+    #[error("reply body larger than {limit} bytes; not read")]
+    TooLarge { limit: usize },
     #[error("reply is not JSON")]
     NotJson,
     #[error("box replied code {code} ({message})")]
@@ -27,6 +34,12 @@ pub enum BoxError {
     SessionHeld,
     #[error("reply lacks `{0}`")]
     Missing(&'static str),
+    /// Trust on first use could not be established or its pin file is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// Nothing was sent: logins are held back after a refusal or a lockout.
+    #[error("no login attempted: {0}")]
+    Held(String),
 }
 
 /// What a failed request means for the session.
@@ -34,34 +47,69 @@ pub enum BoxError {
 pub enum Meaning {
     /// The box cannot be reached (down, rebooting, hung).
     Unreachable,
-    /// Wrong username or password (code 24): stop, report, retry only after a long wait.
+    /// Wrong username or password, or no such account (code 24, 33): stop, report,
+    /// retry only after a long wait.
     WrongPassword,
-    /// Too many login failures (code 17): no login for at least 60 s.
+    /// The box is locking logins (code 17, 67): no login for at least 60 s.
     LockedOut,
-    /// This path does not exist here (404/405, not JSON, code 1 or 3).
+    /// This path does not exist here (404/405, not JSON, code 1, 3, 12 or 36): on a
+    /// candidate path, try the next one.
     NoSuchPath,
-    /// Looks like an expired or refused token: log in again once.
+    /// The token is no longer accepted (code 11, 18, 39, HTTP 401/403): log in again
+    /// once. Nothing else is a reason to log in again.
     AuthExpired,
-    /// Anything else: retry at the next poll.
+    /// The box asks for fewer requests (code 22): back off, no re-login.
+    TooFrequent,
+    /// Nothing was sent because logins are held back.
+    Held,
+    /// Anything else: a failure of that request, retried at the next poll.
     Other,
 }
+
+/// What a non-zero `code` means, after shared/spec/playbox.md §2 (the ViplexCore SDK's
+/// global error enum). Only 11, 18 and 39 mean "log in again": re-login on any other
+/// code is what turns one bad endpoint into a login loop.
+pub fn code_meaning(code: i64) -> Meaning {
+    match code {
+        11 | 18 | 39 => Meaning::AuthExpired,
+        17 | 67 => Meaning::LockedOut,
+        24 | 33 => Meaning::WrongPassword,
+        22 => Meaning::TooFrequent,
+        1 | 3 | 12 | 36 => Meaning::NoSuchPath,
+        _ => Meaning::Other,
+    }
+}
+
+/// Codes the spec's table names; any other is logged the first time a box sends it.
+const KNOWN_CODES: &[i64] = &[1, 3, 11, 12, 17, 18, 19, 22, 24, 33, 36, 38, 39, 67];
+/// A box's `message` is kept to this many bytes (it ends up in logs and on MQTT).
+const MAX_MESSAGE_BYTES: usize = 128;
 
 impl BoxError {
     pub fn meaning(&self) -> Meaning {
         match self {
-            BoxError::Unreachable(_) => Meaning::Unreachable,
+            BoxError::Unreachable(_) | BoxError::Tls(_) => Meaning::Unreachable,
             BoxError::Status(401 | 403) => Meaning::AuthExpired,
             BoxError::Status(404 | 405) | BoxError::NotJson => Meaning::NoSuchPath,
-            BoxError::Status(_) => Meaning::Other,
-            BoxError::Code { code: 24, .. } => Meaning::WrongPassword,
-            BoxError::Code { code: 17, .. } => Meaning::LockedOut,
-            BoxError::Code { code: 1 | 3, .. } => Meaning::NoSuchPath,
-            BoxError::Code { code: 19, .. } => Meaning::Other,
-            BoxError::Code { .. } => Meaning::AuthExpired,
+            BoxError::Status(_) | BoxError::TooLarge { .. } => Meaning::Other,
+            BoxError::Code { code, .. } => code_meaning(*code),
             BoxError::SessionHeld => Meaning::Other,
             BoxError::Missing(_) => Meaning::NoSuchPath,
+            BoxError::Held(_) => Meaning::Held,
         }
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Which login form a box accepted.
@@ -88,6 +136,12 @@ pub struct BoxClient {
     password: Secret,
     /// Our own stable client id, never ViPlex Express's, so logging in kicks nobody out.
     client_id: u32,
+    name: String,
+    /// With trust on first use: the pin, made at the first completed handshake.
+    tofu: Option<std::sync::Arc<crate::tls::TofuPin>>,
+    request_timeout: Duration,
+    /// Unknown codes already logged for this box.
+    codes_seen: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 /// A stable, unusual integer client id derived from the box name.
@@ -101,10 +155,30 @@ fn unreachable(e: reqwest::Error) -> BoxError {
     BoxError::Unreachable(crate::bvcsp::rest::describe_http_error(&e))
 }
 
+/// The body of `resp`, or [`BoxError::TooLarge`] as soon as it is known to exceed `cap`.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, BoxError> {
+    let too_large = BoxError::TooLarge { limit: cap };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(cap).unwrap_or(u64::MAX))
+    {
+        return Err(too_large);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 impl BoxClient {
     pub fn new(
         cfg: &PlayboxConfig,
         tls: rustls::ClientConfig,
+        tofu: Option<std::sync::Arc<crate::tls::TofuPin>>,
     ) -> Result<BoxClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("bvcsp2mqtt/", env!("CARGO_PKG_VERSION")))
@@ -122,6 +196,10 @@ impl BoxClient {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             client_id: client_id_for(&cfg.name),
+            name: cfg.name.clone(),
+            tofu,
+            request_timeout: cfg.request_timeout,
+            codes_seen: Default::default(),
         })
     }
 
@@ -141,6 +219,7 @@ impl BoxClient {
         req: reqwest::RequestBuilder,
         token: Option<&Secret>,
     ) -> Result<Value, BoxError> {
+        self.first_contact().await?;
         let req = match token {
             Some(t) => {
                 let mut v =
@@ -152,23 +231,52 @@ impl BoxClient {
         };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(unreachable)?;
+        let bytes = read_capped(resp, MAX_REPLY_BYTES).await?;
         if !status.is_success() {
             return Err(BoxError::Status(status.as_u16()));
         }
         let v: Value = serde_json::from_slice(&bytes).map_err(|_| BoxError::NotJson)?;
         match field(&v, "code").and_then(as_i64) {
             Some(0) => Ok(field(&v, "data").cloned().unwrap_or(Value::Null)),
-            Some(code) => Err(BoxError::Code {
-                code,
-                message: field(&v, "message")
+            Some(code) => {
+                let message = field(&v, "message")
                     .or_else(|| field(&v, "msg"))
                     .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .into(),
-            }),
+                    .unwrap_or("");
+                let message = clip(message, MAX_MESSAGE_BYTES).to_owned();
+                if !KNOWN_CODES.contains(&code)
+                    && self
+                        .codes_seen
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(code)
+                {
+                    tracing::warn!(
+                        "playbox {}: the box replied code {code} ({message:?}), which the spec \
+                         does not name; treated as a failure of that request (logged once per code)",
+                        self.name
+                    );
+                }
+                Err(BoxError::Code { code, message })
+            }
             None => Err(BoxError::NotJson),
         }
+    }
+
+    /// With trust on first use and no pin yet, pin the box's certificate after a
+    /// completed handshake, before anything (a password above all) is sent.
+    async fn first_contact(&self) -> Result<(), BoxError> {
+        let Some(pin) = &self.tofu else {
+            return Ok(());
+        };
+        if self.base.scheme() != "https" {
+            return Ok(());
+        }
+        let host = self.base.host_str().unwrap_or_default();
+        let port = self.base.port_or_known_default().unwrap_or(443);
+        pin.first_contact(host, port, self.request_timeout)
+            .await
+            .map_err(|e| BoxError::Tls(e.to_string()))
     }
 
     pub async fn get(&self, path: &str, token: &Secret) -> Result<Value, BoxError> {
@@ -242,13 +350,43 @@ mod tests {
             code: c,
             message: String::new(),
         };
-        assert_eq!(code(24).meaning(), Meaning::WrongPassword);
-        assert_eq!(code(17).meaning(), Meaning::LockedOut);
-        assert_eq!(code(39).meaning(), Meaning::AuthExpired);
-        assert_eq!(code(3).meaning(), Meaning::NoSuchPath);
-        assert_eq!(code(19).meaning(), Meaning::Other);
+        // shared/spec/playbox.md §2, row by row.
+        for (c, m) in [
+            (1, Meaning::NoSuchPath),
+            (3, Meaning::NoSuchPath),
+            (11, Meaning::AuthExpired),
+            (12, Meaning::NoSuchPath),
+            (17, Meaning::LockedOut),
+            (18, Meaning::AuthExpired),
+            (19, Meaning::Other),
+            (22, Meaning::TooFrequent),
+            (24, Meaning::WrongPassword),
+            (33, Meaning::WrongPassword),
+            (36, Meaning::NoSuchPath),
+            (38, Meaning::Other),
+            (39, Meaning::AuthExpired),
+            (67, Meaning::LockedOut),
+        ] {
+            assert_eq!(code(c).meaning(), m, "code {c}");
+        }
+        // Nothing outside 11, 18, 39 and 401/403 means "log in again".
+        for c in (-5..200).chain([i64::MIN, i64::MAX]) {
+            if code(c).meaning() == Meaning::AuthExpired {
+                assert!([11, 18, 39].contains(&c), "code {c} would log in again");
+            }
+        }
+        assert_eq!(BoxError::Status(403).meaning(), Meaning::AuthExpired);
+        assert_eq!(BoxError::Status(500).meaning(), Meaning::Other);
         assert_eq!(BoxError::Status(404).meaning(), Meaning::NoSuchPath);
         assert_eq!(BoxError::Status(401).meaning(), Meaning::AuthExpired);
         assert_eq!(BoxError::NotJson.meaning(), Meaning::NoSuchPath);
+    }
+
+    #[test]
+    fn clip_keeps_whole_characters() {
+        assert_eq!(clip("abc", 64), "abc");
+        assert_eq!(clip("abcdef", 3), "abc");
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("", 0), "");
     }
 }

@@ -3,8 +3,10 @@
 
 pub mod avon;
 pub mod client;
+pub mod commands;
 pub mod discovery;
 pub mod poller;
+mod values;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +22,7 @@ use crate::mqtt::publisher::Incoming;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, TofuPin, Trust};
 
-pub use poller::{Command, CommandKind};
+pub use commands::{Command, CommandKind, Pending};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlayboxSetupError {
@@ -67,8 +69,9 @@ pub fn command_filters(boxes: &[PlayboxConfig], topics: &Topics) -> Vec<String> 
 
 /// Every box, ready to run: what can fail (trust files, TLS, clients) is done.
 pub struct Prepared {
-    runners: Vec<(String, poller::BoxRunner, mpsc::Receiver<poller::Command>)>,
-    routes: HashMap<String, mpsc::Sender<poller::Command>>,
+    runners: Vec<(String, poller::BoxRunner)>,
+    routes: HashMap<String, Arc<Pending>>,
+    outbox: Arc<Outbox>,
     topics: Topics,
 }
 
@@ -89,10 +92,14 @@ pub fn prepare(
         };
         let trust = trust_for(cfg, storage).map_err(err)?;
         let tls = tls::client_config(&trust, None).map_err(|e| err(e.to_string()))?;
-        let client = client::BoxClient::new(cfg, tls).map_err(|e| err(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(16);
+        let tofu = match &trust {
+            Trust::Tofu(pin) => Some(pin.clone()),
+            _ => None,
+        };
+        let client = client::BoxClient::new(cfg, tls, tofu).map_err(|e| err(e.to_string()))?;
+        let pending = Arc::new(Pending::default());
         if cfg.commands {
-            routes.insert(cfg.name.clone(), tx);
+            routes.insert(cfg.name.clone(), pending.clone());
         }
         let runner = poller::BoxRunner::new(
             cfg.clone(),
@@ -100,12 +107,14 @@ pub fn prepare(
             outbox.clone(),
             topics.clone(),
             heartbeats.clone(),
+            pending,
         );
-        runners.push((cfg.name.clone(), runner, rx));
+        runners.push((cfg.name.clone(), runner));
     }
     Ok(Prepared {
         runners,
         routes,
+        outbox,
         topics,
     })
 }
@@ -115,7 +124,7 @@ impl Prepared {
     pub fn links(&self) -> Vec<(String, Arc<crate::link::Link>)> {
         self.runners
             .iter()
-            .map(|(name, r, _)| (name.clone(), r.link()))
+            .map(|(name, r)| (name.clone(), r.link()))
             .collect()
     }
 
@@ -127,23 +136,31 @@ impl Prepared {
         cancel: CancellationToken,
         critical: &crate::critical::Critical,
     ) {
-        for (name, runner, rx) in self.runners {
+        for (name, runner) in self.runners {
             let what = format!("the play box {name} loop");
-            critical.spawn(tracker, &what, &cancel, runner.run(rx, cancel.clone()));
+            critical.spawn(tracker, &what, &cancel, runner.run(cancel.clone()));
         }
         critical.spawn(
             tracker,
             "the play-box command router",
             &cancel,
-            route_commands(incoming, self.routes, self.topics, cancel.clone()),
+            route_commands(
+                incoming,
+                self.routes,
+                self.outbox,
+                self.topics,
+                cancel.clone(),
+            ),
         );
     }
 }
 
-/// Hand each command message to its box.
+/// Check each command message and hand it to its box. A bad or oversized one is refused
+/// on the box's `…/error` topic here and never reaches the box.
 async fn route_commands(
     mut incoming: mpsc::Receiver<Incoming>,
-    routes: HashMap<String, mpsc::Sender<Command>>,
+    routes: HashMap<String, Arc<Pending>>,
+    outbox: Arc<Outbox>,
     topics: Topics,
     cancel: CancellationToken,
 ) {
@@ -162,25 +179,21 @@ async fn route_commands(
         else {
             continue;
         };
-        let Some(tx) = routes.get(name) else { continue };
+        let Some(pending) = routes.get(name) else {
+            continue;
+        };
         if msg.retain {
             // A retained command would be replayed at every subscribe: act on live ones only.
-            warn!(
-                "playbox {name}: ignoring a retained command on {}",
-                msg.topic
-            );
+            pending.ignore(name, &msg.topic, "a retained command");
             continue;
         }
         let Some(kind) = CommandKind::from_topic(kind) else {
-            warn!("playbox {name}: unknown command topic {}", msg.topic);
+            pending.ignore(name, &msg.topic, "an unknown command");
             continue;
         };
-        let payload = String::from_utf8_lossy(&msg.payload).into_owned();
-        if tx.try_send(Command { kind, payload }).is_err() {
-            warn!(
-                "playbox {name}: too many commands waiting; dropping one on {}",
-                msg.topic
-            );
+        match Command::parse(kind, &msg.payload) {
+            Ok(cmd) => pending.put(cmd),
+            Err(e) => pending.refuse(&outbox, &topics, name, kind.name(), &msg.payload, &e),
         }
     }
 }

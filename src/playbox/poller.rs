@@ -2,156 +2,32 @@
 //! publish retained state and availability, apply commands, and never lock the box out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::client::{BoxClient, BoxError, LoginForm, Meaning};
-use crate::bvcsp::model::{as_f64, as_string, field, rfc3339_millis};
+use super::commands::{Coalescer, Command, Pending};
+pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS};
+use super::values::{Function, Reading, function_of, state_payload};
+use crate::bvcsp::model::{as_f64, as_string, field};
 use crate::config::{PlayboxConfig, Secret};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
 
-/// Candidate paths, in try order (shared/spec/playbox.md §8).
-pub const BRIGHTNESS_PATHS: &[&str] = &[
-    "/terminal/core/v1/screen/brightness",
-    "/terminal/core/v1/brightness",
-];
-pub const SCREEN_PATHS: &[&str] = &[
-    "/terminal/core/v1/screen/power",
-    "/terminal/core/v1/screen/status",
-    "/terminal/core/v1/screen/power-state",
-];
-pub const VOLUME_PATHS: &[&str] = &[
-    "/terminal/core/v1/device/volume",
-    "/terminal/core/v1/volume",
-];
-pub const INFO_PATHS: &[&str] = &["/terminal/core/v1/version", "/terminal/core/v2/device/info"];
-
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
-/// After code 17 no login for at least this long.
+/// After a lockout (code 17 or 67) no login for at least this long.
 const LOCKOUT_WAIT: Duration = Duration::from_secs(61);
+/// With the password refused too often, how often the password file is looked at.
+const PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 /// Refused passwords in a row after which the bridge stops trying on its own: the box
 /// locks logins after three, and the bridge must never be the one that causes it.
 const MAX_REFUSED: u32 = 2;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Function {
-    Brightness,
-    Screen,
-    Volume,
-    Info,
-}
-
-impl Function {
-    fn name(self) -> &'static str {
-        match self {
-            Function::Brightness => "brightness",
-            Function::Screen => "screen",
-            Function::Volume => "volume",
-            Function::Info => "info",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn defaults(self) -> &'static [&'static str] {
-        match self {
-            Function::Brightness => BRIGHTNESS_PATHS,
-            Function::Screen => SCREEN_PATHS,
-            Function::Volume => VOLUME_PATHS,
-            Function::Info => INFO_PATHS,
-        }
-    }
-
-    /// The reply really is this function's when it has this field.
-    fn expected(self, data: &Value) -> bool {
-        match self {
-            Function::Brightness | Function::Volume => {
-                field(data, "ratio").and_then(as_f64).is_some()
-            }
-            Function::Screen => field(data, "state").is_some_and(Value::is_string),
-            Function::Info => data.is_object(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CommandKind {
-    Brightness,
-    Screen,
-    Volume,
-}
-
-impl CommandKind {
-    pub fn from_topic(s: &str) -> Option<CommandKind> {
-        match s {
-            "brightness" => Some(CommandKind::Brightness),
-            "screen" => Some(CommandKind::Screen),
-            "volume" => Some(CommandKind::Volume),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            CommandKind::Brightness => "brightness",
-            CommandKind::Screen => "screen",
-            CommandKind::Volume => "volume",
-        }
-    }
-
-    fn function(self) -> Function {
-        match self {
-            CommandKind::Brightness => Function::Brightness,
-            CommandKind::Screen => Function::Screen,
-            CommandKind::Volume => Function::Volume,
-        }
-    }
-
-    /// Strict validation of a plain-text payload into the request body.
-    pub fn body(self, payload: &str) -> Result<Value, String> {
-        let p = payload.trim();
-        match self {
-            CommandKind::Brightness | CommandKind::Volume => {
-                let v: f64 = p
-                    .parse()
-                    .map_err(|_| format!("expected a number 0-100, got {p:?}"))?;
-                if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-                    return Err(format!("expected a number 0-100, got {p}"));
-                }
-                Ok(json!({"ratio": v}))
-            }
-            CommandKind::Screen => match p.to_ascii_lowercase().as_str() {
-                "on" => Ok(json!({"state": "OPEN"})),
-                "off" => Ok(json!({"state": "CLOSE"})),
-                _ => Err(format!("expected `on` or `off`, got {p:?}")),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Command {
-    pub kind: CommandKind,
-    pub payload: String,
-}
-
-/// What the box shows, as the contract's `state` payload has it.
-#[derive(Debug, Clone, PartialEq, Default)]
-struct Reading {
-    brightness: Option<f64>,
-    screen: Option<String>,
-    volume: Option<f64>,
-}
 
 pub struct BoxRunner {
     cfg: PlayboxConfig,
@@ -169,6 +45,26 @@ pub struct BoxRunner {
     refused: u32,
     password_seen: Secret,
     heartbeats: Arc<crate::health::Heartbeats>,
+    /// Commands from MQTT not sent yet.
+    commands: Arc<Pending>,
+    /// No login before this instant, and why: every login (a poll's, a command's, a
+    /// read-back's) goes through [`BoxRunner::login`], which honours it.
+    hold: Option<(Instant, Hold)>,
+    auth: ExponentialBuilder,
+    auth_backoff: ExponentialBackoff,
+    lockout: ExponentialBuilder,
+    lockout_backoff: ExponentialBackoff,
+}
+
+/// Why logins are held back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The password was refused (code 24 or 33).
+    Refused,
+    /// The box is locking logins (code 17 or 67).
+    LockedOut,
+    /// Some other refusal of the login itself.
+    Backoff,
 }
 
 impl BoxRunner {
@@ -178,6 +74,7 @@ impl BoxRunner {
         outbox: Arc<Outbox>,
         topics: Topics,
         heartbeats: Arc<crate::health::Heartbeats>,
+        commands: Arc<Pending>,
     ) -> BoxRunner {
         let link = Link::new(
             &format!("playbox/{}", cfg.name),
@@ -186,6 +83,14 @@ impl BoxRunner {
             &[],
         );
         let password_seen = cfg.password.clone();
+        let auth = ExponentialBuilder::default()
+            .with_min_delay(cfg.auth_retry_min)
+            .with_max_delay(cfg.auth_retry_max)
+            .without_max_times();
+        let lockout = ExponentialBuilder::default()
+            .with_min_delay(LOCKOUT_WAIT)
+            .with_max_delay(cfg.auth_retry_max.max(LOCKOUT_WAIT))
+            .without_max_times();
         BoxRunner {
             cfg,
             client,
@@ -202,6 +107,12 @@ impl BoxRunner {
             refused: 0,
             password_seen,
             heartbeats,
+            commands,
+            hold: None,
+            auth_backoff: auth.build(),
+            auth,
+            lockout_backoff: lockout.build(),
+            lockout,
         }
     }
 
@@ -213,7 +124,7 @@ impl BoxRunner {
         self.link.clone()
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let beat_name = format!("playbox/{}", self.cfg.name);
         let heartbeats = self.heartbeats.clone();
         let _alive =
@@ -223,13 +134,9 @@ impl BoxRunner {
             .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
             .with_jitter()
             .without_max_times();
-        let auth = ExponentialBuilder::default()
-            .with_min_delay(self.cfg.auth_retry_min)
-            .with_max_delay(self.cfg.auth_retry_max)
-            .without_max_times();
         let mut net_backoff = net.build();
-        let mut auth_backoff = auth.build();
         let mut next_poll = Instant::now();
+        let mut commands = Coalescer::new(self.commands.clone());
         loop {
             // A poll is a handful of requests, each bounded by request_timeout.
             let wait = next_poll.saturating_duration_since(Instant::now());
@@ -239,11 +146,7 @@ impl BoxRunner {
             );
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = sleep_until(next_poll.into()) => {
-                    if self.refused >= MAX_REFUSED && !self.password_changed() {
-                        next_poll = Instant::now() + Duration::from_secs(60);
-                        continue;
-                    }
+                _ = sleep_until(next_poll) => {
                     let result = tokio::select! {
                         _ = cancel.cancelled() => break,
                         r = self.poll() => r,
@@ -251,18 +154,17 @@ impl BoxRunner {
                     next_poll = match result {
                         Ok(()) => {
                             net_backoff = net.build();
-                            auth_backoff = auth.build();
-                            self.refused = 0;
                             self.link.set(LinkState::Up, None, None);
+                            self.link.set_detail("locked_out", Value::Null);
                             Instant::now() + self.cfg.poll_interval
                         }
-                        Err(e) => Instant::now() + self.failed(&e, &mut net_backoff, &mut auth_backoff),
+                        Err(e) => Instant::now() + self.failed(&e, &mut net_backoff),
                     };
                 }
-                Some(cmd) = commands.recv() => {
+                batch = commands.next_batch() => {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = self.apply(cmd) => {}
+                        _ = self.apply(batch) => {}
                     }
                 }
             }
@@ -270,19 +172,22 @@ impl BoxRunner {
         self.link.stopped();
     }
 
-    /// React to a failed poll; returns how long to wait before the next one.
-    fn failed(
-        &mut self,
-        e: &BoxError,
-        net: &mut impl Iterator<Item = Duration>,
-        auth: &mut impl Iterator<Item = Duration>,
-    ) -> Duration {
+    /// How long logins are still held back, if they are.
+    fn held_for(&self) -> Option<Duration> {
+        let (until, _) = self.hold?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// React to a failed poll; returns how long to wait before the next one. Logins are
+    /// held back by [`BoxRunner::login`] itself; this only schedules polls and reports.
+    fn failed(&mut self, e: &BoxError, net: &mut impl Iterator<Item = Duration>) -> Duration {
         self.set_online(false);
+        let held = self.held_for();
         match e.meaning() {
+            // Nothing was sent: the state shown (auth_failed, locked out) stays.
+            Meaning::Held => held.unwrap_or(PASSWORD_RECHECK),
             Meaning::WrongPassword => {
-                self.token = None;
-                self.refused += 1;
-                let d = auth.next().unwrap_or(self.cfg.auth_retry_max);
                 let next = if self.refused >= MAX_REFUSED {
                     error!(
                         "playbox {}: password refused {} times; not trying again until it changes \
@@ -293,31 +198,86 @@ impl BoxRunner {
                     None
                 } else {
                     error!(
-                        "playbox {}: password refused (code 24); next attempt in {d:?}",
-                        self.name()
+                        "playbox {}: password refused; next attempt in {:?}",
+                        self.name(),
+                        held.unwrap_or_default()
                     );
-                    Some(d)
+                    held
                 };
                 self.link
                     .set(LinkState::AuthFailed, Some(e.to_string()), next);
-                d
+                held.unwrap_or(PASSWORD_RECHECK)
             }
             Meaning::LockedOut => {
-                self.token = None;
-                let d = net.next().unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
+                let d = held.unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
                 warn!(
-                    "playbox {}: the box is locking logins (code 17); waiting {d:?}",
+                    "playbox {}: the box is locking logins ({e}); no login for {d:?}",
                     self.name()
                 );
+                self.link.set_detail("locked_out", json!(true));
+                self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
+                d
+            }
+            Meaning::TooFrequent => {
+                let d = net
+                    .next()
+                    .unwrap_or(self.cfg.poll_interval)
+                    .max(self.cfg.poll_interval)
+                    .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
             _ => {
-                let d = net.next().unwrap_or(self.cfg.poll_interval);
+                let d = net
+                    .next()
+                    .unwrap_or(self.cfg.poll_interval)
+                    .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
         }
+    }
+
+    /// Why no login may be tried now, if one may not.
+    fn login_held(&mut self) -> Option<String> {
+        if self.refused >= MAX_REFUSED && !self.password_changed() {
+            return Some(format!(
+                "the password was refused {} times; no login until it changes",
+                self.refused
+            ));
+        }
+        let left = self.held_for()?;
+        let why = match self.hold.map(|(_, h)| h) {
+            Some(Hold::Refused) => "the password was refused",
+            Some(Hold::LockedOut) => "the box is locking logins",
+            _ => "the box refused the last login",
+        };
+        Some(format!("{why}; no login for another {}s", left.as_secs()))
+    }
+
+    /// Hold logins back after a refused login, as long as its reply says to.
+    fn hold_logins(&mut self, e: &BoxError) {
+        let (hold, d) = match e.meaning() {
+            Meaning::WrongPassword => {
+                self.refused += 1;
+                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                (Hold::Refused, d)
+            }
+            Meaning::LockedOut => {
+                let d = self.lockout_backoff.next().unwrap_or(LOCKOUT_WAIT);
+                (Hold::LockedOut, d.max(LOCKOUT_WAIT))
+            }
+            Meaning::TooFrequent => (Hold::Backoff, self.cfg.poll_interval),
+            // Any other refusal of a login by the box itself: never a faster retry than
+            // the auth backoff (shared/spec/playbox.md §2, "other").
+            _ if matches!(e, BoxError::Code { .. } | BoxError::SessionHeld) => {
+                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                (Hold::Backoff, d)
+            }
+            // Network trouble: nothing was refused, the poll backoff paces it.
+            _ => return,
+        };
+        self.hold = Some((Instant::now() + d, hold));
     }
 
     /// After refusals, retry only when the password file says something new.
@@ -337,6 +297,11 @@ impl BoxRunner {
                     self.cfg.password = new;
                     self.client.set_password(self.cfg.password.clone());
                     self.refused = 0;
+                    // A wait for a refused password ends with a new one; a lockout does not.
+                    if matches!(self.hold, Some((_, Hold::Refused))) {
+                        self.hold = None;
+                        self.auth_backoff = self.auth.build();
+                    }
                     true
                 } else {
                     false
@@ -357,7 +322,12 @@ impl BoxRunner {
         }
     }
 
+    /// The only place a login is sent. While logins are held back (a refused password,
+    /// a lockout) it fails at once with [`BoxError::Held`] and sends nothing.
     async fn login(&mut self) -> Result<(), BoxError> {
+        if let Some(why) = self.login_held() {
+            return Err(BoxError::Held(why));
+        }
         self.link.set(LinkState::Connecting, None, None);
         let forms = match self.form {
             Some(f) => vec![f],
@@ -377,6 +347,10 @@ impl BoxRunner {
                     }
                     self.form = Some(form);
                     self.token = Some(token);
+                    self.refused = 0;
+                    self.hold = None;
+                    self.auth_backoff = self.auth.build();
+                    self.lockout_backoff = self.lockout.build();
                     // A new session: the paths may have changed (a reboot, an upgrade).
                     self.probed = [false; 4];
                     self.info = None;
@@ -387,7 +361,11 @@ impl BoxRunner {
                 Err(e) if form == LoginForm::Documented && e.meaning() == Meaning::NoSuchPath => {
                     last = Some(e)
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.token = None;
+                    self.hold_logins(&e);
+                    return Err(e);
+                }
             }
         }
         Err(last.unwrap_or(BoxError::Missing("login")))
@@ -398,12 +376,12 @@ impl BoxRunner {
         if self.token.is_none() {
             self.login().await?;
         }
-        let token = self.token.clone().expect("logged in");
+        let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.get(path, &token).await {
             Err(e) if e.meaning() == Meaning::AuthExpired => {
                 self.token = None;
                 self.login().await?;
-                let token = self.token.clone().expect("logged in");
+                let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
                 self.client.get(path, &token).await
             }
             r => r,
@@ -414,12 +392,12 @@ impl BoxRunner {
         if self.token.is_none() {
             self.login().await?;
         }
-        let token = self.token.clone().expect("logged in");
+        let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.post(path, &token, body).await {
             Err(e) if e.meaning() == Meaning::AuthExpired => {
                 self.token = None;
                 self.login().await?;
-                let token = self.token.clone().expect("logged in");
+                let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
                 self.client.post(path, &token, body).await
             }
             r => r,
@@ -520,45 +498,7 @@ impl BoxRunner {
         if !(due || force) {
             return;
         }
-        let screen = match reading
-            .screen
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
-            Some("OPEN") => "on",
-            Some("CLOSE") => "off",
-            _ => "unknown",
-        };
-        let mut p = json!({
-            "brightness": reading.brightness,
-            "screen": screen,
-            "volume": reading.volume,
-            "updated_at": rfc3339_millis(SystemTime::now()),
-        });
-        if let Some(raw) = &reading.screen
-            && screen == "unknown"
-        {
-            p["screen_raw"] = json!(raw);
-        }
-        if let Some(info) = self.info.as_ref().filter(|i| i.is_object()) {
-            for (out, keys) in [
-                ("sn", &["sn"][..]),
-                ("product_name", &["productName"][..]),
-                ("alias_name", &["aliasName"][..]),
-                ("firmware", &["mainVersion", "main"][..]),
-                ("model", &["model"][..]),
-                ("mac", &["mac"][..]),
-            ] {
-                if let Some(v) = keys
-                    .iter()
-                    .find_map(|k| field(info, k))
-                    .filter(|v| !v.is_null())
-                {
-                    p[out] = v.clone();
-                }
-            }
-        }
+        let p = state_payload(&reading, self.info.as_ref());
         self.outbox.push_now(Message::state_json(
             self.topics.playbox_state(&self.cfg.name),
             &p,
@@ -566,52 +506,63 @@ impl BoxRunner {
         self.last = Some((reading, Instant::now()));
     }
 
-    fn report_error(&self, kind: CommandKind, payload: &str, error: &str) {
-        // Echo what was refused, but not a megabyte of it.
-        const SHOWN: usize = 200;
-        let payload = match payload.char_indices().nth(SHOWN) {
-            Some((end, _)) => &payload[..end],
-            None => payload,
-        };
-        warn!(
-            "playbox {}: {} command {:?} refused: {error}",
-            self.cfg.name,
-            kind.name(),
-            payload
+    fn report_error(&self, cmd: &Command, error: &str) {
+        self.commands.refuse(
+            &self.outbox,
+            &self.topics,
+            &self.cfg.name,
+            cmd.kind.name(),
+            cmd.payload.as_bytes(),
+            error,
         );
-        let body = json!({"command": kind.name(), "payload": payload, "error": error});
-        let msg = Message {
-            topic: self.topics.playbox_error(&self.cfg.name),
-            payload: body.to_string().into(),
-            retain: false,
-        };
-        self.outbox.push_now(msg);
     }
 
-    /// Apply one command, then read the box back and publish what it now shows.
-    async fn apply(&mut self, cmd: Command) {
-        let body = match cmd.kind.body(&cmd.payload) {
-            Ok(b) => b,
-            Err(e) => return self.report_error(cmd.kind, &cmd.payload, &e),
-        };
-        let f = cmd.kind.function();
+    /// Apply a batch of commands (at most one per setting), then read the box back once
+    /// and publish what it now shows.
+    async fn apply(&mut self, batch: Vec<Command>) {
+        let mut applied = false;
+        for cmd in &batch {
+            applied |= self.apply_one(cmd).await;
+        }
+        if !applied {
+            return;
+        }
+        if let Err(e) = self.poll().await {
+            warn!(
+                "playbox {}: read-back after a set failed: {e}",
+                self.cfg.name
+            );
+        }
+        // Publish even when unchanged: the reply to a command.
+        if let Some((reading, _)) = self.last.clone() {
+            self.publish_state(reading, true);
+        }
+    }
+
+    /// Send one command; `true` when the box took it. Refusals go to `…/error`.
+    async fn apply_one(&mut self, cmd: &Command) -> bool {
+        let f = function_of(cmd.kind);
         let path = match self.read(f).await {
-            Ok(Some(_)) => self.paths[f.index()].clone().expect("read found it"),
+            Ok(Some(_)) => match self.paths[f.index()].clone() {
+                Some(p) => p,
+                None => {
+                    self.report_error(cmd, "no path known for it");
+                    return false;
+                }
+            },
             Ok(None) => {
-                return self.report_error(
-                    cmd.kind,
-                    &cmd.payload,
-                    &format!("the box has no working {} path", f.name()),
-                );
+                self.report_error(cmd, &format!("the box has no working {} path", f.name()));
+                return false;
             }
             Err(e) => {
-                return self.report_error(cmd.kind, &cmd.payload, &format!("box unreachable: {e}"));
+                self.report_error(cmd, &format!("not sent: {e}"));
+                return false;
             }
         };
-        let mut result = self.post(&path, &body).await;
+        let mut result = self.post(&path, &cmd.body).await;
         // Older firmware takes whole numbers only.
         if let (Err(BoxError::Code { code: 3, .. }), Some(v)) =
-            (&result, body.get("ratio").and_then(Value::as_f64))
+            (&result, cmd.body.get("ratio").and_then(Value::as_f64))
             && v.fract() != 0.0
         {
             result = self.post(&path, &json!({"ratio": v.round()})).await;
@@ -622,52 +573,14 @@ impl BoxRunner {
                     "playbox {}: {} set to {}",
                     self.cfg.name,
                     cmd.kind.name(),
-                    cmd.payload.trim()
+                    cmd.payload
                 );
-                if let Err(e) = self.poll().await {
-                    warn!(
-                        "playbox {}: read-back after a set failed: {e}",
-                        self.cfg.name
-                    );
-                }
-                // Publish even when unchanged: the reply to a command.
-                if let Some((reading, _)) = self.last.clone() {
-                    self.publish_state(reading, true);
-                }
+                true
             }
-            Err(e) => self.report_error(cmd.kind, &cmd.payload, &e.to_string()),
+            Err(e) => {
+                self.report_error(cmd, &e.to_string());
+                false
+            }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_are_validated_strictly() {
-        assert_eq!(
-            CommandKind::Brightness.body("40").unwrap(),
-            json!({"ratio": 40.0})
-        );
-        assert_eq!(
-            CommandKind::Brightness.body(" 12.5\n").unwrap(),
-            json!({"ratio": 12.5})
-        );
-        for bad in ["abc", "-1", "100.5", "NaN", "inf", "", "40%"] {
-            assert!(CommandKind::Brightness.body(bad).is_err(), "{bad}");
-        }
-        assert_eq!(
-            CommandKind::Screen.body("ON").unwrap(),
-            json!({"state": "OPEN"})
-        );
-        assert_eq!(
-            CommandKind::Screen.body("off").unwrap(),
-            json!({"state": "CLOSE"})
-        );
-        assert!(CommandKind::Screen.body("1").is_err());
-        assert!(CommandKind::Volume.body("101").is_err());
-        assert_eq!(CommandKind::from_topic("volume"), Some(CommandKind::Volume));
-        assert_eq!(CommandKind::from_topic("reboot"), None);
     }
 }

@@ -12,6 +12,22 @@ pub struct SelfSigned {
     /// Lowercase hex SHA-256 of the certificate DER.
     pub fingerprint: String,
     pub pem: String,
+    /// Presents this same certificate but signs the handshake with another key, as a
+    /// machine in the middle that copied the certificate would: no handshake completes.
+    pub impostor: tokio_rustls::TlsAcceptor,
+}
+
+/// Always the one certificate and key it was made with, matching or not.
+#[derive(Debug)]
+struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Fixed {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// A certificate for `localhost` and `127.0.0.1`. `ca` makes it CA:TRUE, what
@@ -42,9 +58,26 @@ pub fn self_signed(common_name: &str, ca: bool) -> io::Result<SelfSigned> {
         .with_single_cert(vec![der], key_der)
         .map_err(io::Error::other)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+    let other = rcgen::KeyPair::generate().map_err(io::Error::other)?;
+    let provider = crate::tls::provider();
+    let wrong_key = provider
+        .key_provider
+        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(
+            rustls::pki_types::PrivatePkcs8KeyDer::from(other.serialize_der()),
+        ))
+        .map_err(io::Error::other)?;
+    let stolen = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], wrong_key);
+    let mut fake = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(Arc::new(stolen))));
+    fake.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(SelfSigned {
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
         fingerprint,
         pem,
+        impostor: tokio_rustls::TlsAcceptor::from(Arc::new(fake)),
     })
 }

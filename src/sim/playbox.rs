@@ -53,6 +53,10 @@
 //! - [`PlayboxSim::viplex_login`] logs in in-process and bypasses the lockout and the
 //!   counters, so tests count only what the bridge did.
 //! - A `*_path` index out of range means that function has no endpoint at all.
+//! - `missing_path_code` answers the candidates that do not exist with that code (HTTP
+//!   200) instead of 404, after the POST is recorded and before the token check.
+//! - [`PlayboxSim::set_value_code`] answers after the token check, for GET and POST;
+//!   [`PlayboxSim::set_huge_replies`] after that, for GET only.
 //!
 //! # Time
 //!
@@ -166,6 +170,11 @@ pub struct PlayboxOptions {
     pub reject_empty_user_agent: bool,
     /// Answer AVON searches on a UDP socket bound to `127.0.0.1:0`.
     pub udp_discovery: bool,
+    /// The code a locked login answers: 17 (ERR_FORBIDDEN) or 67 (ERR_LOGIN_LOCKED).
+    pub lockout_code: i64,
+    /// `Some(code)`: the candidate paths that do not exist answer HTTP 200 with this
+    /// code (e.g. 12 or 36) instead of HTTP 404.
+    pub missing_path_code: Option<i64>,
 }
 
 impl Default for PlayboxOptions {
@@ -193,6 +202,8 @@ impl Default for PlayboxOptions {
             rich_brightness: false,
             reject_empty_user_agent: true,
             udp_discovery: true,
+            lockout_code: 17,
+            missing_path_code: None,
         }
     }
 }
@@ -216,6 +227,8 @@ impl Drop for Owner {
 #[derive(Clone)]
 struct TlsInfo {
     acceptor: tokio_rustls::TlsAcceptor,
+    /// The same certificate, the handshake signed with another key.
+    impostor: tokio_rustls::TlsAcceptor,
     fingerprint: String,
 }
 
@@ -268,7 +281,12 @@ enum Func {
 enum Reply {
     Json(Value),
     Status(StatusCode, &'static str),
+    /// A successful reply padded to about this many bytes, streamed (chunked, no length).
+    Huge(usize),
 }
+
+/// Every reply body the simulator sends.
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 struct State {
     sn: String,
@@ -294,6 +312,14 @@ struct State {
     integer_only_brightness: bool,
     rich_brightness: bool,
     reject_empty_user_agent: bool,
+    lockout_code: i64,
+    missing_path_code: Option<i64>,
+    /// Set at run time: every request to an existing value path answers this code.
+    value_code: Option<i64>,
+    /// Set at run time: every GET of an existing value path answers a body this big.
+    huge_replies: Option<usize>,
+    /// Set at run time: handshakes are signed with a key that is not the certificate's.
+    impostor: bool,
 
     consecutive_failures: u32,
     locked_until: Option<Instant>,
@@ -309,6 +335,7 @@ struct State {
     login_failures: u64,
     lockouts: u64,
     tls_handshakes: u64,
+    tls_failures: u64,
     requests: BTreeMap<String, u64>,
     sets: Vec<(String, Value)>,
     user_agents: Vec<String>,
@@ -390,6 +417,11 @@ impl State {
             integer_only_brightness: opts.integer_only_brightness,
             rich_brightness: opts.rich_brightness,
             reject_empty_user_agent: opts.reject_empty_user_agent,
+            lockout_code: opts.lockout_code,
+            missing_path_code: opts.missing_path_code,
+            value_code: None,
+            huge_replies: None,
+            impostor: false,
             consecutive_failures: 0,
             locked_until: None,
             tokens: HashMap::new(),
@@ -401,6 +433,7 @@ impl State {
             login_failures: 0,
             lockouts: 0,
             tls_handshakes: 0,
+            tls_failures: 0,
             requests: BTreeMap::new(),
             sets: Vec::new(),
             user_agents: Vec::new(),
@@ -449,7 +482,10 @@ impl State {
     fn login(&mut self, form: LoginForm, body: &[u8]) -> Value {
         self.login_attempts += 1;
         if self.locked() {
-            return code(17, "too many login attempts, try again later");
+            return code(
+                self.lockout_code,
+                "too many login attempts, try again later",
+            );
         }
         let Some(obj) = parse_object(body) else {
             return code(3, "invalid param");
@@ -556,6 +592,9 @@ impl State {
             self.sets.push((path.to_owned(), body_value(body)));
         }
         if !exists {
+            if let Some(c) = self.missing_path_code {
+                return Reply::Json(code(c, "not supported"));
+            }
             return Reply::Status(StatusCode::NOT_FOUND, "404 not found");
         }
         let allowed = *method == Method::GET || (*method == Method::POST && func != Func::Info);
@@ -565,7 +604,13 @@ impl State {
         if !token.is_some_and(|t| self.token_valid(t)) {
             return Reply::Json(self.expired());
         }
+        if let Some(c) = self.value_code {
+            return Reply::Json(code(c, "simulated failure"));
+        }
         let get = *method == Method::GET;
+        if let Some(n) = self.huge_replies.filter(|_| get) {
+            return Reply::Huge(n);
+        }
         Reply::Json(match func {
             Func::Brightness if get => self.get_brightness(),
             Func::Brightness => self.set_brightness(body),
@@ -678,15 +723,37 @@ fn respond(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(body.into()));
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
+/// `{"code":0,"message":"","data":{"ratio":50,"pad":"xxx…"}}`, about `size` bytes, in
+/// 64 KiB chunks with no `Content-Length`: valid, and only a size cap can refuse it.
+fn huge(size: usize) -> Response<Body> {
+    use futures_util::stream;
+    use hyper::body::Frame;
+    const CHUNK: usize = 64 << 10;
+    let head = Bytes::from_static(br#"{"code":0,"message":"","data":{"ratio":50,"pad":""#);
+    let tail = Bytes::from_static(br#""}}"#);
+    let pad = Bytes::from(vec![b'x'; CHUNK]);
+    let chunks = std::iter::once(head)
+        .chain(std::iter::repeat_n(pad, size / CHUNK))
+        .chain(std::iter::once(tail))
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let body = http_body_util::StreamBody::new(stream::iter(chunks));
+    let mut resp = Response::new(BodyExt::boxed(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=utf-8"),
+    );
+    resp
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", text)
 }
 
@@ -705,6 +772,7 @@ fn make_tls() -> io::Result<TlsInfo> {
     let c = crate::sim::cert::self_signed("taurus-sim", false)?;
     Ok(TlsInfo {
         acceptor: c.acceptor,
+        impostor: c.impostor,
         fingerprint: c.fingerprint,
     })
 }
@@ -765,7 +833,12 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
 
 async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationToken) {
     let _ = tcp.set_nodelay(true);
-    let acceptor = inner.tls().acceptor;
+    let tls = inner.tls();
+    let acceptor = if inner.lock().impostor {
+        tls.impostor
+    } else {
+        tls.acceptor
+    };
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
     let stream = tokio::select! {
         _ = kill.cancelled() => return,
@@ -773,6 +846,7 @@ async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationT
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 debug!(error = %e, "playbox sim: TLS handshake failed");
+                inner.lock().tls_failures += 1;
                 return;
             }
             Err(_) => {
@@ -804,7 +878,7 @@ async fn handle_request(
     inner: Arc<Inner>,
     req: Request<Incoming>,
     kill: CancellationToken,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let user_agent = req
         .headers()
@@ -854,6 +928,7 @@ async fn handle_request(
             v.to_string(),
         ),
         Reply::Status(status, text) => plain(status, text),
+        Reply::Huge(size) => huge(size),
     }
 }
 
@@ -977,6 +1052,26 @@ impl PlayboxSim {
         self.inner.lock().password = p.to_owned();
     }
 
+    /// Lock logins now, for `lock_for`, as three wrong passwords would (answered with
+    /// `lockout_code`). Counted in [`PlayboxSim::lockouts`].
+    pub fn lock_out(&self, lock_for: Duration) {
+        let mut st = self.inner.lock();
+        st.locked_until = Some(Instant::now() + lock_for);
+        st.lockouts += 1;
+    }
+
+    /// `Some(code)`: every request to an existing value path (with a valid token)
+    /// answers `code` with HTTP 200, e.g. 38 "screen not connected". `None`: normal.
+    pub fn set_value_code(&self, code: Option<i64>) {
+        self.inner.lock().value_code = code;
+    }
+
+    /// `Some(bytes)`: every GET of an existing value path (with a valid token) answers a
+    /// valid reply padded to about `bytes`, streamed without a length. `None`: normal.
+    pub fn set_huge_replies(&self, bytes: Option<usize>) {
+        self.inner.lock().huge_replies = bytes;
+    }
+
     /// Every current token answers `expired_code` from now on.
     pub fn expire_tokens(&self) {
         self.inner.lock().clear_tokens();
@@ -1065,6 +1160,18 @@ impl PlayboxSim {
     /// Completed TLS handshakes.
     pub fn tls_handshakes(&self) -> u64 {
         self.inner.lock().tls_handshakes
+    }
+
+    /// TLS handshakes that failed (the client gave up or refused the server).
+    pub fn tls_failures(&self) -> u64 {
+        self.inner.lock().tls_failures
+    }
+
+    /// While set, new connections get the box's own certificate but a handshake signed
+    /// with another key, as from a machine in the middle that copied the certificate:
+    /// a client that checks the signature refuses every handshake.
+    pub fn set_impostor(&self, yes: bool) {
+        self.inner.lock().impostor = yes;
     }
 
     /// Poll `f` every 10 ms until it holds; panic naming `what` after `deadline` (measured
@@ -1738,6 +1845,30 @@ mod tests {
         let t = login(&c, &sim, 7).await;
         assert_eq!(get(&c, &sim, b, &t).await["data"]["ratio"], 60.0);
         assert!(discover(sim.udp_addr().expect("udp"), WAIT).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn huge_replies_are_valid_and_unannounced() {
+        let sim = start(PlayboxOptions::default()).await;
+        let c = client();
+        let t = login(&c, &sim, 7).await;
+        sim.set_huge_replies(Some(2 << 20));
+        let resp = c
+            .get(format!("{}{}", sim.url(), BRIGHTNESS_PATHS[0]))
+            .header("Authorization", &t)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.content_length(), None);
+        let body = resp.bytes().await.expect("body");
+        assert!(body.len() >= 2 << 20, "{}", body.len());
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["data"]["ratio"], 50);
+        sim.set_huge_replies(None);
+        assert_eq!(
+            get(&c, &sim, BRIGHTNESS_PATHS[0], &t).await["data"]["ratio"],
+            50.0
+        );
     }
 
     #[tokio::test]

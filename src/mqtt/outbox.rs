@@ -103,6 +103,10 @@ struct Inner {
     /// Retained topic -> last payload the broker acknowledged, to restore a broker that
     /// lost its retained messages along with our session.
     retained_acked: HashMap<String, Bytes>,
+    /// Topic and payload bytes held in `retained_acked`.
+    retained_acked_bytes: usize,
+    /// Retained topics not remembered because `retained_acked` was at its bound.
+    retained_not_kept: u64,
     acked: u64,
     replayed: u64,
     replayed_at_start: u64,
@@ -580,7 +584,7 @@ impl Outbox {
                     if inner.newest_state.get(&e.msg.topic).map(|s| s.0) == Some(id) {
                         inner.newest_state.remove(&e.msg.topic);
                     }
-                    inner.retained_acked.insert(e.msg.topic, e.msg.payload);
+                    inner.remember_retained(e.msg.topic, e.msg.payload);
                 }
                 if let Some(store) = &self.store {
                     let mut q = store.queue();
@@ -886,7 +890,36 @@ impl Drop for Outbox {
     }
 }
 
+/// The most bytes of acknowledged retained state kept to restore a broker that lost it:
+/// a server inventing device ids cannot grow it without bound. Topics past it are
+/// published as always but not restored after a lost broker session (counted, logged).
+const RETAINED_KEPT_MAX_BYTES: usize = 64 << 20;
+
 impl Inner {
+    fn remember_retained(&mut self, topic: String, payload: Bytes) {
+        let size = topic.len() + payload.len();
+        if let Some(old) = self.retained_acked.get_mut(&topic) {
+            self.retained_acked_bytes = self.retained_acked_bytes - old.len() + payload.len();
+            *old = payload;
+            return;
+        }
+        if self.retained_acked_bytes + size > RETAINED_KEPT_MAX_BYTES {
+            if self.retained_not_kept.is_multiple_of(10_000) {
+                warn!(
+                    "over {} MiB of retained state: topic {} is published but will not be \
+                     restored if the broker loses it ({} such so far)",
+                    RETAINED_KEPT_MAX_BYTES >> 20,
+                    topic,
+                    self.retained_not_kept + 1
+                );
+            }
+            self.retained_not_kept += 1;
+            return;
+        }
+        self.retained_acked_bytes += size;
+        self.retained_acked.insert(topic, payload);
+    }
+
     fn depth(&self) -> usize {
         self.entries.len() + self.spilled
     }
@@ -1392,6 +1425,21 @@ mod tests {
     }
     fn mem() -> Outbox {
         Outbox::memory(1 << 20)
+    }
+
+    #[test]
+    fn remembered_retained_state_is_bounded_and_known_topics_still_update() {
+        let mut inner = Inner::default();
+        let mib = Bytes::from(vec![b'x'; 1 << 20]);
+        for i in 0..80 {
+            inner.remember_retained(format!("t/{i}"), mib.clone());
+        }
+        assert!(inner.retained_acked_bytes <= RETAINED_KEPT_MAX_BYTES);
+        assert!(inner.retained_not_kept >= 16, "{}", inner.retained_not_kept);
+        inner.remember_retained("t/0".into(), Bytes::from_static(b"small"));
+        assert_eq!(inner.retained_acked["t/0"], Bytes::from_static(b"small"));
+        inner.remember_retained("t/new".into(), Bytes::from_static(b"fits now"));
+        assert!(inner.retained_acked.contains_key("t/new"));
     }
 
     #[test]

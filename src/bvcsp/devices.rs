@@ -3,8 +3,8 @@
 //! set of ids the GPS stream must subscribe to.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -27,7 +27,7 @@ pub struct Registry {
     /// Number of distinct devices known; changes whenever a new one appears.
     added: watch::Sender<usize>,
     /// Updates of devices past [`MAX_DEVICES`], not remembered.
-    over_cap: AtomicU64,
+    over_cap: Arc<AtomicU64>,
 }
 
 impl Default for Registry {
@@ -35,12 +35,20 @@ impl Default for Registry {
         Registry {
             inner: Mutex::default(),
             added: watch::channel(0).0,
-            over_cap: AtomicU64::new(0),
+            over_cap: Arc::default(),
         }
     }
 }
 
 impl Registry {
+    /// A registry that counts updates past the cap into `over_cap` (the health report's).
+    pub fn counting(over_cap: Arc<AtomicU64>) -> Registry {
+        Registry {
+            over_cap,
+            ..Registry::default()
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

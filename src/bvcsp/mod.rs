@@ -59,6 +59,8 @@ pub struct Stats {
     /// Unix milliseconds of the last event read (0: none yet).
     pub last_event_ms: AtomicU64,
     pub backfill: Arc<ledger::LedgerStats>,
+    /// Updates of devices past `devices::MAX_DEVICES`, published but not tracked.
+    pub devices_over_cap: Arc<AtomicU64>,
 }
 
 impl Stats {
@@ -109,6 +111,7 @@ impl Stats {
             "login_failures": self.login_failures.load(Relaxed),
             "refreshes": self.refreshes.load(Relaxed),
             "snapshots": self.snapshots.load(Relaxed),
+            "devices_over_cap": self.devices_over_cap.load(Relaxed),
             "streams": streams,
             "backfill": self.backfill.to_json(),
         })
@@ -217,7 +220,7 @@ impl Ctx {
             outbox,
             topics,
             link,
-            registry: devices::Registry::default(),
+            registry: devices::Registry::counting(stats.devices_over_cap.clone()),
             located: Mutex::new(HashSet::new()),
             token: watch::channel(None).0,
             relogin,

@@ -122,6 +122,7 @@ impl Bridge {
             false => None,
         };
         let http_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let (critical, failures) = crate::critical::channel();
         // The last fallible step; it starts the MQTT tasks only once it cannot fail.
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
         let filters = playbox::command_filters(&cfg.playbox, &topics);
@@ -132,11 +133,11 @@ impl Bridge {
             filters,
             Some(incoming_tx),
             heartbeats.clone(),
+            &critical,
         )?;
 
         // Phase two: nothing below can fail.
         outbox.push_now(bridge_info(&topics, started, sources(&cfg)));
-        let (critical, failures) = crate::critical::channel();
         let upstream = CancellationToken::new();
         let tasks = TaskTracker::new();
         let mut bvcsp_ctx = None;

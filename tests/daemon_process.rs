@@ -106,6 +106,11 @@ async fn sigterm_stops_gracefully_and_kill_9_fires_the_will() {
     assert_eq!(sim.logouts(), 1);
     assert_no_secrets(&d.log(), &sim);
     assert!(
+        !d.log().contains("unexpectedly") && !d.log().contains("panicked"),
+        "a graceful stop is no failure: {}",
+        d.log()
+    );
+    assert!(
         d.log().contains("logged in to BVCSP"),
         "the log says what happened"
     );

@@ -160,6 +160,8 @@ impl Direct {
 pub struct Publisher {
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// Cancelled when a shutdown begins: the tasks may end from then on.
+    ending: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -218,6 +220,7 @@ impl Publisher {
         subscriptions: Vec<String>,
         incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
         heartbeats: Arc<crate::health::Heartbeats>,
+        critical: &crate::critical::Critical,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
         let (client, mut eventloop) = AsyncClient::new(opts, WINDOW + 4);
@@ -250,19 +253,31 @@ impl Publisher {
             .with_jitter()
             .without_max_times();
         let alive = cfg.keepalive * 3 + Duration::from_secs(15);
-        tasks.spawn(drive(
-            shared.clone(),
-            eventloop,
-            backoff,
-            stop.clone(),
-            heartbeats,
-            alive,
-        ));
-        tasks.spawn(feed(shared.clone(), stop.clone()));
+        let ending = CancellationToken::new();
+        critical.spawn(
+            &tasks,
+            "the MQTT link",
+            &ending,
+            drive(
+                shared.clone(),
+                eventloop,
+                backoff,
+                stop.clone(),
+                heartbeats,
+                alive,
+            ),
+        );
+        critical.spawn(
+            &tasks,
+            "the MQTT feeder",
+            &ending,
+            feed(shared.clone(), stop.clone()),
+        );
         tasks.close();
         Ok(Publisher {
             shared,
             stop,
+            ending,
             tasks,
         })
     }
@@ -285,6 +300,7 @@ impl Publisher {
 
     /// Publish retained `offline`, disconnect cleanly (so the will does not fire), stop.
     pub async fn shutdown(self, grace: Duration) {
+        self.ending.cancel();
         let shared = &self.shared;
         let sent = {
             let mut corr = shared.corr();
@@ -310,6 +326,7 @@ impl Publisher {
 
     /// Stop without any goodbye, as a crash would (the broker fires the will).
     pub async fn abort(self) {
+        self.ending.cancel();
         self.stop.cancel();
         self.tasks.wait().await;
     }

@@ -56,6 +56,7 @@ pub struct Bridge {
     tasks: TaskTracker,
     health: CancellationToken,
     failures: Option<crate::critical::Failures>,
+    critical: crate::critical::Critical,
     pub probe: Probe,
     /// Where the HTTP health listener is (when `service.http` is on).
     pub http_addr: Option<std::net::SocketAddr>,
@@ -204,6 +205,7 @@ impl Bridge {
             tasks,
             health,
             failures: Some(failures),
+            critical,
             probe,
             http_addr,
             grace: cfg.service.grace_period,
@@ -211,11 +213,17 @@ impl Bridge {
         })
     }
 
-    /// Resolves when a critical task ended on its own or panicked, with why. Pending
-    /// forever after the first call.
+    /// Where this bridge's critical tasks report (tests use it to inject a failure).
+    pub fn critical(&self) -> &crate::critical::Critical {
+        &self.critical
+    }
+
+    /// Resolves when a critical task ended on its own or panicked, with why.
     pub async fn failed(&mut self) -> String {
-        match self.failures.take() {
-            Some(mut f) => f.next().await,
+        // Borrowed, not taken: a `select!` drops the losing branch's future, and the
+        // receiver must survive that (receiving is cancel-safe).
+        match &mut self.failures {
+            Some(f) => f.next().await,
             None => std::future::pending().await,
         }
     }
@@ -276,16 +284,22 @@ fn sources(cfg: &Config) -> serde_json::Value {
 /// Run until `shutdown` resolves, then stop gracefully. Tells systemd (when it started
 /// us) READY=1 once the broker is connected, and STOPPING=1 when stopping.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    let mut bridge = Bridge::start(cfg).await?;
+    serve(Bridge::start(cfg).await?, shutdown).await
+}
+
+/// Run a started bridge until `shutdown` resolves or a critical task fails, then stop it
+/// gracefully; a failure is returned (the daemon exits 70 on it).
+pub async fn serve(
+    mut bridge: Bridge,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let mut mqtt = bridge.mqtt_status();
     tokio::pin!(shutdown);
     let failure = tokio::select! {
         _ = &mut shutdown => None,
         why = bridge.failed() => Some(why),
-        r = mqtt.wait_for(|s| s.connected) => {
-            // The watch guard must not live across the await: it blocks the publisher.
-            let connected = r.is_ok();
-            drop(r);
+        // The watch guard must not live across an await: it blocks the publisher.
+        connected = async { mqtt.wait_for(|s| s.connected).await.is_ok() } => {
             if connected {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
                 info!("ready: connected to the broker");

@@ -374,6 +374,7 @@ async fn backfill_across_pages(
     spelling: bvcsp2mqtt::sim::alarm_history::HistorySpelling,
     page_info: bool,
     max_calls: u64,
+    page_size: u32,
 ) {
     let sim = one_device_sim().await;
     sim.set_history_order(order);
@@ -384,7 +385,7 @@ async fn backfill_across_pages(
     let cfg = bridge_config(
         &sim,
         broker,
-        "streams = [\"alarm\"]\nbackfill_page_size = 20",
+        &format!("streams = [\"alarm\"]\nbackfill_page_size = {page_size}"),
     );
     let bridge = start(cfg.clone(), &obs, &sim, &[Stream::Alarm]).await;
     // Old enough to be before the watermark, new enough for backfill_max_age.
@@ -422,13 +423,27 @@ async fn backfill_across_pages(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_newest_first_pages_in_record_spelling() {
     use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
-    backfill_across_pages(HistoryOrder::NewestFirst, HistorySpelling::Records, true, 6).await;
+    backfill_across_pages(
+        HistoryOrder::NewestFirst,
+        HistorySpelling::Records,
+        true,
+        6,
+        20,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_oldest_first_pages_from_the_end_in_mixed_spelling() {
     use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
-    backfill_across_pages(HistoryOrder::OldestFirst, HistorySpelling::Mixed, true, 8).await;
+    backfill_across_pages(
+        HistoryOrder::OldestFirst,
+        HistorySpelling::Mixed,
+        true,
+        8,
+        20,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,6 +454,21 @@ async fn backfill_reads_oldest_first_pages_without_a_total_in_frame_spelling() {
         HistorySpelling::Frames,
         false,
         22,
+        20,
+    )
+    .await;
+}
+
+/// One record a page: page 0 alone cannot tell the order; page 1 must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_tells_the_order_from_two_pages_of_one_record() {
+    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    backfill_across_pages(
+        HistoryOrder::OldestFirst,
+        HistorySpelling::Records,
+        true,
+        40,
+        1,
     )
     .await;
 }

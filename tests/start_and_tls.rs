@@ -140,3 +140,48 @@ async fn a_failed_start_leaves_nothing_running() {
     );
     live.stop(Duration::from_secs(5)).await;
 }
+
+/// A critical task that ends on its own after the broker connected (the usual moment)
+/// stops the bridge with a failure: the daemon exits 70 on it and systemd restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_task_ending_after_connect_fails_the_bridge() {
+    let sim = sim().await;
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let bridge = Bridge::start(bridge_config(&sim, broker, "streams = [\"alarm\"]"))
+        .await
+        .unwrap();
+    obs.wait_all_up(&[Stream::Alarm], T).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let fail = tokio::sync::Notify::new();
+    let fail = Arc::new(fail);
+    let f = fail.clone();
+    bridge.critical().spawn(
+        &tokio_util::task::TaskTracker::new(),
+        "a test loop",
+        &stop,
+        async move { f.notified().await },
+    );
+    let served = tokio::spawn(bvcsp2mqtt::supervisor::serve(
+        bridge,
+        std::future::pending(),
+    ));
+    // Only once `serve` is past its first wait (the broker is connected) does it fail.
+    obs.wait_topic(&format!("{BASE}/bridge/state"), T, |r| r.text() == "online")
+        .await;
+    tokio::task::yield_now().await;
+    fail.notify_one();
+    let r = tokio::time::timeout(T, served)
+        .await
+        .expect("the failure ends the bridge")
+        .unwrap();
+    let e = r.expect_err("a failure, not a clean stop");
+    assert!(
+        e.to_string().contains("a test loop ended unexpectedly"),
+        "{e}"
+    );
+    obs.wait_topic(&format!("{BASE}/bridge/state"), T, |r| {
+        r.text() == "offline"
+    })
+    .await;
+}

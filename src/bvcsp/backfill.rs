@@ -79,8 +79,12 @@ struct Candidate {
 struct Found {
     candidates: Vec<Candidate>,
     pages: u32,
-    /// Stopped at `backfill_max_pages` before reaching the floor.
+    /// Stopped at `backfill_max_pages` before reaching the floor, or held the most
+    /// candidates one read keeps.
     too_large: bool,
+    /// The most candidates one read keeps: `backfill_max_pages × backfill_page_size`,
+    /// whatever a server puts in a page.
+    limit: usize,
     untimed: u64,
 }
 
@@ -154,8 +158,9 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     } else {
                         debug!("alarm backfill still unavailable: {reason}");
                     }
-                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    // The reason first: each detail is published as it is set.
                     ctx.link.set_detail("backfill_reason", json!(reason));
+                    ctx.link.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -167,9 +172,9 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         "alarm backfill unavailable: {e} even with a new token (asked again in {:?})",
                         BACKFILL_UNAVAILABLE_RETRY
                     );
-                    ctx.link.set_detail("backfill", json!("unavailable"));
                     ctx.link
                         .set_detail("backfill_reason", json!(format!("{e} after a re-login")));
+                    ctx.link.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -298,12 +303,13 @@ async fn read_back(ctx: &Ctx, token: &Token, lower_ms: i64) -> Result<Found, Bac
         pages: 0,
         too_large: false,
         untimed: 0,
+        limit: (max_pages as usize).saturating_mul(size as usize).max(1),
     };
     let (first, total) = fetch(0).await?;
     found.pages = 1;
-    let times: Vec<i64> = first.iter().filter_map(model::alarm_millis).collect();
-    let ascending = times.len() >= 2 && times.first() < times.last();
     let first_len = first.len();
+    let first_span = span(&first);
+    let mut order = order_within(&first);
     let first_old = take_page(&mut found, first, lower_ms);
     let more_after = |seen: u64, len: usize| match total {
         Some(t) => seen < t && len > 0,
@@ -312,74 +318,151 @@ async fn read_back(ctx: &Ctx, token: &Token, lower_ms: i64) -> Result<Found, Bac
     if !more_after(first_len as u64, first_len) {
         return Ok(found);
     }
-    if ascending {
-        let last_page =
-            total.map(|t| u32::try_from(t.saturating_sub(1) / u64::from(size)).unwrap_or(u32::MAX));
-        match last_page {
-            // Oldest first, count known: from the last page back.
-            Some(last) => {
-                let mut page = last;
-                while page >= 1 {
-                    if found.pages >= max_pages {
-                        found.too_large = true;
-                        break;
-                    }
-                    let (items, _) = fetch(page).await?;
-                    found.pages += 1;
-                    if take_page(&mut found, items, lower_ms) {
-                        break;
-                    }
-                    page -= 1;
-                }
-            }
-            // Oldest first, count unknown: every page, up to the bound.
-            None => {
-                let mut page = 1;
-                loop {
-                    if found.pages >= max_pages {
-                        found.too_large = true;
-                        break;
-                    }
-                    let (items, _) = fetch(page).await?;
-                    found.pages += 1;
-                    let len = items.len();
-                    take_page(&mut found, items, lower_ms);
-                    if len < size as usize {
-                        break;
-                    }
-                    page += 1;
-                }
-            }
-        }
-        return Ok(found);
-    }
-    // Newest first (or one second throughout): forward until a page is wholly old.
-    if first_old {
-        return Ok(found);
-    }
-    let mut seen = first_len as u64;
-    let mut page = 1;
-    loop {
-        if found.pages >= max_pages {
-            found.too_large = true;
-            break;
-        }
-        let (items, _) = fetch(page).await?;
+    // Page 0 alone may not tell the order (one record a page, one second throughout):
+    // then page 1 does, by comparing the two.
+    let mut page_one = None;
+    if order == Order::Unknown {
+        let (items, _) = fetch(1).await?;
         found.pages += 1;
-        let len = items.len();
-        seen += len as u64;
-        if take_page(&mut found, items, lower_ms) || !more_after(seen, len) {
-            break;
+        order = order_between(first_span, span(&items));
+        page_one = Some(items);
+    }
+    match order {
+        Order::OldestFirst => {
+            let last_page = total
+                .map(|t| u32::try_from(t.saturating_sub(1) / u64::from(size)).unwrap_or(u32::MAX));
+            match last_page {
+                // Oldest first, count known: from the last page back.
+                Some(last) => {
+                    let mut page = last;
+                    while page >= 1 {
+                        let items = match (page, page_one.take()) {
+                            (1, Some(items)) => items,
+                            (_, kept) => {
+                                page_one = kept;
+                                if found.pages >= max_pages {
+                                    found.too_large = true;
+                                    break;
+                                }
+                                found.pages += 1;
+                                fetch(page).await?.0
+                            }
+                        };
+                        if take_page(&mut found, items, lower_ms) {
+                            break;
+                        }
+                        page -= 1;
+                    }
+                }
+                // Oldest first, count unknown: every page, up to the bound.
+                None => {
+                    read_forward(
+                        &mut found, page_one, &fetch, size, max_pages, lower_ms, false,
+                    )
+                    .await?
+                }
+            }
         }
-        page += 1;
+        Order::NewestFirst if first_old && page_one.is_none() => {}
+        // Newest first: forward until a page is wholly old. Unknown (every record of one
+        // second): forward to the end, within the bound.
+        Order::NewestFirst | Order::Unknown => {
+            let stop_when_old = order == Order::NewestFirst;
+            read_forward(
+                &mut found,
+                page_one,
+                &fetch,
+                size,
+                max_pages,
+                lower_ms,
+                stop_when_old,
+            )
+            .await?
+        }
     }
     Ok(found)
 }
 
-/// Keep the records of one page newer than `lower_ms`; true if every record with a time
-/// is at or before it (the page lies wholly before the gap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    NewestFirst,
+    OldestFirst,
+    Unknown,
+}
+
+/// (oldest, newest) time of a page's records, if any has a time.
+fn span(items: &[Value]) -> Option<(i64, i64)> {
+    let mut times = items.iter().filter_map(model::alarm_millis);
+    let first = times.next()?;
+    Some(times.fold((first, first), |(lo, hi), t| (lo.min(t), hi.max(t))))
+}
+
+/// The listing order as one page shows it: its first record against its last.
+fn order_within(items: &[Value]) -> Order {
+    let times: Vec<i64> = items.iter().filter_map(model::alarm_millis).collect();
+    match (times.first(), times.last()) {
+        (Some(a), Some(b)) if a < b => Order::OldestFirst,
+        (Some(a), Some(b)) if a > b => Order::NewestFirst,
+        _ => Order::Unknown,
+    }
+}
+
+/// The listing order as two consecutive pages show it.
+fn order_between(page0: Option<(i64, i64)>, page1: Option<(i64, i64)>) -> Order {
+    match (page0, page1) {
+        (Some((lo0, hi0)), Some((lo1, hi1))) if lo1 >= hi0 && (lo1, hi1) != (lo0, hi0) => {
+            Order::OldestFirst
+        }
+        (Some((lo0, hi0)), Some((lo1, hi1))) if hi1 <= lo0 && (lo1, hi1) != (lo0, hi0) => {
+            Order::NewestFirst
+        }
+        _ => Order::Unknown,
+    }
+}
+
+/// Pages from 1 on (page 1 may be in hand already), until one is short (the end), the
+/// bound, or — with `stop_when_old` — a page wholly before the floor.
+async fn read_forward<F, Fut>(
+    found: &mut Found,
+    mut page_one: Option<Vec<Value>>,
+    fetch: &F,
+    size: u32,
+    max_pages: u32,
+    lower_ms: i64,
+    stop_when_old: bool,
+) -> Result<(), BackfillError>
+where
+    F: Fn(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<Value>, Option<u64>), BackfillError>>,
+{
+    let mut page = 1;
+    loop {
+        let items = match page_one.take() {
+            Some(items) => items,
+            None => {
+                if found.pages >= max_pages {
+                    found.too_large = true;
+                    return Ok(());
+                }
+                found.pages += 1;
+                fetch(page).await?.0
+            }
+        };
+        let len = items.len();
+        let old = take_page(found, items, lower_ms);
+        if len < size as usize || (stop_when_old && old) {
+            return Ok(());
+        }
+        page += 1;
+    }
+}
+
+/// Keep the records of one page newer than `lower_ms`; true if it has a record with a
+/// time and every such record is at or before it (the page lies wholly before the gap).
+/// An empty or untimed page says nothing, so it is not old.
 fn take_page(found: &mut Found, items: Vec<Value>, lower_ms: i64) -> bool {
     let mut all_old = true;
+    let mut timed = false;
     for record in items {
         if !record.is_object() {
             found.untimed += 1;
@@ -389,18 +472,23 @@ fn take_page(found: &mut Found, items: Vec<Value>, lower_ms: i64) -> bool {
             found.untimed += 1;
             continue;
         };
+        timed = true;
         // Records carry whole seconds: the floor's own second is past.
         if time_ms < lower_ms + 1000 {
             continue;
         }
         all_old = false;
+        if found.candidates.len() >= found.limit {
+            found.too_large = true;
+            continue;
+        }
         found.candidates.push(Candidate {
             time_ms,
             identity: model::alarm_identity(&record),
             record,
         });
     }
-    all_old
+    timed && all_old
 }
 
 #[cfg(test)]
@@ -461,6 +549,7 @@ mod tests {
             pages: 0,
             too_large: false,
             untimed: 0,
+            limit: 2,
         };
         let items = vec![
             json!({"key": "a", "timestamp": 100, "status": 0}),
@@ -477,5 +566,30 @@ mod tests {
             vec![json!({"key": "z", "timestamp": 99})],
             100_000
         ));
+        assert!(
+            !take_page(&mut found, vec![], 100_000),
+            "an empty page says nothing"
+        );
+        assert!(!take_page(&mut found, vec![json!({"key": "u"})], 100_000));
+        let many = (0..5)
+            .map(|i| json!({"key": format!("m{i}"), "time": 200 + i}))
+            .collect();
+        take_page(&mut found, many, 100_000);
+        assert_eq!(found.candidates.len(), 2, "bounded");
+        assert!(found.too_large);
+    }
+
+    #[test]
+    fn the_order_is_told_by_one_page_or_by_two() {
+        let page = |ts: &[i64]| -> Vec<Value> { ts.iter().map(|t| json!({"time": t})).collect() };
+        assert_eq!(order_within(&page(&[1, 2])), Order::OldestFirst);
+        assert_eq!(order_within(&page(&[2, 1])), Order::NewestFirst);
+        assert_eq!(order_within(&page(&[5])), Order::Unknown);
+        assert_eq!(order_within(&page(&[5, 5])), Order::Unknown);
+        let (a, b) = (span(&page(&[5])), span(&page(&[9])));
+        assert_eq!(order_between(a, b), Order::OldestFirst);
+        assert_eq!(order_between(b, a), Order::NewestFirst);
+        assert_eq!(order_between(a, a), Order::Unknown);
+        assert_eq!(order_between(a, None), Order::Unknown);
     }
 }

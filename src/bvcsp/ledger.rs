@@ -112,6 +112,9 @@ struct State {
     interruptions: u64,
     /// The alarm stream is open now.
     live: bool,
+    /// Reading upstream is paused (the outbox is full or cannot write): the server may
+    /// drop alarms meanwhile, however open the stream.
+    paused: bool,
     dirty: bool,
 }
 
@@ -168,6 +171,7 @@ impl AlarmLedger {
             generation: 0,
             interruptions: 0,
             live: false,
+            paused: false,
             dirty: true,
         };
         let mut gap_since = now;
@@ -311,8 +315,19 @@ impl AlarmLedger {
         self.open_gap()
     }
 
+    /// Reading is paused (true: a gap from now, closed by no read until it ends) or
+    /// resumes.
+    pub fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+        if paused {
+            self.open_gap();
+        }
+    }
+
+    /// The stream is open and read: a read-back now can close a gap.
     pub fn is_live(&self) -> bool {
-        self.lock().live
+        let g = self.lock();
+        g.live && !g.paused
     }
 
     /// How many times the stream was interrupted so far; a backfill notes it before it
@@ -331,7 +346,7 @@ impl AlarmLedger {
     /// again since, or is not open now: then what followed the read is still unseen.
     pub fn close_gap(&self, generation: u64, interruptions: u64) -> bool {
         let g = self.lock();
-        if g.interruptions != interruptions || !g.live {
+        if g.interruptions != interruptions || !g.live || g.paused {
             return false;
         }
         drop(g);
@@ -452,7 +467,8 @@ impl AlarmLedger {
 /// Move the floor up to just before the newest alarm published, and forget the keys it
 /// passes: alarms of the newest second itself are still told apart by key.
 fn advance(g: &mut State) {
-    let floor = g.newest.saturating_sub(FLOOR_MARGIN).min(unix_now());
+    // A device clock running fast must not take the margin away.
+    let floor = g.newest.min(unix_now()).saturating_sub(FLOOR_MARGIN);
     if floor > g.floor {
         g.floor = floor;
         let State { known, order, .. } = g;
@@ -532,6 +548,23 @@ mod tests {
         assert_eq!(l.open_gap_generation(), Some(g));
         assert!(l.close_gap(g, l.interruptions()));
         assert_eq!(l.open_gap_generation(), None);
+    }
+
+    #[test]
+    fn no_read_closes_a_gap_while_reading_is_paused() {
+        let l = AlarmLedger::open(None, 1_000, AGE, Default::default()).unwrap();
+        read_back(&l, l.open_gap_generation().unwrap());
+        l.set_paused(true);
+        let g = l.open_gap_generation().expect("a pause is a gap");
+        let during = l.interruptions();
+        assert!(!l.is_live());
+        assert!(
+            !l.close_gap(g, during),
+            "the server may still be dropping alarms"
+        );
+        l.set_paused(false);
+        assert!(l.is_live());
+        assert!(l.close_gap(g, l.interruptions()));
     }
 
     #[test]

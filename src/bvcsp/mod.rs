@@ -310,11 +310,12 @@ async fn gap_while_full(ctx: Arc<Ctx>, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             r = full.wait_for(|f| *f) => if r.is_err() { return },
         }
-        ctx.ledger.open_gap();
+        ctx.ledger.set_paused(true);
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = full.wait_for(|f| !*f) => if r.is_err() { return },
         }
+        ctx.ledger.set_paused(false);
         ctx.backfill_request.notify_one();
     }
 }

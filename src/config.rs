@@ -819,6 +819,13 @@ impl Config {
             {
                 return Err(ConfigError::new(key("name"), "must match [a-z0-9_-]+"));
             }
+            // It is a topic level and part of a file name: kept short enough to be both.
+            if p.name.len() > 64 {
+                return Err(ConfigError::new(
+                    key("name"),
+                    "must be at most 64 characters",
+                ));
+            }
             if !names.insert(p.name.clone()) {
                 return Err(ConfigError::new(
                     key("name"),
@@ -1171,6 +1178,19 @@ password = "123456"
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn playbox_names_are_at_most_64_characters() {
+        let text = |n: usize| {
+            format!(
+                "[[playbox]]\nname = \"{}\"\nurl = \"https://10.0.0.9:16674\"\nsn = \"S\"\n\
+                 username = \"admin\"\npassword = \"x\"\n",
+                "n".repeat(n)
+            )
+        };
+        assert!(from_toml(&text(64)).is_ok());
+        assert_eq!(from_toml(&text(65)).unwrap_err().key, "playbox[0].name");
     }
 
     #[test]

@@ -244,36 +244,48 @@ fn ignore_file_size_signal() {
     }
 }
 
+/// Crates that log requests and handshakes, headers included, at debug and trace: the
+/// BVCSP token rides in `Sec-WebSocket-Protocol`, the login body holds the password hash.
+const HEADER_LOGGERS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "rustls",
+    "rumqttc",
+];
+
+fn logs_headers(target: &str) -> bool {
+    let krate = target.split("::").next().unwrap_or(target);
+    HEADER_LOGGERS.contains(&krate)
+}
+
 fn init_tracing(log: &LogConfig) {
     use tracing_subscriber::EnvFilter;
-    let mut filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    // These crates log requests and handshakes, headers included, at debug and trace: the
-    // BVCSP token rides in `Sec-WebSocket-Protocol` and the login body holds the password
-    // hash. Capped after the user's filter, so no `RUST_LOG` lifts it.
-    for target in [
-        "tungstenite",
-        "tokio_tungstenite",
-        "hyper",
-        "hyper_util",
-        "reqwest",
-        "h2",
-        "rustls",
-        "rumqttc",
-    ] {
-        if let Ok(d) = format!("{target}=info").parse() {
-            filter = filter.add_directive(d);
-        }
-    }
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // A global cap after the user's filter: no `RUST_LOG` (not even a module of one of
+    // these crates) lifts it above info.
+    let cap = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::INFO || !logs_headers(meta.target())
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // journald stamps every line itself.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (log.format, under_journal) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Json, _) => builder.json().finish().with(cap).init(),
+        (LogFormat::Text, true) => builder
+            .without_time()
+            .with_ansi(false)
+            .finish()
+            .with(cap)
+            .init(),
+        (LogFormat::Text, false) => builder.finish().with(cap).init(),
     }
 }
 

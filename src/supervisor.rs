@@ -104,6 +104,9 @@ impl Bridge {
             )?),
             None => None,
         };
+        if let (Some((ctx, _)), Some(_)) = (&bvcsp, outbox.set_aside()) {
+            ctx.ledger.forget_published(ctx.cfg.backfill_max_age);
+        }
         let playboxes = playbox::prepare(
             &cfg.playbox,
             &cfg.storage.dir,

@@ -88,7 +88,13 @@ async fn sigterm_stops_gracefully_and_kill_9_fires_the_will() {
 
     // SIGTERM: offline published, logged out, exit 0. At trace level, where the
     // WebSocket and HTTP crates would log the handshake's headers (the token).
-    let mut d = Daemon::spawn_with_env(&config, &[("RUST_LOG", "trace")]);
+    let mut d = Daemon::spawn_with_env(
+        &config,
+        &[(
+            "RUST_LOG",
+            "trace,tungstenite::handshake=trace,reqwest::connect=trace",
+        )],
+    );
     obs.wait_all_up(&Stream::ALL, T).await;
     sim.inject(
         Stream::Alarm,

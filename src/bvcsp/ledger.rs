@@ -304,6 +304,21 @@ impl AlarmLedger {
         generation
     }
 
+    /// What the ledger says was published may not have reached the broker (the outbox
+    /// that held it was found corrupt and set aside): read back `max_age` and forget the
+    /// keys, so those alarms come again (duplicates, never losses).
+    pub fn forget_published(&self, max_age: Duration) {
+        let back = i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX);
+        let mut g = self.lock();
+        g.floor = g.floor.min(unix_now().saturating_sub(back));
+        g.known.clear();
+        g.order.clear();
+        g.dirty = true;
+        drop(g);
+        warn!("the outbox was set aside: alarms of the last {max_age:?} are read back again");
+        self.changed.notify_one();
+    }
+
     /// The alarm stream is open: what it delivers from now on needs no read-back.
     pub fn stream_up(&self) {
         self.lock().live = true;
@@ -548,6 +563,17 @@ mod tests {
         assert_eq!(l.open_gap_generation(), Some(g));
         assert!(l.close_gap(g, l.interruptions()));
         assert_eq!(l.open_gap_generation(), None);
+    }
+
+    #[test]
+    fn a_lost_outbox_takes_the_floor_back_and_forgets_the_keys() {
+        let now = unix_now();
+        let l = AlarmLedger::open(None, now - 100, AGE, Default::default()).unwrap();
+        read_back(&l, l.open_gap_generation().unwrap());
+        l.confirm(id("a", "start"), Some(now - 10));
+        l.forget_published(Duration::from_secs(3600));
+        assert_eq!(l.floor(), now - 3600);
+        assert!(l.claim(&id("a", "start")), "published once more");
     }
 
     #[test]

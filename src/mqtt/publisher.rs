@@ -45,6 +45,10 @@ const WINDOW: usize = 256;
 /// row, each within `STRIKE_WINDOW` of connecting, with it the oldest message in flight.
 const STRIKES: u32 = 3;
 const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+/// Only a message at least this large can be struck: no broker limit is smaller, and an
+/// alarm or a state update (well under it) is never taken for the cause of a broker
+/// that merely flaps, or of another client taking over our client id.
+const STRIKE_MIN_BYTES: usize = 4096;
 /// The largest packet MQTT can carry (a 4-byte remaining length, plus the fixed header).
 pub const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 /// Commands (on the subscribed `…/set` topics) larger than this are dropped unread. A
@@ -677,7 +681,11 @@ fn strike(shared: &Shared, corr: &mut Correlation, eventloop: &mut EventLoop, up
         corr.suspect = None;
         return;
     };
-    if up_for > STRIKE_WINDOW {
+    let size = eventloop.pending.iter().find_map(|r| match r {
+        rumqttc::Request::Publish(p) if p.pkid == pkid => Some(p.topic.len() + p.payload.len()),
+        _ => None,
+    });
+    if up_for > STRIKE_WINDOW || size.is_none_or(|n| n < STRIKE_MIN_BYTES) {
         corr.suspect = None;
         return;
     }

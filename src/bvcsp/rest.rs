@@ -153,23 +153,7 @@ impl RestClient {
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let bytes = read_capped(resp, MAX_REPLY_BYTES).await?;
-        if !status.is_success() {
-            // A JSON error envelope on a non-2xx status still tells us more than the status.
-            if let Ok(v) = serde_json::from_slice::<Value>(&bytes)
-                && let Some(code) = field(&v, "code").and_then(as_i64)
-                && code != 0
-            {
-                return Err(code_error(code, &v));
-            }
-            return Err(RestError::Status(status.as_u16()));
-        }
-        let v: Value =
-            serde_json::from_slice(&bytes).map_err(|_| RestError::NotJson(bytes.len()))?;
-        match field(&v, "code").and_then(as_i64) {
-            Some(0) => Ok(v),
-            Some(code) => Err(code_error(code, &v)),
-            None => Err(RestError::NotJson(bytes.len())),
-        }
+        parse_reply(status.as_u16(), &bytes)
     }
 
     /// SHA256_T login.
@@ -253,9 +237,31 @@ impl RestClient {
     }
 }
 
+/// A reply's status and body: the whole reply object when the status is 2xx and
+/// `code == 0`. The pure part of every call, kept apart from the I/O so it can be fuzzed.
+pub fn parse_reply(status: u16, bytes: &[u8]) -> Result<Value, RestError> {
+    if !(200..300).contains(&status) {
+        // A JSON error envelope on a non-2xx status still tells us more than the status.
+        if let Ok(v) = serde_json::from_slice::<Value>(bytes)
+            && let Some(code) = field(&v, "code").and_then(as_i64)
+            && code != 0
+        {
+            return Err(code_error(code, &v));
+        }
+        return Err(RestError::Status(status));
+    }
+    let v: Value = serde_json::from_slice(bytes).map_err(|_| RestError::NotJson(bytes.len()))?;
+    match field(&v, "code").and_then(as_i64) {
+        Some(0) => Ok(v),
+        Some(code) => Err(code_error(code, &v)),
+        None => Err(RestError::NotJson(bytes.len())),
+    }
+}
+
 /// The records of a paged list reply: `data` itself, or a list nested one level down;
 /// `null` or no `data` is an empty page.
-fn list_items(v: &Value) -> Option<Vec<Value>> {
+#[doc(hidden)]
+pub fn list_items(v: &Value) -> Option<Vec<Value>> {
     match field(v, "data") {
         None | Some(Value::Null) => Some(Vec::new()),
         Some(Value::Array(a)) => Some(a.clone()),
@@ -267,7 +273,8 @@ fn list_items(v: &Value) -> Option<Vec<Value>> {
     }
 }
 
-fn total_count(v: &Value) -> Option<u64> {
+#[doc(hidden)]
+pub fn total_count(v: &Value) -> Option<u64> {
     field(v, "pageInfo")
         .and_then(|p| field(p, "totalCount"))
         .and_then(as_i64)
@@ -290,7 +297,8 @@ fn lifetime_of(data: &Value) -> Option<Duration> {
         .map(|n| Duration::from_secs(n as u64))
 }
 
-fn grant_from(v: &Value) -> Option<Grant> {
+#[doc(hidden)]
+pub fn grant_from(v: &Value) -> Option<Grant> {
     let data = field(v, "data")?;
     let token = field(data, "token")?.as_str().filter(|s| !s.is_empty())?;
     Some(Grant {

@@ -232,35 +232,21 @@ impl BoxClient {
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let bytes = read_capped(resp, MAX_REPLY_BYTES).await?;
-        if !status.is_success() {
-            return Err(BoxError::Status(status.as_u16()));
-        }
-        let v: Value = serde_json::from_slice(&bytes).map_err(|_| BoxError::NotJson)?;
-        match field(&v, "code").and_then(as_i64) {
-            Some(0) => Ok(field(&v, "data").cloned().unwrap_or(Value::Null)),
-            Some(code) => {
-                let message = field(&v, "message")
-                    .or_else(|| field(&v, "msg"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                let message = clip(message, MAX_MESSAGE_BYTES).to_owned();
-                if !KNOWN_CODES.contains(&code)
-                    && self
-                        .codes_seen
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(code)
-                {
-                    tracing::warn!(
-                        "playbox {}: the box replied code {code} ({message:?}), which the spec \
-                         does not name; treated as a failure of that request (logged once per code)",
-                        self.name
-                    );
-                }
-                Err(BoxError::Code { code, message })
+        let reply = parse_envelope(status.as_u16(), &bytes);
+        if let Err(BoxError::Code { code, message }) = &reply
+            && !KNOWN_CODES.contains(code)
+        {
+            let mut seen = self.codes_seen.lock().unwrap_or_else(|p| p.into_inner());
+            // Logged once per code, for a bounded number of codes.
+            if seen.len() < 64 && seen.insert(*code) {
+                tracing::warn!(
+                    "playbox {}: the box replied code {code} ({message:?}), which the spec \
+                     does not name; treated as a failure of that request (logged once per code)",
+                    self.name
+                );
             }
-            None => Err(BoxError::NotJson),
         }
+        reply
     }
 
     /// With trust on first use and no pin yet, pin the box's certificate after a
@@ -313,24 +299,52 @@ impl BoxClient {
         let data = self
             .send(self.http.post(self.url(path)).json(&body), None)
             .await?;
-        let logined = field(&data, "logined").and_then(Value::as_bool);
-        let validation = field(&data, "validation").and_then(Value::as_bool);
-        match (logined, validation) {
-            (Some(false), Some(false)) => {
-                return Err(BoxError::Code {
-                    code: 24,
-                    message: "wrong username or password".into(),
-                });
-            }
-            (Some(false), _) => return Err(BoxError::SessionHeld),
-            _ => {}
-        }
-        field(&data, "token")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .map(Secret::new)
-            .ok_or(BoxError::Missing("token"))
+        login_token(&data)
     }
+}
+
+/// A reply's status and body: the `data` of the `{code, message, data}` envelope when the
+/// status is 2xx and `code == 0`. The pure part of every request, apart from the I/O.
+pub fn parse_envelope(status: u16, bytes: &[u8]) -> Result<Value, BoxError> {
+    if !(200..300).contains(&status) {
+        return Err(BoxError::Status(status));
+    }
+    let v: Value = serde_json::from_slice(bytes).map_err(|_| BoxError::NotJson)?;
+    match field(&v, "code").and_then(as_i64) {
+        Some(0) => Ok(field(&v, "data").cloned().unwrap_or(Value::Null)),
+        Some(code) => {
+            let message = field(&v, "message")
+                .or_else(|| field(&v, "msg"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            Err(BoxError::Code {
+                code,
+                message: clip(message, MAX_MESSAGE_BYTES).to_owned(),
+            })
+        }
+        None => Err(BoxError::NotJson),
+    }
+}
+
+/// The token in a login reply's `data`, or why there is none.
+pub fn login_token(data: &Value) -> Result<Secret, BoxError> {
+    let logined = field(data, "logined").and_then(Value::as_bool);
+    let validation = field(data, "validation").and_then(Value::as_bool);
+    match (logined, validation) {
+        (Some(false), Some(false)) => {
+            return Err(BoxError::Code {
+                code: 24,
+                message: "wrong username or password".into(),
+            });
+        }
+        (Some(false), _) => return Err(BoxError::SessionHeld),
+        _ => {}
+    }
+    field(data, "token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+        .map(Secret::new)
+        .ok_or(BoxError::Missing("token"))
 }
 
 #[cfg(test)]

@@ -156,11 +156,39 @@ pub fn render_toml(found: &[Discovered]) -> String {
             v4 => v4.to_string(),
         };
         out.push_str(&format!(
-            "[[playbox]]\nname = \"{name}\"\nurl = \"https://{host}:{port}\"\nsn = \"{sn}\"\nusername = \"admin\"\n\
+            "[[playbox]]\nname = \"{name}\"\nurl = \"https://{host}:{port}\"\nsn = {sn}\nusername = \"admin\"\n\
              password_file = \"/etc/bvcsp2mqtt/playbox-{name}.password\"\npoll_interval = \"15s\"\ncommands = false\n\n",
             port = d.found.https_port,
-            sn = d.found.sn.replace('"', ""),
+            // The serial number is whatever the box said: quoted and escaped as TOML, so
+            // a quote, a backslash or a control character cannot break the file.
+            sn = toml::Value::String(d.found.sn.clone()),
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::playbox::avon::Found;
+
+    #[test]
+    fn rendered_config_quotes_any_serial_number() {
+        // Found by fuzzing: a DEL (or a quote, backslash, newline) in the reply's `sn`
+        // made the printed configuration invalid TOML.
+        for sn in ["2ZTA\u{7f}X", "a\"b", "a\\b", "a\nb\u{0}", "'''"] {
+            let d = Discovered {
+                ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                found: Found {
+                    sn: sn.into(),
+                    product_name: String::new(),
+                    alias_name: String::new(),
+                    https_port: 16674,
+                    raw: serde_json::json!({}),
+                },
+            };
+            let t: toml::Table = toml::from_str(&render_toml(&[d])).unwrap();
+            assert_eq!(t["playbox"][0]["sn"].as_str(), Some(sn));
+        }
+    }
 }

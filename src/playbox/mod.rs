@@ -155,6 +155,17 @@ impl Prepared {
     }
 }
 
+/// The box name and command level of a `{prefix}{name}/{kind}/set` topic; `None` for
+/// any other topic. `prefix` is `{base}/playbox/`.
+pub fn command_topic<'a>(topic: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let rest = topic.strip_prefix(prefix)?;
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(name), Some(kind), Some("set"), None) => Some((name, kind)),
+        _ => None,
+    }
+}
+
 /// Check each command message and hand it to its box. A bad or oversized one is refused
 /// on the box's `…/error` topic here and never reaches the box.
 async fn route_commands(
@@ -170,13 +181,7 @@ async fn route_commands(
             _ = cancel.cancelled() => return,
             m = incoming.recv() => match m { Some(m) => m, None => return },
         };
-        let Some(rest) = msg.topic.strip_prefix(&prefix) else {
-            continue;
-        };
-        let mut parts = rest.split('/');
-        let (Some(name), Some(kind), Some("set"), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let Some((name, kind)) = command_topic(&msg.topic, &prefix) else {
             continue;
         };
         let Some(pending) = routes.get(name) else {

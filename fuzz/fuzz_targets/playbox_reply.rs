@@ -1,0 +1,16 @@
+#![no_main]
+
+#[path = "../../tests/invariants/mod.rs"]
+mod invariants;
+
+use libfuzzer_sys::fuzz_target;
+
+// A play box reply: two bytes of status (folded onto 100..=599), then the body.
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 2 {
+        return;
+    }
+    let status = 100 + u16::from_le_bytes([data[0], data[1]]) % 500;
+    let status = if data[0] & 1 == 0 { 200 } else { status };
+    invariants::check_playbox_reply(status, &data[2..]);
+});

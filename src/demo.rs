@@ -318,28 +318,6 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
             8 => sim.refuse_upgrades(Stream::Alarm, None),
             _ => {}
         }
-        // Once: the alarm stream is refused for a few seconds while an SOS is raised; it
-        // arrives afterwards from the server's alarm records, marked backfilled.
-        match tick {
-            4 => {
-                eprintln!("demo: the server refuses the alarm stream for 4 s (HTTP 503) ...");
-                sim.refuse_upgrades(Stream::Alarm, Some(503));
-                sim.kick_sockets(Some(Stream::Alarm), None);
-            }
-            5 => {
-                let d = &devices[0];
-                sim.inject(
-                    Stream::Alarm,
-                    json!({"key": "demo-missed-sos", "type": 5, "time": unix_now(), "devID": d.id,
-                        "devName": d.name, "status": 0, "desc": "SOS raised while the alarm stream was down"}),
-                );
-                eprintln!(
-                    "demo: ... an SOS is raised meanwhile; watch it arrive with backfilled: true"
-                );
-            }
-            8 => sim.refuse_upgrades(Stream::Alarm, None),
-            _ => {}
-        }
         let mut rng = rand::thread_rng();
         for d in devices.iter_mut().filter(|d| d.online) {
             if tick.is_multiple_of(3) {

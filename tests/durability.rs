@@ -16,10 +16,18 @@ use bvcsp2mqtt::sim::eventually;
 use common::*;
 use serde_json::json;
 
-const T: Duration = Duration::from_secs(30);
+// Generous: these tests move thousands of alarms through real brokers on a shared
+// 2-core machine; a deadline is a bound on failure, never a measured time.
+const T: Duration = Duration::from_secs(60);
 
 fn alarm(key: &str) -> serde_json::Value {
-    json!({"key": key, "type": 5, "time": 1717400123, "devID": "PU_1", "devName": "Helmet",
+    // Raised now, as on a real server: an alarm the server dropped while the bridge was
+    // not reading is then within reach of the backfill (`backfill_max_age`).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    json!({"key": key, "type": 5, "time": now, "devID": "PU_1", "devName": "Helmet",
         "status": 0, "desc": "SOS", "lat": 31.8, "lng": 117.2, "payload": ""})
 }
 
@@ -27,8 +35,10 @@ fn sos_topic() -> String {
     format!("{BASE}/device/PU_1/alarm/sos")
 }
 
-/// Wait until every key has arrived; returns (distinct, duplicates).
-async fn wait_all_keys(obs: &Observer, keys: &[String]) -> (usize, usize) {
+/// Wait until every key has arrived; returns (distinct, duplicates). With `ordered`,
+/// first arrivals must keep the order they were sent in (not so when some come by
+/// backfill, which may deliver them after newer live ones).
+async fn wait_all_keys(obs: &Observer, keys: &[String], ordered: bool) -> (usize, usize) {
     let topic = sos_topic();
     let got = obs.wait_keys(&topic, keys, T).await;
     let distinct: BTreeSet<&String> = got.iter().collect();
@@ -53,7 +63,7 @@ async fn wait_all_keys(obs: &Observer, keys: &[String]) -> (usize, usize) {
         }
     }
     let sent: Vec<&String> = keys.iter().filter(|k| seen.contains(k)).collect();
-    assert!(first == sent, "first arrivals out of order");
+    assert!(!ordered || first == sent, "first arrivals out of order");
     (distinct.len(), got.len() - distinct.len())
 }
 
@@ -95,7 +105,7 @@ async fn mosquitto_killed_and_restarted_mid_stream_loses_nothing() {
     obs.wait_subscribed(2, T).await;
     proxy.restore();
     injector.await.unwrap();
-    let (distinct, duplicates) = wait_all_keys(&obs, &keys).await;
+    let (distinct, duplicates) = wait_all_keys(&obs, &keys, true).await;
     eprintln!(
         "mosquitto restart: sent {}, received {distinct}, lost 0, duplicates {duplicates}",
         keys.len()
@@ -173,7 +183,7 @@ async fn kill_9_while_the_broker_is_down_loses_nothing() {
     mq.up().unwrap();
     obs.wait_subscribed(2, T).await;
     let daemon = Daemon::spawn(&config);
-    let (distinct, duplicates) = wait_all_keys(&obs, &keys).await;
+    let (distinct, duplicates) = wait_all_keys(&obs, &keys, true).await;
     eprintln!(
         "kill -9: sent {}, received {distinct}, lost 0, duplicates {duplicates}",
         keys.len()
@@ -273,7 +283,9 @@ async fn a_full_outbox_pauses_reading_and_drops_no_alarm() {
         "reading paused before everything was read: {at_full:?}"
     );
     proxy.restore();
-    let (distinct, duplicates) = wait_all_keys(&obs, &keys).await;
+    // A paused socket may be given up on (no pong in time) and what it still held is
+    // then read back from the alarm records: every alarm arrives, not all in order.
+    let (distinct, duplicates) = wait_all_keys(&obs, &keys, false).await;
     eprintln!(
         "full outbox: sent {}, outbox paused at {} messages / {} bytes, received {distinct}, lost 0, duplicates {duplicates}",
         keys.len(),

@@ -811,7 +811,9 @@ async fn microsecond_and_absurd_times_break_no_stream() {
         }
         arrive_all(round.into()).await;
         if round == "ok1" {
-            // Long enough for a task that died to show it (the link's next report).
+            // Not synchronisation: the issue asks for the second round 10 s after the
+            // first, so that a stream task or snapshot that died on the bad times (and
+            // a link still saying `up`) would be caught by the second round.
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }

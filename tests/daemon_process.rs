@@ -220,46 +220,26 @@ fn check_config_prints_redacted_config_or_names_the_bad_key() {
 
 /// A run whose config cannot be used exits 64 and names the problem, and nothing it
 /// prints holds the secret that was on the broken line or in the URL.
-#[test]
-fn config_errors_exit_64_without_the_secret() {
-    let run = |body: &str| {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_errors_exit_64_without_the_secret() {
+    async fn run(body: &str) -> (i32, String) {
         let dir = tempfile::tempdir().unwrap();
         let path = write_config(dir.path(), body);
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > end {
-                let _ = child.kill();
-                panic!("a config that should be refused started the daemon");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+        let mut d = Daemon::spawn(&path);
+        let status = d.wait_exit(Duration::from_secs(20)).await;
+        (status.code().unwrap_or(-1), d.log())
+    }
     let head = "[bvcsp]\nurl = \"https://10.0.0.5:9781\"\nusername = \"admin\"\n";
     // `\q` is not a TOML escape: the whole line is the error's context.
-    let (code, out) = run(&format!("{head}password = \"s3cr3t-\\q-pw\"\n"));
+    let (code, out) = run(&format!("{head}password = \"s3cr3t-\\q-pw\"\n")).await;
     assert_eq!(code, 64, "{out}");
     assert!(out.contains("line 4"), "{out}");
     assert!(!out.contains("s3cr3t"), "{out}");
     // userinfo in a URL is refused and not echoed.
     let (code, out) = run(&format!(
         "{head}password = \"x\"\n[mqtt]\nurl = \"mqtt://bob:brokerpw77@10.0.0.6:1883\"\n"
-    ));
+    ))
+    .await;
     assert_eq!(code, 64, "{out}");
     assert!(out.contains("mqtt.url"), "{out}");
     assert!(!out.contains("brokerpw77"), "{out}");

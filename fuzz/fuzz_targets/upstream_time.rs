@@ -9,8 +9,7 @@ use serde_json::Value;
 
 // upstream_time of any i64, f64 or string, and of any JSON text.
 fuzz_target!(|data: &[u8]| {
-    if data.len() >= 8 {
-        let b: [u8; 8] = data[..8].try_into().unwrap();
+    if let Some(&b) = data.first_chunk::<8>() {
         invariants::check_upstream_time(&Value::from(i64::from_le_bytes(b)));
         invariants::check_upstream_time(&Value::from(u64::from_le_bytes(b)));
         invariants::check_upstream_time(&Value::from(f64::from_le_bytes(b)));

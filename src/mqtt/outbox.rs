@@ -26,6 +26,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
+// std's clock, not tokio's: the outbox's timers (batching, write-error retries, log rate
+// limits) run on its own OS threads, where tokio's paused test clock does not apply.
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;

@@ -6,6 +6,8 @@ pub mod config;
 pub mod critical;
 pub mod demo;
 pub mod health;
+pub mod heartbeat;
+pub mod json;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
@@ -13,6 +15,7 @@ pub mod retry;
 pub mod sim;
 pub mod storage;
 pub mod supervisor;
+pub mod timestamp;
 pub mod tls;
 
 pub use supervisor::{Bridge, run};

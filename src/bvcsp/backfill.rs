@@ -95,8 +95,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         return;
     }
     ctx.link.set_detail("backfill", json!("ok"));
-    let _alive =
-        crate::health::BeatGuard::new(&ctx.heartbeats, HEARTBEAT, Duration::from_secs(24 * 3600));
+    let _alive = crate::heartbeat::BeatGuard::new(
+        &ctx.heartbeats,
+        HEARTBEAT,
+        Duration::from_secs(24 * 3600),
+    );
     let mut token_rx = ctx.token.subscribe();
     let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
     let mut unavailable_until: Option<Instant> = None;

@@ -6,8 +6,9 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::{Value, json};
 
 use super::auth;
-use super::model::{DeviceRecord, as_i64, field};
+use super::model::DeviceRecord;
 use crate::config::{BvcspConfig, BvcspPaths, Secret};
+use crate::json::{as_i64, field};
 
 /// How the supervisor should react to an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -80,7 +80,8 @@ pub async fn run_session(
     let mut generation = 0u64;
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
-    let _alive = crate::health::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
+    let _alive =
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
     loop {
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next_delay();
@@ -107,7 +108,7 @@ pub async fn run_session(
                 let d = match e.recovery() {
                     Recovery::AuthRejected => {
                         let d = auth_backoff.next_delay();
-                        let local = crate::bvcsp::model::rfc3339_millis(SystemTime::now());
+                        let local = crate::timestamp::rfc3339_millis(SystemTime::now());
                         error!(
                             "BVCSP refused the credentials for user `{}`: {e}. Next attempt in {d:?}. \
                              (SHA256_T also fails when the clocks disagree: local UTC time is {local})",

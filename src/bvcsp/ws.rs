@@ -219,7 +219,7 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
     let mut memory = StreamMemory::new();
     let mut first_connect = true;
     let _alive =
-        crate::health::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
     let mut last_failure: Option<String> = None;
     let mut failures = 0u64;
     // Streams after the first open one after another, not all at once.

@@ -223,7 +223,7 @@ impl Publisher {
         topics: Topics,
         subscriptions: Vec<String>,
         incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
-        heartbeats: Arc<crate::health::Heartbeats>,
+        heartbeats: Arc<crate::heartbeat::Heartbeats>,
         critical: &crate::critical::Critical,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
@@ -349,12 +349,12 @@ async fn drive(
     mut eventloop: EventLoop,
     builder: ExponentialBuilder,
     stop: CancellationToken,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
     alive: Duration,
 ) {
     // poll() yields at least once per keepalive (the ping) while connected, and within
     // the connect timeout while not.
-    let _alive = crate::health::BeatGuard::new(&heartbeats, "mqtt", alive);
+    let _alive = crate::heartbeat::BeatGuard::new(&heartbeats, "mqtt", alive);
     let mut backoff = builder.build();
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
@@ -716,7 +716,7 @@ pub fn bridge_info(topics: &Topics, started: SystemTime, sources: serde_json::Va
         topics.bridge_info(),
         &serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "started_at": crate::bvcsp::model::rfc3339_millis(started),
+            "started_at": crate::timestamp::rfc3339_millis(started),
             "sources": sources,
         }),
     )

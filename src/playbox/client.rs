@@ -7,8 +7,8 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::bvcsp::model::{as_i64, field};
 use crate::config::{PlayboxConfig, Secret};
+use crate::json::{as_i64, field};
 
 pub const DOCUMENTED_LOGIN: &str = "/terminal/core/v1/user/login";
 pub const FALLBACK_LOGIN: &str = "/terminal/core/v1/login";

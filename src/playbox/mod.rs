@@ -81,7 +81,7 @@ pub fn prepare(
     storage: &Path,
     outbox: Arc<Outbox>,
     topics: Topics,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
 ) -> Result<Prepared, PlayboxSetupError> {
     let mut routes = HashMap::new();
     let mut runners = Vec::new();

@@ -14,8 +14,8 @@ use super::client::{BoxClient, BoxError, LoginForm, Meaning};
 use super::commands::{Coalescer, Command, Pending};
 pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS};
 use super::values::{Function, Reading, function_of, state_payload};
-use crate::bvcsp::model::{as_f64, as_string, field};
 use crate::config::{PlayboxConfig, Secret};
+use crate::json::{as_f64, as_string, field};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
 
@@ -44,7 +44,7 @@ pub struct BoxRunner {
     last: Option<(Reading, Instant)>,
     refused: u32,
     password_seen: Secret,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
     /// Commands from MQTT not sent yet.
     commands: Arc<Pending>,
     /// No login before this instant, and why: every login (a poll's, a command's, a
@@ -73,7 +73,7 @@ impl BoxRunner {
         client: BoxClient,
         outbox: Arc<Outbox>,
         topics: Topics,
-        heartbeats: Arc<crate::health::Heartbeats>,
+        heartbeats: Arc<crate::heartbeat::Heartbeats>,
         commands: Arc<Pending>,
     ) -> BoxRunner {
         let link = Link::new(
@@ -127,8 +127,11 @@ impl BoxRunner {
     pub async fn run(mut self, cancel: CancellationToken) {
         let beat_name = format!("playbox/{}", self.cfg.name);
         let heartbeats = self.heartbeats.clone();
-        let _alive =
-            crate::health::BeatGuard::new(&heartbeats, &beat_name, self.cfg.request_timeout * 10);
+        let _alive = crate::heartbeat::BeatGuard::new(
+            &heartbeats,
+            &beat_name,
+            self.cfg.request_timeout * 10,
+        );
         let net = ExponentialBuilder::default()
             .with_min_delay(Duration::from_secs(1))
             .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))

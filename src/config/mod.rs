@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::bvcsp::Stream;
+mod stream;
+
+pub use stream::Stream;
 
 pub const DEFAULT_PATH: &str = "/etc/bvcsp2mqtt/config.toml";
 pub const ENV_PREFIX: &str = "BVCSP2MQTT";
@@ -321,8 +323,11 @@ impl Default for StorageConfig {
     }
 }
 
+/// The outbox bound when `storage.max_bytes` is absent.
+pub const DEFAULT_OUTBOX_MAX_BYTES: u64 = 256 << 20;
+
 fn default_max_bytes() -> u64 {
-    crate::mqtt::outbox::DEFAULT_MAX_BYTES
+    DEFAULT_OUTBOX_MAX_BYTES
 }
 
 /// A byte count: an integer, or a string with a unit (B, KB, MB, GB, KiB, MiB, GiB).
@@ -1369,7 +1374,7 @@ password = "123456"
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "x\n").unwrap();
-        let text = include_str!("../config/bvcsp2mqtt.example.toml")
+        let text = include_str!("../../config/bvcsp2mqtt.example.toml")
             .replace("/etc/bvcsp2mqtt/bvcsp.password", &pw.display().to_string());
         let cfg = load_str(&text, &[]).unwrap();
         assert_eq!(cfg.bvcsp.unwrap().password.expose(), "x");

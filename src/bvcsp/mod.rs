@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::config::Stream;
 
-use crate::config::{BvcspConfig, Secret};
+use crate::config::{BvcspConfig, HttpScheme, Secret};
 use crate::link::Link;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, Trust};
@@ -175,8 +175,8 @@ impl Ctx {
         stats: Arc<Stats>,
         heartbeats: Arc<crate::heartbeat::Heartbeats>,
     ) -> Result<(Arc<Ctx>, mpsc::Receiver<u64>), BvcspSetupError> {
-        let base = cfg.base_url();
-        let tls_cfg = if base.scheme() == "https" {
+        let https = cfg.url.scheme() == HttpScheme::Https;
+        let tls_cfg = if https {
             let t = &cfg.tls;
             let trust = Trust::from_options(t.insecure, &t.fingerprint_sha256, &t.ca_file)
                 .map_err(BvcspSetupError::Trust)?;
@@ -189,12 +189,8 @@ impl Ctx {
         } else {
             None
         };
-        let mut ws_base = base.clone();
-        let scheme = if base.scheme() == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
+        let mut ws_base = cfg.base_url().clone();
+        let scheme = if https { "wss" } else { "ws" };
         ws_base
             .set_scheme(scheme)
             .expect("ws and wss are valid schemes");

@@ -120,7 +120,7 @@ impl RestClient {
         }
         Ok(RestClient {
             http: b.build()?,
-            base: cfg.base_url(),
+            base: cfg.base_url().clone(),
             paths: cfg.paths.clone(),
         })
     }

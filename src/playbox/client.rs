@@ -191,7 +191,7 @@ impl BoxClient {
             .build()?;
         Ok(BoxClient {
             http,
-            base: reqwest::Url::parse(&cfg.url).expect("validated"),
+            base: cfg.url.url().clone(),
             sn: cfg.sn.clone(),
             username: cfg.username.clone(),
             password: cfg.password.clone(),

@@ -11,6 +11,7 @@ pub mod json;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
+pub mod recovery;
 pub mod retry;
 pub mod sim;
 pub mod storage;

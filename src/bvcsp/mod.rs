@@ -159,7 +159,7 @@ pub enum BvcspSetupError {
     #[error("bvcsp.tls: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("bvcsp.tls: {0}")]
-    Trust(String),
+    Trust(#[source] tls::FingerprintError),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("storage.dir: {0}")]

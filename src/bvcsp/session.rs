@@ -11,10 +11,11 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::rest::{Grant, Recovery, RestError};
+use super::rest::{Grant, RestError};
 use super::{Ctx, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link::LinkState;
+use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, Policy};
 
 /// The session's heartbeat name.
@@ -106,7 +107,7 @@ pub async fn run_session(
             Err(e) => {
                 ctx.stats.login_failures.fetch_add(1, Ordering::Relaxed);
                 let d = match e.recovery() {
-                    Recovery::AuthRejected => {
+                    Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                         let d = auth_backoff.next_delay();
                         let local = crate::timestamp::rfc3339_millis(SystemTime::now());
                         error!(

@@ -233,7 +233,7 @@ impl BvcspConfig {
         }
         if !t.fingerprint_sha256.is_empty() {
             crate::tls::parse_fingerprint(&t.fingerprint_sha256)
-                .map_err(|e| ConfigError::new("bvcsp.tls.fingerprint_sha256", e))?;
+                .map_err(|e| ConfigError::new("bvcsp.tls.fingerprint_sha256", e.to_string()))?;
         }
         if !t.ca_file.is_empty() && !Path::new(&t.ca_file).is_file() {
             return Err(ConfigError::new(

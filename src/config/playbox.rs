@@ -117,7 +117,7 @@ impl PlayboxConfig {
         }
         if !self.tls.fingerprint_sha256.is_empty() {
             crate::tls::parse_fingerprint(&self.tls.fingerprint_sha256)
-                .map_err(|e| ConfigError::new(key("tls.fingerprint_sha256"), e))?;
+                .map_err(|e| ConfigError::new(key("tls.fingerprint_sha256"), e.to_string()))?;
         }
         let t = &self.tls;
         let chosen = [

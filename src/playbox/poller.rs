@@ -10,7 +10,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::client::{BoxClient, BoxError, LoginForm, Meaning};
+use super::client::{BoxClient, BoxError, LoginForm, LoginsHeld};
 use super::commands::{Coalescer, Command, Pending};
 pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS};
 use super::values::{Function, Reading, function_of, state_payload};
@@ -18,6 +18,7 @@ use crate::config::{PlayboxConfig, Secret};
 use crate::json::{as_f64, as_string, field};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
+use crate::recovery::{Classify, Recovery, WaitReason};
 
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
@@ -187,10 +188,10 @@ impl BoxRunner {
     fn failed(&mut self, e: &BoxError, net: &mut impl Iterator<Item = Duration>) -> Duration {
         self.set_online(false);
         let held = self.held_for();
-        match e.meaning() {
+        match e.recovery() {
             // Nothing was sent: the state shown (auth_failed, locked out) stays.
-            Meaning::Held => held.unwrap_or(PASSWORD_RECHECK),
-            Meaning::WrongPassword => {
+            Recovery::WaitLong(WaitReason::LoginsHeld) => held.unwrap_or(PASSWORD_RECHECK),
+            Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 let next = if self.refused >= MAX_REFUSED {
                     error!(
                         "playbox {}: password refused {} times; not trying again until it changes \
@@ -211,7 +212,7 @@ impl BoxRunner {
                     .set(LinkState::AuthFailed, Some(e.to_string()), next);
                 held.unwrap_or(PASSWORD_RECHECK)
             }
-            Meaning::LockedOut => {
+            Recovery::WaitLong(WaitReason::LockedOut) => {
                 let d = held.unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
                 warn!(
                     "playbox {}: the box is locking logins ({e}); no login for {d:?}",
@@ -221,7 +222,7 @@ impl BoxRunner {
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
-            Meaning::TooFrequent => {
+            Recovery::WaitLong(WaitReason::TooFrequent) => {
                 let d = net
                     .next()
                     .unwrap_or(self.cfg.poll_interval)
@@ -242,35 +243,33 @@ impl BoxRunner {
     }
 
     /// Why no login may be tried now, if one may not.
-    fn login_held(&mut self) -> Option<String> {
+    fn login_held(&mut self) -> Option<LoginsHeld> {
         if self.refused >= MAX_REFUSED && !self.password_changed() {
-            return Some(format!(
-                "the password was refused {} times; no login until it changes",
-                self.refused
-            ));
+            return Some(LoginsHeld::UntilPasswordChanges {
+                times: self.refused,
+            });
         }
-        let left = self.held_for()?;
-        let why = match self.hold.map(|(_, h)| h) {
-            Some(Hold::Refused) => "the password was refused",
-            Some(Hold::LockedOut) => "the box is locking logins",
-            _ => "the box refused the last login",
-        };
-        Some(format!("{why}; no login for another {}s", left.as_secs()))
+        let left_s = self.held_for()?.as_secs();
+        Some(match self.hold.map(|(_, h)| h) {
+            Some(Hold::Refused) => LoginsHeld::Refused { left_s },
+            Some(Hold::LockedOut) => LoginsHeld::LockedOut { left_s },
+            _ => LoginsHeld::Backoff { left_s },
+        })
     }
 
     /// Hold logins back after a refused login, as long as its reply says to.
     fn hold_logins(&mut self, e: &BoxError) {
-        let (hold, d) = match e.meaning() {
-            Meaning::WrongPassword => {
+        let (hold, d) = match e.recovery() {
+            Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 self.refused += 1;
                 let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
                 (Hold::Refused, d)
             }
-            Meaning::LockedOut => {
+            Recovery::WaitLong(WaitReason::LockedOut) => {
                 let d = self.lockout_backoff.next().unwrap_or(LOCKOUT_WAIT);
                 (Hold::LockedOut, d.max(LOCKOUT_WAIT))
             }
-            Meaning::TooFrequent => (Hold::Backoff, self.cfg.poll_interval),
+            Recovery::WaitLong(WaitReason::TooFrequent) => (Hold::Backoff, self.cfg.poll_interval),
             // Any other refusal of a login by the box itself: never a faster retry than
             // the auth backoff (shared/spec/playbox.md §2, "other").
             _ if matches!(e, BoxError::Code { .. } | BoxError::SessionHeld) => {
@@ -361,7 +360,7 @@ impl BoxRunner {
                 }
                 // The fallback form is for a box that does not know the first one, never
                 // a second try at a refused password.
-                Err(e) if form == LoginForm::Documented && e.meaning() == Meaning::NoSuchPath => {
+                Err(e) if form == LoginForm::Documented && e.recovery() == Recovery::GiveUp => {
                     last = Some(e)
                 }
                 Err(e) => {
@@ -381,7 +380,7 @@ impl BoxRunner {
         }
         let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.get(path, &token).await {
-            Err(e) if e.meaning() == Meaning::AuthExpired => {
+            Err(e) if e.recovery() == Recovery::Relogin => {
                 self.token = None;
                 self.login().await?;
                 let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
@@ -397,7 +396,7 @@ impl BoxRunner {
         }
         let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.post(path, &token, body).await {
-            Err(e) if e.meaning() == Meaning::AuthExpired => {
+            Err(e) if e.recovery() == Recovery::Relogin => {
                 self.token = None;
                 self.login().await?;
                 let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
@@ -427,7 +426,7 @@ impl BoxRunner {
         if let Some(path) = self.paths[i].clone() {
             match self.get(&path).await {
                 Ok(v) => return Ok(Some(v)),
-                Err(e) if e.meaning() == Meaning::NoSuchPath => {
+                Err(e) if e.recovery() == Recovery::GiveUp => {
                     warn!(
                         "playbox {}: {} path {path} stopped working ({e}); looking again",
                         self.cfg.name,
@@ -453,7 +452,7 @@ impl BoxRunner {
                     return Ok(Some(v));
                 }
                 Ok(_) => continue,
-                Err(e) if e.meaning() == Meaning::NoSuchPath => continue,
+                Err(e) if e.recovery() == Recovery::GiveUp => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -516,7 +515,7 @@ impl BoxRunner {
             &self.cfg.name,
             cmd.kind.name(),
             cmd.payload.as_bytes(),
-            error,
+            &error,
         );
     }
 

@@ -189,7 +189,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = token_rx.changed() => {}
-                        _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
+                        _ = tokio::time::sleep(crate::retry::backfill_token_wait(&ctx.cfg)) => {}
                     }
                     continue;
                 }

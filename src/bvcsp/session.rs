@@ -280,11 +280,9 @@ async fn run_snapshot(
             Some(Outcome::Relogin(format!("device list: {e}")))
         }
         Err(e) => {
-            warn!(
-                "device snapshot failed: {e}; retrying in {:?}",
-                ctx.cfg.reconnect_max
-            );
-            *retry = Some(Instant::now() + ctx.cfg.reconnect_max);
+            let d = crate::retry::snapshot_retry(&ctx.cfg);
+            warn!("device snapshot failed: {e}; retrying in {d:?}");
+            *retry = Some(Instant::now() + d);
             None
         }
     }

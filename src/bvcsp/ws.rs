@@ -550,7 +550,7 @@ async fn run_socket(
                     }
                     Err(e) => {
                         warn!(stream = stream.name(), "reopening with the new token failed: {e}; keeping the current socket");
-                        reopen_at = Some(Instant::now() + cfg.reconnect_max.min(Duration::from_secs(5)));
+                        reopen_at = Some(Instant::now() + crate::retry::reopen_retry(cfg));
                     }
                 }
             }

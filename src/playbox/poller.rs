@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -19,13 +18,10 @@ use crate::json::{as_f64, as_string, field};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
 use crate::recovery::{Classify, Recovery, WaitReason};
+use crate::retry::{Backoff, PLAYBOX_LOCKOUT, PLAYBOX_PASSWORD_RECHECK, Policy};
 
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
-/// After a lockout (code 17 or 67) no login for at least this long.
-const LOCKOUT_WAIT: Duration = Duration::from_secs(61);
-/// With the password refused too often, how often the password file is looked at.
-const PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 /// Refused passwords in a row after which the bridge stops trying on its own: the box
 /// locks logins after three, and the bridge must never be the one that causes it.
 const MAX_REFUSED: u32 = 2;
@@ -51,10 +47,8 @@ pub struct BoxRunner {
     /// No login before this instant, and why: every login (a poll's, a command's, a
     /// read-back's) goes through [`BoxRunner::login`], which honours it.
     hold: Option<(Instant, Hold)>,
-    auth: ExponentialBuilder,
-    auth_backoff: ExponentialBackoff,
-    lockout: ExponentialBuilder,
-    lockout_backoff: ExponentialBackoff,
+    auth_backoff: Backoff,
+    lockout_backoff: Backoff,
 }
 
 /// Why logins are held back.
@@ -84,14 +78,8 @@ impl BoxRunner {
             &[],
         );
         let password_seen = cfg.password.clone();
-        let auth = ExponentialBuilder::default()
-            .with_min_delay(cfg.auth_retry_min)
-            .with_max_delay(cfg.auth_retry_max)
-            .without_max_times();
-        let lockout = ExponentialBuilder::default()
-            .with_min_delay(LOCKOUT_WAIT)
-            .with_max_delay(cfg.auth_retry_max.max(LOCKOUT_WAIT))
-            .without_max_times();
+        let auth_backoff = Backoff::new(Policy::playbox_auth(&cfg));
+        let lockout_backoff = Backoff::new(Policy::playbox_lockout(&cfg));
         BoxRunner {
             cfg,
             client,
@@ -110,10 +98,8 @@ impl BoxRunner {
             heartbeats,
             commands,
             hold: None,
-            auth_backoff: auth.build(),
-            auth,
-            lockout_backoff: lockout.build(),
-            lockout,
+            auth_backoff,
+            lockout_backoff,
         }
     }
 
@@ -133,12 +119,7 @@ impl BoxRunner {
             &beat_name,
             self.cfg.request_timeout * 10,
         );
-        let net = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_secs(1))
-            .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
-            .with_jitter()
-            .without_max_times();
-        let mut net_backoff = net.build();
+        let mut net_backoff = Backoff::new(Policy::playbox_network(&self.cfg));
         let mut next_poll = Instant::now();
         let mut commands = Coalescer::new(self.commands.clone());
         loop {
@@ -157,7 +138,7 @@ impl BoxRunner {
                     };
                     next_poll = match result {
                         Ok(()) => {
-                            net_backoff = net.build();
+                            net_backoff.reset();
                             self.link.set(LinkState::Up, None, None);
                             self.link.set_detail("locked_out", Value::Null);
                             Instant::now() + self.cfg.poll_interval
@@ -185,12 +166,12 @@ impl BoxRunner {
 
     /// React to a failed poll; returns how long to wait before the next one. Logins are
     /// held back by [`BoxRunner::login`] itself; this only schedules polls and reports.
-    fn failed(&mut self, e: &BoxError, net: &mut impl Iterator<Item = Duration>) -> Duration {
+    fn failed(&mut self, e: &BoxError, net: &mut Backoff) -> Duration {
         self.set_online(false);
         let held = self.held_for();
         match e.recovery() {
             // Nothing was sent: the state shown (auth_failed, locked out) stays.
-            Recovery::WaitLong(WaitReason::LoginsHeld) => held.unwrap_or(PASSWORD_RECHECK),
+            Recovery::WaitLong(WaitReason::LoginsHeld) => held.unwrap_or(PLAYBOX_PASSWORD_RECHECK),
             Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 let next = if self.refused >= MAX_REFUSED {
                     error!(
@@ -210,10 +191,10 @@ impl BoxRunner {
                 };
                 self.link
                     .set(LinkState::AuthFailed, Some(e.to_string()), next);
-                held.unwrap_or(PASSWORD_RECHECK)
+                held.unwrap_or(PLAYBOX_PASSWORD_RECHECK)
             }
             Recovery::WaitLong(WaitReason::LockedOut) => {
-                let d = held.unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
+                let d = held.unwrap_or(PLAYBOX_LOCKOUT).max(PLAYBOX_LOCKOUT);
                 warn!(
                     "playbox {}: the box is locking logins ({e}); no login for {d:?}",
                     self.name()
@@ -224,18 +205,14 @@ impl BoxRunner {
             }
             Recovery::WaitLong(WaitReason::TooFrequent) => {
                 let d = net
-                    .next()
-                    .unwrap_or(self.cfg.poll_interval)
+                    .next_delay()
                     .max(self.cfg.poll_interval)
                     .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
             _ => {
-                let d = net
-                    .next()
-                    .unwrap_or(self.cfg.poll_interval)
-                    .max(held.unwrap_or_default());
+                let d = net.next_delay().max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
@@ -262,18 +239,18 @@ impl BoxRunner {
         let (hold, d) = match e.recovery() {
             Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 self.refused += 1;
-                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                let d = self.auth_backoff.next_delay();
                 (Hold::Refused, d)
             }
             Recovery::WaitLong(WaitReason::LockedOut) => {
-                let d = self.lockout_backoff.next().unwrap_or(LOCKOUT_WAIT);
-                (Hold::LockedOut, d.max(LOCKOUT_WAIT))
+                let d = self.lockout_backoff.next_delay();
+                (Hold::LockedOut, d.max(PLAYBOX_LOCKOUT))
             }
             Recovery::WaitLong(WaitReason::TooFrequent) => (Hold::Backoff, self.cfg.poll_interval),
             // Any other refusal of a login by the box itself: never a faster retry than
             // the auth backoff (shared/spec/playbox.md §2, "other").
             _ if matches!(e, BoxError::Code { .. } | BoxError::SessionHeld) => {
-                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                let d = self.auth_backoff.next_delay();
                 (Hold::Backoff, d)
             }
             // Network trouble: nothing was refused, the poll backoff paces it.
@@ -302,7 +279,7 @@ impl BoxRunner {
                     // A wait for a refused password ends with a new one; a lockout does not.
                     if matches!(self.hold, Some((_, Hold::Refused))) {
                         self.hold = None;
-                        self.auth_backoff = self.auth.build();
+                        self.auth_backoff.reset();
                     }
                     true
                 } else {
@@ -351,8 +328,8 @@ impl BoxRunner {
                     self.token = Some(token);
                     self.refused = 0;
                     self.hold = None;
-                    self.auth_backoff = self.auth.build();
-                    self.lockout_backoff = self.lockout.build();
+                    self.auth_backoff.reset();
+                    self.lockout_backoff.reset();
                     // A new session: the paths may have changed (a reboot, an upgrade).
                     self.probed = [false; 4];
                     self.info = None;

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::bvcsp::{self, Stream};
 pub use crate::heartbeat::{BeatGuard, Heartbeats};
-use crate::link::{Link, LinkState};
+use crate::link_status::{LinkState, LinkStatus};
 use crate::mqtt::{Message, MqttStatus, Outbox, Topics};
 
 /// Everything health reports read.
@@ -30,8 +30,8 @@ pub struct Probe {
     pub outbox: Arc<Outbox>,
     pub bvcsp_stats: Arc<bvcsp::Stats>,
     pub mqtt: watch::Receiver<MqttStatus>,
-    pub bvcsp_link: Option<Arc<Link>>,
-    pub playbox_links: Vec<(String, Arc<Link>)>,
+    pub bvcsp_link: Option<Arc<LinkStatus>>,
+    pub playbox_links: Vec<(String, Arc<LinkStatus>)>,
     pub heartbeats: Arc<Heartbeats>,
     pub publish_latency: Histogram,
 }
@@ -62,7 +62,7 @@ impl Probe {
     pub fn report(&self) -> serde_json::Value {
         let o = self.outbox.stats();
         let m = self.mqtt.borrow().clone();
-        let link_json = |l: &Link| {
+        let link_json = |l: &LinkStatus| {
             let s = l.snapshot();
             serde_json::json!({
                 "state": s.state.name(),

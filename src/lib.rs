@@ -6,7 +6,7 @@ pub mod critical;
 pub mod health;
 pub mod heartbeat;
 pub mod json;
-pub mod link;
+pub mod link_status;
 pub mod mqtt;
 pub mod playbox;
 pub mod recovery;

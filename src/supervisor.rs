@@ -50,7 +50,7 @@ impl StartError {
 pub struct Bridge {
     pub outbox: Arc<Outbox>,
     pub bvcsp_stats: Arc<bvcsp::Stats>,
-    pub bvcsp: Option<Arc<bvcsp::Ctx>>,
+    pub bvcsp: Option<Arc<bvcsp::BvcspLink>>,
     publisher: Publisher,
     upstream: CancellationToken,
     tasks: TaskTracker,
@@ -94,7 +94,7 @@ impl Bridge {
         let heartbeats = Arc::new(Heartbeats::default());
         let stats = Arc::new(bvcsp::Stats::default());
         let bvcsp = match &cfg.bvcsp {
-            Some(b) => Some(bvcsp::Ctx::new(
+            Some(b) => Some(bvcsp::BvcspLink::new(
                 Arc::new(b.clone()),
                 &cfg.storage.dir,
                 outbox.clone(),
@@ -165,7 +165,7 @@ impl Bridge {
             outbox: outbox.clone(),
             bvcsp_stats: stats.clone(),
             mqtt: publisher.status(),
-            bvcsp_link: bvcsp_ctx.as_ref().map(|c| c.link.clone()),
+            bvcsp_link: bvcsp_ctx.as_ref().map(|c| c.status.clone()),
             playbox_links,
             heartbeats: heartbeats.clone(),
             publish_latency: latency,

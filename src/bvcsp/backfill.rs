@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::ledger::unix_now;
 use super::model::{self, AlarmIdentity};
 use super::rest::RestError;
-use super::{Ctx, Token};
+use super::{BvcspLink, Token};
 use crate::retry::{BACKFILL_UNAVAILABLE_RETRY, Backoff, Policy};
 
 const HEARTBEAT: &str = "bvcsp-backfill";
@@ -88,19 +88,19 @@ struct Found {
     untimed: u64,
 }
 
-/// Run backfills when asked (`Ctx::backfill_request`) until `cancel`.
-pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
+/// Run backfills when asked (`BvcspLink::backfill_request`) until `cancel`.
+pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
     if !ctx.cfg.backfill {
-        ctx.link.set_detail("backfill", json!("off"));
+        ctx.status.set_detail("backfill", json!("off"));
         return;
     }
-    ctx.link.set_detail("backfill", json!("ok"));
+    ctx.status.set_detail("backfill", json!("ok"));
     let _alive = crate::heartbeat::BeatGuard::new(
         &ctx.heartbeats,
         HEARTBEAT,
         Duration::from_secs(24 * 3600),
     );
-    let mut token_rx = ctx.token.subscribe();
+    let mut token_rx = ctx.to_streams.token.subscribe();
     let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
     let mut unavailable_until: Option<Instant> = None;
     loop {
@@ -108,7 +108,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             .beat(HEARTBEAT, Duration::from_secs(24 * 3600));
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = ctx.backfill_request.notified() => {}
+            _ = ctx.to_backfill.notified() => {}
         }
         let mut relogins = 0u32;
         while let Some(generation) = ctx.ledger.open_gap_generation() {
@@ -147,8 +147,8 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     if unavailable_until.take().is_some() {
                         info!("alarm backfill available again");
                     }
-                    ctx.link.set_detail("backfill", json!("ok"));
-                    ctx.link.set_detail("backfill_reason", Value::Null);
+                    ctx.status.set_detail("backfill", json!("ok"));
+                    ctx.status.set_detail("backfill_reason", Value::Null);
                     break;
                 }
                 Err(BackfillError::Unavailable(reason)) => {
@@ -162,8 +162,8 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         debug!("alarm backfill still unavailable: {reason}");
                     }
                     // The reason first: each detail is published as it is set.
-                    ctx.link.set_detail("backfill_reason", json!(reason));
-                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.status.set_detail("backfill_reason", json!(reason));
+                    ctx.status.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -175,9 +175,9 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         "alarm backfill unavailable: {e} even with a new token (asked again in {:?})",
                         BACKFILL_UNAVAILABLE_RETRY
                     );
-                    ctx.link
+                    ctx.status
                         .set_detail("backfill_reason", json!(format!("{e} after a re-login")));
-                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.status.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -185,7 +185,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 Err(BackfillError::Relogin(e)) => {
                     relogins += 1;
                     debug!("alarm backfill: {e}; waiting for a new token");
-                    let _ = ctx.relogin.try_send(token.generation);
+                    ctx.to_session.ask_relogin(token.generation);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = token_rx.changed() => {}
@@ -212,7 +212,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
 /// Read the records back to the floor and publish what is new, then close the gap
 /// unless the stream was interrupted since `interruptions` (false: read again).
 async fn backfill_once(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     generation: u64,
     interruptions: u64,
@@ -291,7 +291,7 @@ async fn backfill_once(
 /// server lists them in is not documented: newest first is read from page 0 until a
 /// page lies wholly at or before the floor; oldest first is read from the last page
 /// back (when the reply says how many there are) or all the way (when it does not).
-async fn read_back(ctx: &Ctx, token: &Token, lower_ms: i64) -> Result<Found, BackfillError> {
+async fn read_back(ctx: &BvcspLink, token: &Token, lower_ms: i64) -> Result<Found, BackfillError> {
     let size = ctx.cfg.backfill_page_size;
     let max_pages = ctx.cfg.backfill_max_pages;
     let path = ctx.cfg.paths.alarm_history.as_str();

@@ -4,17 +4,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::rest::{Grant, RestError};
-use super::{Ctx, Stream, Token, auth};
+use super::{BvcspLink, Stream, Token, auth};
 use crate::config::Secret;
-use crate::link::LinkState;
+use crate::link_status::LinkState;
 use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, Policy};
 
@@ -40,7 +40,7 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
+async fn obtain(ctx: &BvcspLink) -> Result<Grant, RestError> {
     let cfg = &ctx.cfg;
     if cfg.uses_app_token() {
         let rand_num = rand::random::<u32>() % 900_000 + 100_000;
@@ -62,7 +62,7 @@ async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
 }
 
 /// Sleep, or return false when cancelled.
-async fn pause(ctx: &Ctx, cancel: &CancellationToken, d: Duration) -> bool {
+async fn pause(ctx: &BvcspLink, cancel: &CancellationToken, d: Duration) -> bool {
     ctx.heartbeats.beat(SESSION, d + Duration::from_secs(30));
     tokio::select! {
         _ = cancel.cancelled() => false,
@@ -72,7 +72,7 @@ async fn pause(ctx: &Ctx, cancel: &CancellationToken, d: Duration) -> bool {
 
 /// Runs until cancelled; returns the last token, for the logout.
 pub async fn run_session(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     mut relogin_rx: mpsc::Receiver<u64>,
     cancel: &CancellationToken,
 ) -> Option<Arc<Token>> {
@@ -87,12 +87,12 @@ pub async fn run_session(
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next_delay();
             info!("logging in again ({reason}) in {d:.1?}");
-            ctx.link.set(LinkState::Connecting, Some(reason), None);
+            ctx.status.set(LinkState::Connecting, Some(reason), None);
             if !pause(ctx, cancel, d).await {
                 return last;
             }
         } else {
-            ctx.link.set(LinkState::Connecting, None, None);
+            ctx.status.set(LinkState::Connecting, None, None);
         }
         ctx.heartbeats.beat(
             SESSION,
@@ -115,13 +115,13 @@ pub async fn run_session(
                              (SHA256_T also fails when the clocks disagree: local UTC time is {local})",
                             ctx.cfg.username
                         );
-                        ctx.link
+                        ctx.status
                             .set(LinkState::AuthFailed, Some(e.to_string()), Some(d));
                         d
                     }
                     _ => {
                         let d = net_backoff.next_delay();
-                        ctx.link
+                        ctx.status
                             .set(LinkState::Down, Some(format!("login: {e}")), Some(d));
                         d
                     }
@@ -146,16 +146,16 @@ pub async fn run_session(
             generation,
             "logged in to BVCSP (token valid {:?})", token.lifetime
         );
-        ctx.token.send_replace(Some(token.clone()));
+        ctx.to_streams.token.send_replace(Some(token.clone()));
         // The server answers: streams still backing off try again now.
-        ctx.reachable.send_modify(|n| *n += 1);
+        ctx.to_streams.reachable.send_modify(|n| *n += 1);
         last = Some(token.clone());
         // Stale requests (about older tokens) are dropped.
         while relogin_rx.try_recv().is_ok() {}
 
         // Online status first, then the snapshot, so no change falls between the two.
         if ctx.cfg.streams.contains(&Stream::OnlineStatus) {
-            let mut ready = ctx.online_ready.subscribe();
+            let mut ready = ctx.to_session.online_ready.subscribe();
             let wait = ready.wait_for(|g| *g >= generation);
             tokio::select! {
                 _ = cancel.cancelled() => return last,
@@ -170,10 +170,10 @@ pub async fn run_session(
             }
             Err(e) => {
                 warn!("device snapshot failed: {e}; will retry");
-                ctx.snapshot_request.notify_one();
+                ctx.to_session.snapshot.notify_one();
             }
         }
-        ctx.link.set(LinkState::Up, None, None);
+        ctx.status.set(LinkState::Up, None, None);
         match maintain(
             ctx,
             token,
@@ -193,7 +193,7 @@ pub async fn run_session(
 }
 
 async fn maintain(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: Arc<Token>,
     relogin_rx: &mut mpsc::Receiver<u64>,
     cancel: &CancellationToken,
@@ -213,7 +213,7 @@ async fn maintain(
         );
         tokio::select! {
             _ = cancel.cancelled() => return Outcome::Cancelled,
-            _ = sleep_until(refresh_at.into()) => {
+            _ = sleep_until(refresh_at) => {
                 let expires = current.issued + current.lifetime;
                 let result = if ctx.cfg.uses_app_token() {
                     obtain(ctx).await
@@ -232,7 +232,7 @@ async fn maintain(
                         refresh_backoff.reset();
                         ctx.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                         info!(generation = *generation, "token refreshed (valid {lifetime:?}); reopening streams");
-                        ctx.token.send_replace(Some(current.clone()));
+                        ctx.to_streams.token.send_replace(Some(current.clone()));
                         *last = Some(current.clone());
                     }
                     Err(e) if e.recovery() == Recovery::Relogin => return Outcome::Relogin(format!("refresh: {e}")),
@@ -252,13 +252,13 @@ async fn maintain(
                 }
                 debug!(refused, current = current.generation, "ignoring a stale re-login request");
             }
-            _ = ctx.snapshot_request.notified() => {
+            _ = ctx.to_session.snapshot.notified() => {
                 snapshot_retry = None;
                 if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
                     return o;
                 }
             }
-            _ = async { sleep_until(snapshot_retry.expect("guarded").into()).await }, if snapshot_retry.is_some() => {
+            _ = async { sleep_until(snapshot_retry.expect("guarded")).await }, if snapshot_retry.is_some() => {
                 snapshot_retry = None;
                 if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
                     return o;
@@ -269,7 +269,7 @@ async fn maintain(
 }
 
 async fn run_snapshot(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     cancel: &CancellationToken,
     retry: &mut Option<Instant>,
@@ -290,7 +290,7 @@ async fn run_snapshot(
 
 /// Page through the device list and publish retained availability and location.
 async fn snapshot(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     cancel: &CancellationToken,
 ) -> Result<(), RestError> {
@@ -346,7 +346,7 @@ async fn snapshot(
 }
 
 /// Best effort, bounded: the process is stopping.
-pub async fn logout(ctx: &Ctx, token: &Token) {
+pub async fn logout(ctx: &BvcspLink, token: &Token) {
     match tokio::time::timeout(Duration::from_secs(3), ctx.rest.logout(&token.value)).await {
         Ok(Ok(())) => info!("logged out of BVCSP"),
         Ok(Err(e)) => debug!("logout failed: {e}"),

@@ -144,7 +144,7 @@ pub fn prepare(
 
 impl Prepared {
     /// Each box's link, for health reports.
-    pub fn links(&self) -> Vec<(String, Arc<crate::link::Link>)> {
+    pub fn links(&self) -> Vec<(String, Arc<crate::link_status::LinkStatus>)> {
         self.runners
             .iter()
             .map(|(name, r)| (name.clone(), r.link()))

@@ -15,7 +15,7 @@ pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS
 use super::values::{Function, Reading, function_of, state_payload};
 use crate::config::{PlayboxConfig, Secret};
 use crate::json::{as_f64, as_string, field};
-use crate::link::{Link, LinkState};
+use crate::link_status::{LinkState, LinkStatus};
 use crate::mqtt::{Message, Outbox, Topics};
 use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, PLAYBOX_LOCKOUT, PLAYBOX_PASSWORD_RECHECK, Policy};
@@ -31,7 +31,7 @@ pub struct BoxRunner {
     client: BoxClient,
     outbox: Arc<Outbox>,
     topics: Topics,
-    link: Arc<Link>,
+    link: Arc<LinkStatus>,
     token: Option<Secret>,
     form: Option<LoginForm>,
     paths: [Option<String>; 4],
@@ -71,7 +71,7 @@ impl BoxRunner {
         heartbeats: Arc<crate::heartbeat::Heartbeats>,
         commands: Arc<Pending>,
     ) -> BoxRunner {
-        let link = Link::new(
+        let link = LinkStatus::new(
             &format!("playbox/{}", cfg.name),
             topics.link_playbox(&cfg.name),
             outbox.clone(),
@@ -107,7 +107,7 @@ impl BoxRunner {
         &self.cfg.name
     }
 
-    pub fn link(&self) -> Arc<Link> {
+    pub fn link(&self) -> Arc<LinkStatus> {
         self.link.clone()
     }
 

@@ -24,8 +24,16 @@ const SESSION: &str = "bvcsp-session";
 /// Never refresh more often than this, whatever lifetime the server announces.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A token is refreshed at half its life.
 fn refresh_due(issued: Instant, lifetime: Duration) -> Instant {
     issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
+}
+
+/// After a failed refresh: when to try again, or `None` when the token would expire
+/// first (then the session logs in again instead).
+fn refresh_retry_at(expires: Instant, retry_in: Duration) -> Option<Instant> {
+    let at = Instant::now() + retry_in;
+    (at < expires).then_some(at)
 }
 
 enum Outcome {
@@ -238,11 +246,11 @@ async fn maintain(
                     Err(e) if e.recovery() == Recovery::Relogin => return Outcome::Relogin(format!("refresh: {e}")),
                     Err(e) => {
                         let d = refresh_backoff.next_delay();
-                        if Instant::now() + d >= expires {
+                        let Some(at) = refresh_retry_at(expires, d) else {
                             return Outcome::Relogin(format!("refresh failing ({e}) and the token is expiring"));
-                        }
+                        };
                         warn!("token refresh failed: {e}; retrying in {d:.1?}");
-                        refresh_at = Instant::now() + d;
+                        refresh_at = at;
                     }
                 }
             }
@@ -351,5 +359,50 @@ pub async fn logout(ctx: &BvcspLink, token: &Token) {
         Ok(Ok(())) => info!("logged out of BVCSP"),
         Ok(Err(e)) => debug!("logout failed: {e}"),
         Err(_) => debug!("logout timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BvcspConfig;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_refreshed_at_half_its_life() {
+        let issued = Instant::now();
+        sleep_until(refresh_due(issued, Duration::from_secs(4 * 3600))).await;
+        assert_eq!(issued.elapsed(), Duration::from_secs(2 * 3600));
+        // However short the life the server announces, not more than once a second.
+        let issued = Instant::now();
+        sleep_until(refresh_due(issued, Duration::from_millis(10))).await;
+        assert_eq!(issued.elapsed(), MIN_REFRESH_INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_refreshes_are_retried_until_the_token_would_expire() {
+        let cfg: BvcspConfig = crate::config::from_toml(
+            "[bvcsp]\nurl = \"http://h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap()
+        .bvcsp
+        .unwrap();
+        let lifetime = Duration::from_secs(60);
+        let issued = Instant::now();
+        let expires = issued + lifetime;
+        sleep_until(refresh_due(issued, lifetime)).await;
+        let mut backoff = Backoff::new(Policy::refresh(&cfg));
+        let mut retries = 0;
+        // Every refresh fails: retried by the policy while the token lives, then given up.
+        while let Some(at) = refresh_retry_at(expires, backoff.next_delay()) {
+            assert!(at < expires);
+            sleep_until(at).await;
+            retries += 1;
+        }
+        assert!(retries >= 10, "{retries} retries in the token's last 30 s");
+        assert!(
+            Instant::now() < expires,
+            "a login comes before the token expires"
+        );
+        assert!(expires - Instant::now() <= cfg.reconnect_early_max);
     }
 }

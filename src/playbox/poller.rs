@@ -563,3 +563,98 @@ impl BoxRunner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(extra: &str) -> BoxRunner {
+        let text = format!(
+            "[[playbox]]\nname = \"b\"\nurl = \"https://127.0.0.1:9\"\nsn = \"S\"\n\
+             password = \"x\"\n{extra}"
+        );
+        let cfg = crate::config::from_toml(&text).unwrap().playbox.remove(0);
+        let tls = crate::tls::client_config(&crate::tls::Trust::Insecure, None).unwrap();
+        let client = BoxClient::new(&cfg, tls, None).unwrap();
+        let outbox = Arc::new(Outbox::memory(1 << 20));
+        BoxRunner::new(
+            cfg,
+            client,
+            outbox,
+            Topics::new("t"),
+            Default::default(),
+            Default::default(),
+        )
+    }
+
+    fn code(code: i64) -> BoxError {
+        BoxError::Code {
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_box_is_polled_again_by_the_network_backoff() {
+        let mut r = runner("poll_interval = \"15s\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        let delays: Vec<Duration> = (0..8)
+            .map(|_| r.failed(&BoxError::Status(500), &mut net))
+            .collect();
+        assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
+        assert!(delays[3] > delays[0], "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(30)),
+            "{delays:?}"
+        );
+        assert_eq!(r.link.state(), LinkState::Down);
+        // A poll that went through: the next failure starts from a second again.
+        net.reset();
+        assert!(r.failed(&BoxError::Status(500), &mut net) <= Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_box_asking_for_fewer_requests_waits_at_least_the_poll_interval() {
+        let mut r = runner("poll_interval = \"15s\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(22));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(15)));
+        assert!(r.failed(&code(22), &mut net) >= Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_holds_logins_for_61_s_on_the_tokio_clock() {
+        let mut r = runner("");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(17));
+        assert_eq!(r.held_for(), Some(PLAYBOX_LOCKOUT));
+        assert_eq!(r.failed(&code(17), &mut net), PLAYBOX_LOCKOUT);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(r.login_held(), Some(LoginsHeld::LockedOut { left_s: 31 }));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(r.login_held(), None, "the lockout is over");
+        // A second lockout in a row waits longer.
+        r.hold_logins(&code(67));
+        assert_eq!(r.held_for(), Some(PLAYBOX_LOCKOUT * 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_password_waits_minutes_and_stops_after_two() {
+        let mut r = runner("auth_retry_min = \"5m\"\nauth_retry_max = \"60m\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(24));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(300)));
+        assert_eq!(r.failed(&code(24), &mut net), Duration::from_secs(300));
+        assert_eq!(r.link.state(), LinkState::AuthFailed);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(r.login_held(), None);
+        r.hold_logins(&code(33));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(600)));
+        // Two refusals: no login at all until the password changes, however long.
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(
+            r.login_held(),
+            Some(LoginsHeld::UntilPasswordChanges { times: 2 })
+        );
+    }
+}

@@ -309,8 +309,10 @@ impl Outbox {
         }
         q.inserts.push(row);
         if q.deferring == 0 {
-            disk.wake_if_idle(&q);
+            q.wake_if_idle();
         }
+        // The index first, then the queue (and the writer's wake-up, if any).
+        drop(g);
         id
     }
 
@@ -330,7 +332,7 @@ impl Outbox {
         if let Some(disk) = &self.disk {
             let mut q = disk.pending();
             q.forced = true;
-            disk.wake_if_idle(&q);
+            q.wake_if_idle();
         }
     }
 
@@ -345,7 +347,7 @@ impl Outbox {
             g.refill_asked = true;
             let mut q = disk.pending();
             q.refill = true;
-            disk.wake_if_idle(&q);
+            q.wake_if_idle();
         }
         let (id, entry) = g.entries.range(g.cursor..g.durable).next()?;
         let (id, msg) = (*id, entry.msg.clone());
@@ -379,7 +381,7 @@ impl Outbox {
                     // Deletes ride along with the next commit; only a writer asleep without
                     // a deadline needs waking to start DELETE_DELAY's clock.
                     if (q.deletes.len() == 1 && q.untimed) || q.deletes.len() >= DELETE_BATCH {
-                        disk.wake_if_idle(&q);
+                        q.wake_if_idle();
                     }
                 }
             }
@@ -408,7 +410,7 @@ impl Outbox {
                     failed_at_ms: at_ms,
                     reason: reason.to_string(),
                 });
-                disk.wake_if_idle(&q);
+                q.wake_if_idle();
             }
         }
         self.drained.notify_waiters();
@@ -504,7 +506,7 @@ impl Drop for CommitBatch<'_> {
         q.deferring -= 1;
         // The writer thread commits; the producer (an async task) never touches the disk.
         if q.deferring == 0 && !q.inserts.is_empty() {
-            disk.wake_if_idle(&q);
+            q.wake_if_idle();
         }
     }
 }

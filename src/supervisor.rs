@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("service.http_listen {0}: {1}")]
     Http(std::net::SocketAddr, #[source] std::io::Error),
     #[error("{0}: exiting so the service manager restarts the bridge")]
-    Failed(String),
+    Failed(#[source] crate::critical::TaskFailure),
 }
 
 impl StartError {
@@ -222,7 +222,7 @@ impl Bridge {
     }
 
     /// Resolves when a critical task ended on its own or panicked, with why.
-    pub async fn failed(&mut self) -> String {
+    pub async fn failed(&mut self) -> crate::critical::TaskFailure {
         // Borrowed, not taken: a `select!` drops the losing branch's future, and the
         // receiver must survive that (receiving is cancel-safe).
         match &mut self.failures {

@@ -20,6 +20,7 @@ use super::ledger::unix_now;
 use super::model::{self, AlarmIdentity};
 use super::rest::RestError;
 use super::{BvcspLink, Token};
+use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{BACKFILL_UNAVAILABLE_RETRY, Backoff, Policy};
 
 const HEARTBEAT: &str = "bvcsp-backfill";
@@ -35,24 +36,54 @@ enum BackfillError {
     Retry(#[source] RestError),
     /// The server cannot give alarm records: give up for a while.
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Unavailable),
+}
+
+/// Why the server cannot give alarm records (shown as `backfill_reason`).
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    #[error("no alarm records at {path} (HTTP 404)")]
+    NotFound { path: String },
+    #[error("the account may not read alarm records at {path} (HTTP 403)")]
+    Forbidden { path: String },
+    #[error("alarm records at {path}: HTTP {status}")]
+    Status { path: String, status: u16 },
+    #[error("alarm records at {path}: {source}")]
+    Refused {
+        path: String,
+        #[source]
+        source: RestError,
+    },
+}
+
+/// Backfill's reading of a failure, in the one classification: a refused token is a
+/// re-login, a transient failure a retry, a server without alarm records a long wait.
+impl Classify for BackfillError {
+    fn recovery(&self) -> Recovery {
+        match self {
+            BackfillError::Relogin(_) => Recovery::Relogin,
+            BackfillError::Retry(_) => Recovery::Retry,
+            BackfillError::Unavailable(_) => Recovery::WaitLong(WaitReason::NoAlarmRecords),
+        }
+    }
 }
 
 fn classify(e: RestError, path: &str) -> BackfillError {
     match &e {
         RestError::Status(404) => {
-            BackfillError::Unavailable(format!("no alarm records at {path} (HTTP 404)"))
+            BackfillError::Unavailable(Unavailable::NotFound { path: path.into() })
         }
         RestError::Status(401) | RestError::Code { code: 9, .. } => BackfillError::Relogin(e),
         // The account may not read the records: a new token would not change that, and
         // a re-login per attempt would churn every stream's token.
-        RestError::Status(403) => BackfillError::Unavailable(format!(
-            "the account may not read alarm records at {path} (HTTP 403)"
-        )),
-        RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
-        RestError::Status(s) => {
-            BackfillError::Unavailable(format!("alarm records at {path}: HTTP {s}"))
+        RestError::Status(403) => {
+            BackfillError::Unavailable(Unavailable::Forbidden { path: path.into() })
         }
+        RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
+        RestError::Status(s) => BackfillError::Unavailable(Unavailable::Status {
+            path: path.into(),
+            status: *s,
+        }),
         // The transient codes of spec §2: general failure, timeout, busy, server, database.
         RestError::Code {
             code: 1 | 6 | 7 | 10 | 11 | 15,
@@ -61,9 +92,10 @@ fn classify(e: RestError, path: &str) -> BackfillError {
         RestError::Code { .. }
         | RestError::NotJson(_)
         | RestError::NoList
-        | RestError::TooLarge { .. } => {
-            BackfillError::Unavailable(format!("alarm records at {path}: {e}"))
-        }
+        | RestError::TooLarge { .. } => BackfillError::Unavailable(Unavailable::Refused {
+            path: path.into(),
+            source: e,
+        }),
         RestError::Transport(_) | RestError::NoToken => BackfillError::Retry(e),
     }
 }
@@ -162,7 +194,8 @@ pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
                         debug!("alarm backfill still unavailable: {reason}");
                     }
                     // The reason first: each detail is published as it is set.
-                    ctx.status.set_detail("backfill_reason", json!(reason));
+                    ctx.status
+                        .set_detail("backfill_reason", json!(reason.to_string()));
                     ctx.status.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);

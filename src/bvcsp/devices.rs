@@ -14,8 +14,9 @@ use tracing::warn;
 /// ordering): a server inventing ids cannot grow memory without bound.
 pub const MAX_DEVICES: usize = 100_000;
 
+/// What is known of each device, and the order of the stream's updates.
 #[derive(Debug, Default)]
-struct Inner {
+struct DeviceTable {
     /// id -> (online, sequence number of the last stream update)
     devices: HashMap<String, (bool, u64)>,
     seq: u64,
@@ -23,7 +24,7 @@ struct Inner {
 
 #[derive(Debug)]
 pub struct Registry {
-    inner: Mutex<Inner>,
+    table: Mutex<DeviceTable>,
     /// Number of distinct devices known; changes whenever a new one appears.
     added: watch::Sender<usize>,
     /// Updates of devices past [`MAX_DEVICES`], not remembered.
@@ -33,7 +34,7 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            inner: Mutex::default(),
+            table: Mutex::default(),
             added: watch::channel(0).0,
             over_cap: Arc::default(),
         }
@@ -49,8 +50,8 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts an update of a device that is not kept; logs the first and every 10 000th.

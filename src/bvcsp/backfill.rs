@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -127,17 +127,13 @@ pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
         return;
     }
     ctx.status.set_detail("backfill", json!("ok"));
-    let _alive = crate::heartbeat::BeatGuard::new(
-        &ctx.heartbeats,
-        HEARTBEAT,
-        Duration::from_secs(24 * 3600),
-    );
+    let _alive =
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, HEARTBEAT, crate::heartbeat::IDLE);
     let mut token_rx = ctx.to_streams.token.subscribe();
     let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
     let mut unavailable_until: Option<Instant> = None;
     loop {
-        ctx.heartbeats
-            .beat(HEARTBEAT, Duration::from_secs(24 * 3600));
+        ctx.heartbeats.beat(HEARTBEAT, crate::heartbeat::IDLE);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = ctx.to_backfill.notified() => {}
@@ -161,7 +157,7 @@ pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
             ctx.heartbeats.beat(
                 HEARTBEAT,
                 ctx.cfg.request_timeout * (ctx.cfg.backfill_max_pages + 2)
-                    + Duration::from_secs(60),
+                    + crate::heartbeat::SLACK * 2,
             );
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -233,7 +229,7 @@ pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
                 }
             };
             ctx.heartbeats
-                .beat(HEARTBEAT, delay + Duration::from_secs(60));
+                .beat(HEARTBEAT, delay + crate::heartbeat::SLACK * 2);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}

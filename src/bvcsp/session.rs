@@ -71,7 +71,7 @@ async fn obtain(ctx: &BvcspLink) -> Result<Grant, RestError> {
 
 /// Sleep, or return false when cancelled.
 async fn pause(ctx: &BvcspLink, cancel: &CancellationToken, d: Duration) -> bool {
-    ctx.heartbeats.beat(SESSION, d + Duration::from_secs(30));
+    ctx.heartbeats.beat(SESSION, d + crate::heartbeat::SLACK);
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -90,7 +90,7 @@ pub async fn run_session(
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
     let _alive =
-        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, crate::heartbeat::SLACK * 2);
     loop {
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next_delay();
@@ -104,7 +104,7 @@ pub async fn run_session(
         }
         ctx.heartbeats.beat(
             SESSION,
-            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+            ctx.cfg.request_timeout * 2 + crate::heartbeat::SLACK,
         );
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return last,
@@ -217,7 +217,7 @@ async fn maintain(
         let wake = refresh_at.saturating_duration_since(Instant::now());
         ctx.heartbeats.beat(
             SESSION,
-            wake + ctx.cfg.request_timeout * 4 + Duration::from_secs(60),
+            wake + ctx.cfg.request_timeout * 4 + crate::heartbeat::SLACK * 2,
         );
         tokio::select! {
             _ = cancel.cancelled() => return Outcome::Cancelled,
@@ -310,7 +310,7 @@ async fn snapshot(
     loop {
         ctx.heartbeats.beat(
             SESSION,
-            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+            ctx.cfg.request_timeout * 2 + crate::heartbeat::SLACK,
         );
         let reply = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),

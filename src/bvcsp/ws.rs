@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -159,8 +158,7 @@ pub async fn run_stream(
     let mut backoff = Backoff::new(Policy::stream_reconnect(&ctx.cfg));
     let mut memory = StreamMemory::new();
     let mut first_connect = true;
-    let _alive =
-        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
+    let _alive = crate::heartbeat::BeatGuard::new(&ctx.heartbeats, name, crate::heartbeat::IDLE);
     let mut last_failure: Option<String> = None;
     let mut failures = 0u64;
     // Streams after the first open one after another, not all at once.
@@ -176,13 +174,13 @@ pub async fn run_stream(
     }
     loop {
         // Waiting for a token is waiting by design (the session may be backing off).
-        ctx.heartbeats.beat(name, Duration::from_secs(24 * 3600));
+        ctx.heartbeats.beat(name, crate::heartbeat::IDLE);
         let token = tokio::select! {
             _ = cancel.cancelled() => return,
             t = wait_for_token(&mut token_rx) => match t { Some(t) => t, None => return },
         };
         ctx.heartbeats
-            .beat(name, ctx.cfg.request_timeout + Duration::from_secs(30));
+            .beat(name, ctx.cfg.request_timeout + crate::heartbeat::SLACK);
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
             r = connect(&ctx, stream, &token) => r,
@@ -269,7 +267,7 @@ pub async fn run_stream(
                     // No such stream path: it does not fix itself quickly.
                     Recovery::GiveUp => {
                         let d = crate::retry::not_found_retry(&ctx.cfg);
-                        ctx.heartbeats.beat(name, d + Duration::from_secs(30));
+                        ctx.heartbeats.beat(name, d + crate::heartbeat::SLACK);
                         tokio::select! {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(d) => {}
@@ -285,7 +283,7 @@ pub async fn run_stream(
             .of(stream)
             .reconnects
             .fetch_add(1, Ordering::Relaxed);
-        ctx.heartbeats.beat(name, delay + Duration::from_secs(30));
+        ctx.heartbeats.beat(name, delay + crate::heartbeat::SLACK);
         reachable.borrow_and_update();
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -601,16 +601,15 @@ mod tests {
         let delays: Vec<Duration> = (0..8)
             .map(|_| r.failed(&BoxError::Status(500), &mut net))
             .collect();
-        assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
+        assert!(delays[0] >= Duration::from_secs(1), "{delays:?}");
+        assert!(delays[0] < Duration::from_secs(2), "{delays:?}");
         assert!(delays[3] > delays[0], "{delays:?}");
-        assert!(
-            delays.iter().all(|d| *d <= Duration::from_secs(30)),
-            "{delays:?}"
-        );
+        let bound = Duration::from_secs(60);
+        assert!(delays.iter().all(|d| *d < bound), "{delays:?}");
         assert_eq!(r.link.state(), LinkState::Down);
         // A poll that went through: the next failure starts from a second again.
         net.reset();
-        assert!(r.failed(&BoxError::Status(500), &mut net) <= Duration::from_secs(1));
+        assert!(r.failed(&BoxError::Status(500), &mut net) < Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]

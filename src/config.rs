@@ -79,6 +79,8 @@ pub struct Config {
     #[serde(default)]
     pub service: ServiceConfig,
     #[serde(default)]
+    pub homeassistant: crate::homeassistant::HomeAssistantConfig,
+    #[serde(default)]
     pub playbox: Vec<PlayboxConfig>,
 }
 
@@ -777,6 +779,7 @@ impl Config {
             None => {}
         }
         self.mqtt.validate()?;
+        self.homeassistant.validate()?;
         if self
             .service
             .http_listen

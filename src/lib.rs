@@ -6,6 +6,7 @@ pub mod config;
 pub mod critical;
 pub mod demo;
 pub mod health;
+pub mod homeassistant;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;

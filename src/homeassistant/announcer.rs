@@ -160,9 +160,10 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         cancel.cancelled().await;
         return;
     }
+    // Watching before the first look: no change between the two is missed.
+    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_catalogue());
     a.refresh_known();
     a.start().await;
-    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_catalogue());
     let mut catalogue_due: Option<Instant> = None;
     let mut reannounce_due: Option<Instant> = None;
     let mut next_batch = Instant::now();

@@ -67,6 +67,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
                     debug!("ignoring a retained request on {}", m.topic);
                     continue;
                 }
+                debug!(request = crate::mqtt::topics::level(name).as_ref(), "bridge API request");
                 let answer = answer(&inputs, name, &m.payload);
                 let topic = format!(
                     "{}/bridge/response/{}",
@@ -202,6 +203,9 @@ fn answer(inputs: &Inputs, name: &str, payload: &[u8]) -> Map<String, Value> {
                 return fail("the alarm stream is not among bvcsp.streams".into(), tx);
             }
             info!("backfill requested over MQTT");
+            // A gap from now: the backfill reads the records back to the newest alarm
+            // already published (what it already published is dropped as a duplicate).
+            ctx.ledger.open_gap();
             ctx.backfill_request.notify_one();
             reply("ok", Some(json!({"started": true})), None, tx)
         }

@@ -1,17 +1,14 @@
 //! bvcsp2mqtt: BVCSP event streams and NovaStar play boxes to MQTT.
 
-pub mod bench;
 pub mod bvcsp;
 pub mod config;
 pub mod critical;
-pub mod demo;
 pub mod health;
 pub mod homeassistant;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
 pub mod retry;
-pub mod sim;
 pub mod storage;
 pub mod supervisor;
 pub mod tls;

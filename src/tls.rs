@@ -521,7 +521,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_contact_pins_only_a_completed_handshake() {
-        let sim = crate::sim::playbox::PlayboxSim::start(Default::default())
+        let sim = bvcsp2mqtt_testkit::playbox::PlayboxSim::start(Default::default())
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::config::{self, Config};
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 
 const T: Duration = Duration::from_secs(20);

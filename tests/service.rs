@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
-use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::eventually;
 use common::*;
 use serde_json::json;
 

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::eventually;
 use common::*;
 use tokio::net::TcpListener;
 
@@ -26,7 +26,7 @@ async fn sim() -> BvcspSim {
 
 /// TLS in front of the embedded broker, with a fresh self-signed certificate.
 async fn tls_front(broker: std::net::SocketAddr) -> (std::net::SocketAddr, String) {
-    let cert = bvcsp2mqtt::sim::cert::self_signed("localhost", false).unwrap();
+    let cert = bvcsp2mqtt_testkit::cert::self_signed("localhost", false).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = cert.acceptor.clone();

@@ -1590,7 +1590,7 @@ mod tests {
             o.committed().await;
         }
         assert_eq!(drain(&o).await.len(), 100);
-        crate::sim::eventually("deletes committed", Duration::from_secs(5), || {
+        bvcsp2mqtt_testkit::eventually("deletes committed", Duration::from_secs(5), || {
             rows_on_disk(dir.path()) == 0
         })
         .await;
@@ -1688,7 +1688,7 @@ mod tests {
             let stats = o.stats();
             assert_eq!((stats.dead_letters, stats.depth), (1, 1));
             assert_eq!(stats.last_dead_letter.unwrap().reason, "too large");
-            crate::sim::eventually(
+            bvcsp2mqtt_testkit::eventually(
                 "the dead letter is committed",
                 Duration::from_secs(5),
                 || o.stats().dead_letters_kept == 1,
@@ -1854,7 +1854,7 @@ mod tests {
         o.committed().await;
         drain(&o).await;
         // Within DELETE_DELAY the deletes are committed without any further write.
-        crate::sim::eventually(
+        bvcsp2mqtt_testkit::eventually(
             "acknowledged rows are deleted",
             Duration::from_secs(5),
             || rows_on_disk(dir.path()) == 0,
@@ -1912,9 +1912,11 @@ mod tests {
             o.push(st("s", &i.to_string())).await;
         }
         o.committed().await;
-        crate::sim::eventually("superseded ids are dropped", Duration::from_secs(5), || {
-            o.lock().spilled_gone.len() <= 1
-        })
+        bvcsp2mqtt_testkit::eventually(
+            "superseded ids are dropped",
+            Duration::from_secs(5),
+            || o.lock().spilled_gone.len() <= 1,
+        )
         .await;
         let got = drain(&o).await;
         assert_eq!(got.len(), RESIDENT_MAX + 1);

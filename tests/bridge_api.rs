@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 use serde_json::{Value, json};
 

@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::Config;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 use serde_json::{Value, json};
 

@@ -90,6 +90,56 @@ pub fn alarm_label(alarm_type: i64) -> Cow<'static, str> {
     Cow::Borrowed(known)
 }
 
+/// Every `{label}` of the alarm-type table (shared/spec/bvcsp.md §7.2), in table order:
+/// the `event_type` an alarm can carry besides [`OTHER_EVENT_TYPE`].
+pub const ALARM_LABELS: &[&str] = &[
+    "disk_error",
+    "disk_full",
+    "face",
+    "fall",
+    "sos",
+    "video_lost",
+    "motion",
+    "video_occlusion",
+    "alarm_input",
+    "periodic",
+    "device_online",
+    "device_offline",
+    "temperature_low",
+    "temperature_high",
+    "underspeed",
+    "overspeed",
+    "geofence_enter",
+    "geofence_exit",
+    "voltage_low",
+    "voltage_high",
+    "stationary",
+    "inverted",
+    "battery_removed",
+    "tamper",
+    "battery_low",
+    "route_enter",
+    "route_exit",
+    "helmet_off",
+    "helmet_impact",
+    "electric_proximity",
+    "working_at_height",
+    "user_login",
+    "user_logout",
+];
+
+/// The `event_type` of an alarm whose type is not in the table (or has no type).
+pub const OTHER_EVENT_TYPE: &str = "other";
+
+/// An alarm's `event_type` (contract §3.5): its label when the table knows it, else `other`.
+pub fn alarm_event_type(label: &str) -> &'static str {
+    ALARM_LABELS
+        .iter()
+        .find(|l| **l == label)
+        .copied()
+        .unwrap_or(OTHER_EVENT_TYPE)
+}
+
 /// The most events one frame may carry; the rest are counted and skipped unparsed, so a
 /// frame of millions of elements neither becomes millions of rows nor millions of values.
 pub const MAX_EVENTS_PER_FRAME: usize = 10_000;
@@ -251,6 +301,8 @@ pub struct Normalised {
     pub messages: Vec<Message>,
     /// A device seen on the online-status stream, with its availability.
     pub device: Option<(String, bool)>,
+    /// A user (CU terminal) seen on the online-status stream, with its availability.
+    pub user: Option<(String, bool)>,
     /// The frame lacked what its stream needs (it may still have been published raw).
     pub malformed: Option<&'static str>,
 }
@@ -424,6 +476,10 @@ fn alarm(out: &mut Normalised, frame: Value, received_at: &str, topics: &Topics,
     let mut p = base_payload(&out.event_id, Stream::Alarm, received_at);
     p.insert("type".into(), alarm_type.map_or(Value::Null, Value::from));
     p.insert("label".into(), Value::String(label.to_string()));
+    p.insert(
+        "event_type".into(),
+        Value::String(alarm_event_type(&label).into()),
+    );
     p.insert("state".into(), Value::String(state.into()));
     p.insert("device_id".into(), Value::String(device_id.clone()));
     p.insert(
@@ -547,6 +603,7 @@ fn online_status(out: &mut Normalised, frame: Value, received_at: &str, topics: 
             if let Some(id) = &user_id {
                 out.messages
                     .push(Message::state_text(topics.user_availability(id), word(on)));
+                out.user = Some((id.clone(), on));
             }
         }
     }
@@ -648,6 +705,22 @@ impl DeviceRecord {
         })
     }
 
+    /// Name, maker and versions, as far as the record tells them.
+    pub fn facts(&self) -> super::devices::DeviceFacts {
+        let text = |keys: &[&str]| {
+            str_field(&self.raw, keys)
+                .map(Cow::into_owned)
+                .filter(|s| !s.trim().is_empty())
+        };
+        super::devices::DeviceFacts {
+            name: text(&["name"]),
+            manufacturer: text(&["manufacturer"]),
+            model: text(&["product", "model"]),
+            sw_version: text(&["softwareVersion", "software_version"]),
+            hw_version: text(&["hardwareVersion", "hardware_version"]),
+        }
+    }
+
     /// Retained messages for this record: availability, and the location when known.
     pub fn messages(&self, received: SystemTime, topics: &Topics) -> Vec<Message> {
         let word = if self.online { "online" } else { "offline" };
@@ -700,6 +773,37 @@ mod tests {
         assert_eq!(alarm_label(20481), "user_logout");
         assert_eq!(alarm_label(8192), "type_8192");
         assert_eq!(alarm_label(-1), "type_-1");
+    }
+
+    #[test]
+    fn every_table_label_is_an_event_type_and_the_rest_are_other() {
+        let known = [
+            1, 2, 3, 4, 5, 4096, 4097, 4098, 4099, 4100, 4101, 4102, 4103, 4104, 4105, 4106, 4107,
+            4108, 4109, 4110, 4111, 4112, 4113, 4114, 4115, 4116, 4117, 4118, 4119, 4120, 4121,
+            20480, 20481,
+        ];
+        assert_eq!(known.len(), ALARM_LABELS.len());
+        for t in known {
+            let label = alarm_label(t);
+            assert_eq!(alarm_event_type(&label), label, "type {t}");
+        }
+        assert_eq!(alarm_event_type("type_8192"), "other");
+        assert_eq!(alarm_event_type("unknown"), "other");
+        let sos = normalise(
+            Stream::Alarm,
+            json!({"type": 5, "devID": "PU_1"}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        assert_eq!(payload(&sos.messages[0])["event_type"], "sos");
+        let odd = normalise(
+            Stream::Alarm,
+            json!({"type": 9999, "devID": "PU_1"}),
+            UNIX_EPOCH,
+            &topics(),
+        );
+        assert_eq!(payload(&odd.messages[0])["event_type"], "other");
+        assert_eq!(payload(&odd.messages[0])["label"], "type_9999");
     }
 
     #[test]

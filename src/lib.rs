@@ -5,6 +5,7 @@ pub mod config;
 pub mod critical;
 pub mod health;
 pub mod heartbeat;
+pub mod homeassistant;
 pub mod json;
 pub mod link_status;
 pub mod mqtt;

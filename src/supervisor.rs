@@ -129,7 +129,11 @@ impl Bridge {
         let (critical, failures) = crate::critical::channel();
         // The last fallible step; it starts the MQTT tasks only once it cannot fail.
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
-        let filters = playbox::command_filters(&cfg.playbox, &topics);
+        let mut filters = playbox::command_filters(&cfg.playbox, &topics);
+        filters.extend(crate::homeassistant::subscriptions(
+            &cfg.homeassistant,
+            &topics,
+        ));
         let publisher = Publisher::start(
             &cfg.mqtt,
             outbox.clone(),
@@ -155,11 +159,11 @@ impl Bridge {
             bvcsp_ctx = Some(ctx);
         }
         let playbox_links = playboxes.links();
+        let described = playboxes.described();
+        let (playbox_tx, playbox_rx) = tokio::sync::mpsc::channel(64);
         if !cfg.playbox.is_empty() {
-            playboxes.spawn(incoming_rx, &tasks, upstream.clone(), &critical);
+            playboxes.spawn(playbox_rx, &tasks, upstream.clone(), &critical);
         }
-        tasks.close();
-        let health = CancellationToken::new();
         let probe = Probe {
             started,
             outbox: outbox.clone(),
@@ -170,6 +174,23 @@ impl Bridge {
             heartbeats: heartbeats.clone(),
             publish_latency: latency,
         };
+        crate::homeassistant::spawn(
+            crate::homeassistant::Wiring {
+                cfg: &cfg,
+                topics: &topics,
+                outbox: &outbox,
+                bvcsp: bvcsp_ctx.as_ref(),
+                described,
+                probe: &probe,
+                incoming: incoming_rx,
+                playbox: (!cfg.playbox.is_empty()).then_some(playbox_tx),
+            },
+            &tasks,
+            &upstream,
+            &critical,
+        );
+        tasks.close();
+        let health = CancellationToken::new();
         let health_tasks = TaskTracker::new();
         critical.spawn(
             &health_tasks,

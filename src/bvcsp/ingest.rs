@@ -167,6 +167,7 @@ async fn ingest_text(
             event_id,
             messages,
             device,
+            user,
             malformed: problem,
         } = model::normalise(stream, value, received, &ctx.topics);
         if let Some(problem) = problem {
@@ -188,6 +189,9 @@ async fn ingest_text(
         }
         if let Some((id, online)) = device {
             ctx.registry.stream_update(&id, online);
+        }
+        if let Some((id, online)) = user {
+            ctx.registry.user_update(&id, online);
         }
         if stream == Stream::Location
             && let Some(m) = messages.first()

@@ -320,6 +320,8 @@ async fn snapshot(
         let now = SystemTime::now();
         for record in records {
             devices += 1;
+            ctx.registry
+                .listed(&record.id, record.online, record.facts());
             if !ctx
                 .registry
                 .snapshot_update(&record.id, record.online, begin)
@@ -348,6 +350,7 @@ async fn snapshot(
             break;
         }
     }
+    ctx.registry.listing_complete();
     ctx.stats.snapshots.fetch_add(1, Ordering::Relaxed);
     info!("device snapshot: {devices} devices");
     Ok(())

@@ -151,6 +151,19 @@ impl Prepared {
             .collect()
     }
 
+    /// What each box has said of itself (see `BoxRunner::watch_described`).
+    pub fn described(
+        &self,
+    ) -> Vec<(
+        String,
+        tokio::sync::watch::Receiver<Option<serde_json::Value>>,
+    )> {
+        self.runners
+            .iter()
+            .map(|(name, r)| (name.clone(), r.watch_described()))
+            .collect()
+    }
+
     /// Start every box's loop and the command router, each a critical task.
     pub fn spawn(
         self,

@@ -37,6 +37,8 @@ pub struct BoxRunner {
     paths: [Option<String>; 4],
     probed: [bool; 4],
     info: Option<Value>,
+    /// What the box said of itself, for Home Assistant's device entry.
+    described: tokio::sync::watch::Sender<Option<Value>>,
     online: Option<bool>,
     last: Option<(Reading, Instant)>,
     refused: u32,
@@ -91,6 +93,7 @@ impl BoxRunner {
             paths: Default::default(),
             probed: [false; 4],
             info: None,
+            described: tokio::sync::watch::channel(None).0,
             online: None,
             last: None,
             refused: 0,
@@ -109,6 +112,11 @@ impl BoxRunner {
 
     pub fn link(&self) -> Arc<LinkStatus> {
         self.link.clone()
+    }
+
+    /// Changes when the box has described itself (model, firmware, MAC...).
+    pub fn watch_described(&self) -> tokio::sync::watch::Receiver<Option<Value>> {
+        self.described.subscribe()
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -463,6 +471,12 @@ impl BoxRunner {
         }
         if self.info.is_none() {
             self.info = Some(self.read(Function::Info).await?.unwrap_or(Value::Null));
+            let described = self.info.as_ref().map(super::values::described);
+            self.described.send_if_modified(|d| {
+                let changed = *d != described;
+                *d = described;
+                changed
+            });
         }
         self.set_online(true);
         self.publish_state(reading, false);

@@ -44,6 +44,56 @@ pub fn alarm_label(alarm_type: i64) -> Cow<'static, str> {
     Cow::Borrowed(known)
 }
 
+/// Every `{label}` of the alarm-type table (shared/spec/bvcsp.md §7.2), in table order:
+/// the `event_type` an alarm can carry besides [`OTHER_EVENT_TYPE`].
+pub const ALARM_LABELS: &[&str] = &[
+    "disk_error",
+    "disk_full",
+    "face",
+    "fall",
+    "sos",
+    "video_lost",
+    "motion",
+    "video_occlusion",
+    "alarm_input",
+    "periodic",
+    "device_online",
+    "device_offline",
+    "temperature_low",
+    "temperature_high",
+    "underspeed",
+    "overspeed",
+    "geofence_enter",
+    "geofence_exit",
+    "voltage_low",
+    "voltage_high",
+    "stationary",
+    "inverted",
+    "battery_removed",
+    "tamper",
+    "battery_low",
+    "route_enter",
+    "route_exit",
+    "helmet_off",
+    "helmet_impact",
+    "electric_proximity",
+    "working_at_height",
+    "user_login",
+    "user_logout",
+];
+
+/// The `event_type` of an alarm whose type is not in the table (or has no type).
+pub const OTHER_EVENT_TYPE: &str = "other";
+
+/// An alarm's `event_type` (contract §3.5): its label when the table knows it, else `other`.
+pub fn alarm_event_type(label: &str) -> &'static str {
+    ALARM_LABELS
+        .iter()
+        .find(|l| **l == label)
+        .copied()
+        .unwrap_or(OTHER_EVENT_TYPE)
+}
+
 /// The upstream spellings of each alarm field: frames say `devID`/`time`/`desc`, alarm
 /// records `device_id`/`timestamp`/`desc` or `description`.
 pub(super) const ALARM_DEVICE: &[&str] = &["devID", "device_id", "deviceId", "puid"];
@@ -153,6 +203,10 @@ pub(super) fn alarm(
     let mut p = base_payload(&out.event_id, Stream::Alarm, received_at);
     p.insert("type".into(), alarm_type.map_or(Value::Null, Value::from));
     p.insert("label".into(), Value::String(label.to_string()));
+    p.insert(
+        "event_type".into(),
+        Value::String(alarm_event_type(&label).into()),
+    );
     p.insert("state".into(), Value::String(state.into()));
     p.insert("device_id".into(), Value::String(device_id.clone()));
     p.insert(

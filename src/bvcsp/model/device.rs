@@ -33,6 +33,22 @@ impl DeviceRecord {
         })
     }
 
+    /// Name, maker and versions, as far as the record tells them.
+    pub fn facts(&self) -> crate::bvcsp::devices::DeviceFacts {
+        let text = |keys: &[&str]| {
+            str_field(&self.raw, keys)
+                .map(Cow::into_owned)
+                .filter(|s| !s.trim().is_empty())
+        };
+        crate::bvcsp::devices::DeviceFacts {
+            name: text(&["name"]),
+            manufacturer: text(&["manufacturer"]),
+            model: text(&["product", "model"]),
+            sw_version: text(&["softwareVersion", "software_version"]),
+            hw_version: text(&["hardwareVersion", "hardware_version"]),
+        }
+    }
+
     /// Retained messages for this record: availability, and the location when known.
     pub fn messages(&self, received: SystemTime, topics: &Topics) -> Vec<Message> {
         let word = if self.online { "online" } else { "offline" };

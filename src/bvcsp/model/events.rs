@@ -88,6 +88,7 @@ pub(super) fn online_status(
             if let Some(id) = &user_id {
                 out.messages
                     .push(Message::state_text(topics.user_availability(id), word(on)));
+                out.user = Some((id.clone(), on));
             }
         }
     }

@@ -9,8 +9,8 @@ mod frame;
 
 use alarm::alarm;
 pub use alarm::{
-    AlarmIdentity, alarm_event_id, alarm_identity, alarm_label, alarm_millis, alarm_state,
-    normalise_alarm_record,
+    ALARM_LABELS, AlarmIdentity, OTHER_EVENT_TYPE, alarm_event_id, alarm_event_type,
+    alarm_identity, alarm_label, alarm_millis, alarm_state, normalise_alarm_record,
 };
 pub use device::DeviceRecord;
 use events::{conference, location, online_status};
@@ -108,6 +108,8 @@ pub struct Normalised {
     pub messages: Vec<Message>,
     /// A device seen on the online-status stream, with its availability.
     pub device: Option<(String, bool)>,
+    /// A user (CU terminal) seen on the online-status stream, with its availability.
+    pub user: Option<(String, bool)>,
     /// The frame lacked what its stream needs (it may still have been published raw).
     pub malformed: Option<&'static str>,
 }

@@ -21,6 +21,37 @@ fn alarm_labels_follow_the_table() {
 }
 
 #[test]
+fn every_table_label_is_an_event_type_and_the_rest_are_other() {
+    let known = [
+        1, 2, 3, 4, 5, 4096, 4097, 4098, 4099, 4100, 4101, 4102, 4103, 4104, 4105, 4106, 4107,
+        4108, 4109, 4110, 4111, 4112, 4113, 4114, 4115, 4116, 4117, 4118, 4119, 4120, 4121, 20480,
+        20481,
+    ];
+    assert_eq!(known.len(), ALARM_LABELS.len());
+    for t in known {
+        let label = alarm_label(t);
+        assert_eq!(alarm_event_type(&label), label, "type {t}");
+    }
+    assert_eq!(alarm_event_type("type_8192"), "other");
+    assert_eq!(alarm_event_type("unknown"), "other");
+    let sos = normalise(
+        Stream::Alarm,
+        json!({"type": 5, "devID": "PU_1"}),
+        UNIX_EPOCH,
+        &topics(),
+    );
+    assert_eq!(payload(&sos.messages[0])["event_type"], "sos");
+    let odd = normalise(
+        Stream::Alarm,
+        json!({"type": 9999, "devID": "PU_1"}),
+        UNIX_EPOCH,
+        &topics(),
+    );
+    assert_eq!(payload(&odd.messages[0])["event_type"], "other");
+    assert_eq!(payload(&odd.messages[0])["label"], "type_9999");
+}
+
+#[test]
 fn keys_are_case_insensitive_and_numbers_may_be_strings() {
     let v = json!({"DevId": "PU_1", "LAT": "31.5", "lng": 117});
     assert_eq!(field(&v, "devId").and_then(as_string).unwrap(), "PU_1");

@@ -161,7 +161,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         return;
     }
     // Watching before the first look: no change between the two is missed.
-    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_catalogue());
+    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_members());
     a.refresh_known();
     a.start().await;
     let mut catalogue_due: Option<Instant> = None;
@@ -339,8 +339,20 @@ impl Announcer {
     /// recorded), remove the gone ones.
     async fn catalogue_changed(&mut self) {
         let before: HashSet<Key> = self.keys().into_iter().collect();
+        let old = std::mem::take(&mut self.known);
         self.refresh_known();
-        let after = self.keys();
+        // Only what is new or described differently needs building (10 000 devices).
+        let after: Vec<Key> = self
+            .keys()
+            .into_iter()
+            .filter(|key| match key {
+                Key::Device(id) | Key::User(id) => match (old.get(id), self.known.get(id)) {
+                    (Some(o), Some(n)) => o.kind != n.kind || o.facts != n.facts,
+                    _ => true,
+                },
+                _ => false,
+            })
+            .collect();
         let mut grew = false;
         for key in &after {
             for r in self.records_of(key) {
@@ -354,9 +366,9 @@ impl Announcer {
         if grew {
             self.save().await;
         }
-        let after_set: HashSet<&Key> = after.iter().collect();
+        let now: HashSet<Key> = self.keys().into_iter().collect();
         for key in &before {
-            if !after_set.contains(key) {
+            if !now.contains(key) {
                 let node = match key {
                     Key::Device(id) => self.builder.device_node(id),
                     Key::User(id) => self.builder.user_node(id),

@@ -110,6 +110,8 @@ struct Announcer {
     /// Queued keys, and whether each must go out even if unchanged.
     queued: HashMap<Key, bool>,
     removals: VecDeque<String>,
+    /// Removed topics the record file still lists.
+    forget: Vec<String>,
     /// Device topics an earlier run left, kept until two device lists have been read.
     ghosts: HashSet<String>,
     snapshots_at_start: u64,
@@ -152,6 +154,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         queue: VecDeque::new(),
         queued: HashMap::new(),
         removals: VecDeque::new(),
+        forget: Vec::new(),
         ghosts: HashSet::new(),
         snapshots_at_start,
     };
@@ -438,10 +441,13 @@ impl Announcer {
                 pushed += 1;
             }
         }
-        if !removed.is_empty() {
+        self.forget.extend(removed);
+        // Rewriting the record for every batch of a mass removal would rewrite a file
+        // of every device hundreds of times: once the removals are done, or every 1 000.
+        if !self.forget.is_empty() && (self.removals.is_empty() || self.forget.len() >= 1_000) {
             // The removals are queued durably; only then may the record forget them.
             self.outbox.committed().await;
-            for t in removed {
+            for t in std::mem::take(&mut self.forget) {
                 self.record.remove(&t);
             }
             self.save().await;
@@ -567,6 +573,7 @@ mod tests {
             queue: VecDeque::new(),
             queued: HashMap::new(),
             removals: VecDeque::new(),
+            forget: Vec::new(),
             ghosts: HashSet::new(),
             snapshots_at_start: 0,
         }

@@ -4,13 +4,17 @@ pub mod bvcsp;
 pub mod config;
 pub mod critical;
 pub mod health;
+pub mod heartbeat;
 pub mod homeassistant;
+pub mod json;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
+pub mod recovery;
 pub mod retry;
 pub mod storage;
 pub mod supervisor;
+pub mod timestamp;
 pub mod tls;
 
 pub use supervisor::{Bridge, run};

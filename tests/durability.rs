@@ -117,10 +117,14 @@ async fn mosquitto_killed_and_restarted_mid_stream_loses_nothing() {
 }
 
 fn count_alarm_rows(storage: &std::path::Path) -> i64 {
-    let path = storage.join("outbox.sqlite3");
-    let Ok(conn) =
-        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-    else {
+    // The daemon keeps the file locked while it runs (SQLite's unix-excl): read, without
+    // locks, what its checkpoints have copied into the database file (within a second).
+    let uri = format!(
+        "file:{}?immutable=1",
+        storage.join("outbox.sqlite3").display()
+    );
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+    let Ok(conn) = rusqlite::Connection::open_with_flags(&uri, flags) else {
         return 0;
     };
     conn.query_row(

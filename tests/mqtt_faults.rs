@@ -28,7 +28,7 @@ fn sos_topic() -> String {
 
 fn with_http(mut cfg: Config) -> Config {
     cfg.service.http = true;
-    cfg.service.http_listen = "127.0.0.1:0".into();
+    cfg.service.http_listen = "127.0.0.1:0".parse().unwrap();
     cfg.service.health_interval = Duration::from_secs(1);
     cfg
 }

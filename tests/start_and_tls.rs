@@ -59,7 +59,9 @@ async fn ssl_scheme_is_tls_and_never_plain_text() {
 
     // Against a TLS broker: it works.
     let mut cfg = bridge_config(&sim, broker, "streams = [\"alarm\"]");
-    cfg.mqtt.url = format!("ssl://localhost:{}", tls_addr.port());
+    cfg.mqtt.url = format!("ssl://localhost:{}", tls_addr.port())
+        .parse()
+        .unwrap();
     cfg.mqtt.tls.ca_file = ca.display().to_string();
     let bridge = Bridge::start(cfg.clone()).await.unwrap();
     obs.wait_all_up(&[Stream::Alarm], T).await;
@@ -80,7 +82,7 @@ async fn ssl_scheme_is_tls_and_never_plain_text() {
             }
         }
     });
-    cfg.mqtt.url = format!("ssl://localhost:{plain_port}");
+    cfg.mqtt.url = format!("ssl://localhost:{plain_port}").parse().unwrap();
     cfg.mqtt.username = "bob".into();
     let bridge = Bridge::start(cfg).await.unwrap();
     eventually("a connection attempt", T, || {
@@ -101,7 +103,7 @@ async fn a_failed_start_leaves_nothing_running() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut cfg = bridge_config(&sim, broker, "");
     cfg.service.http = true;
-    cfg.service.http_listen = taken.local_addr().unwrap().to_string();
+    cfg.service.http_listen = taken.local_addr().unwrap();
     let Err(e) = Bridge::start(cfg.clone()).await else {
         panic!("the start should fail: the HTTP port is taken");
     };

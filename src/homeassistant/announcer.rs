@@ -27,10 +27,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::config::HomeAssistantConfig;
 use super::entities::{Builder, Thing};
 use super::layout::{DEVICE_COMPONENTS, Layout, USER_COMPONENTS, removal};
 use crate::bvcsp::devices::{Kind, Known};
+use crate::config::HomeAssistantConfig;
 use crate::config::PlayboxConfig;
 use crate::mqtt::publisher::Incoming;
 use crate::mqtt::{Message, Outbox};

@@ -14,12 +14,12 @@ use tracing::{debug, info, warn};
 
 use crate::bvcsp::Stream;
 use crate::bvcsp::devices::Kind;
-use crate::bvcsp::model::rfc3339_millis;
 use crate::config::PlayboxConfig;
 use crate::health::Probe;
 use crate::link::LinkState;
 use crate::mqtt::publisher::Incoming;
 use crate::mqtt::{Message, Outbox, Topics};
+use crate::timestamp::rfc3339_millis;
 
 /// The largest request payload read; a larger one is answered with an error.
 pub const MAX_REQUEST_BYTES: usize = 4096;

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use super::config::DiscoveryMode;
+use crate::config::DiscoveryMode;
 use super::entities::{Thing, origin};
 use crate::mqtt::Message;
 

@@ -10,7 +10,6 @@
 
 pub mod announcer;
 pub mod api;
-pub mod config;
 pub mod entities;
 pub mod layout;
 
@@ -18,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-pub use config::{DiscoveryMode, HomeAssistantConfig};
+pub use crate::config::{DiscoveryMode, HomeAssistantConfig};
 
 use crate::mqtt::Topics;
 use crate::mqtt::publisher::Incoming;

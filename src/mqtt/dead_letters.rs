@@ -7,7 +7,8 @@
 //!
 //! The table is bounded: the newest [`MAX_ROWS`] rows and at most [`MAX_BYTES`] of topic
 //! and payload are kept (the newest row always, however large); older ones are deleted
-//! when a new one comes, and counted. Read them with the `sqlite3` tool:
+//! when a new one comes, and counted. Read them with the `sqlite3` tool once the bridge
+//! has stopped (the file is the bridge's alone while it runs):
 //! `SELECT datetime(failed_at / 1000, 'unixepoch'), topic, reason FROM dead_letters`.
 
 use bytes::Bytes;
@@ -42,7 +43,7 @@ impl LastDeadLetter {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "topic": self.topic, "bytes": self.bytes, "reason": self.reason,
-            "at": crate::bvcsp::model::rfc3339_millis(
+            "at": crate::timestamp::rfc3339_millis(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.at_ms.max(0) as u64)
             ),
         })

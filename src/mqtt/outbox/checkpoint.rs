@@ -1,0 +1,107 @@
+//! Checkpoint scheduling: the WAL is copied into the database (and synced, the only
+//! fsyncs the outbox makes) every `CHECKPOINT_EVERY` while there are writes, or sooner
+//! once it has grown by `WAL_RESET_BYTES`, on a connection and a thread of their own, so
+//! a commit never waits behind one.
+
+use std::sync::{Condvar, Mutex};
+// std's clock, not tokio's: this runs on its own OS thread, where tokio's paused test
+// clock does not apply.
+use std::time::Duration;
+
+use tracing::warn;
+
+/// The log is checkpointed and started over once it has grown by about this much.
+const WAL_RESET_BYTES: u64 = 4 << 20;
+/// A log at least this long after a checkpoint is truncated (started over).
+const WAL_TRUNCATE_BYTES: u64 = 1 << 20;
+/// SQLite's page size (the default), the least a commit adds to the log.
+const PAGE: u64 = 4096;
+/// How often the WAL is checkpointed while writing.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// How the log has grown since the last checkpoint, as the writer reports it.
+#[derive(Default)]
+struct WalGrowth {
+    /// Roughly how many bytes the log has grown by since the last checkpoint (at least a
+    /// page a commit, so nonzero means something was committed).
+    log_bytes: u64,
+    closing: bool,
+}
+
+/// What the checkpoint thread waits on: the writer's reports of commits.
+#[derive(Default)]
+pub(super) struct CheckpointSchedule {
+    growth: Mutex<WalGrowth>,
+    grown: Condvar,
+}
+
+impl CheckpointSchedule {
+    fn growth(&self) -> std::sync::MutexGuard<'_, WalGrowth> {
+        self.growth.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A commit added about `bytes` of topics and payloads to the log. Wakes the
+    /// checkpoint thread only when that changes what it waits for.
+    pub(super) fn committed(&self, bytes: u64) {
+        let grown = bytes.max(PAGE);
+        let mut growth = self.growth();
+        let was_full = growth.log_bytes >= WAL_RESET_BYTES;
+        let was_clean = growth.log_bytes == 0;
+        growth.log_bytes += grown;
+        if was_clean || was_full != (growth.log_bytes >= WAL_RESET_BYTES) {
+            self.grown.notify_one();
+        }
+    }
+
+    /// The writer is stopping (and truncates the log itself): the thread ends.
+    pub(super) fn close(&self) {
+        self.growth().closing = true;
+        self.grown.notify_one();
+    }
+
+    /// The checkpoint thread, on a connection of its own, until [`close`](Self::close).
+    pub(super) fn run(&self, conn: rusqlite::Connection) {
+        // A failing checkpoint is logged once, not every second (the writer says more).
+        let mut failing = false;
+        let mut report = |r: rusqlite::Result<()>| match r {
+            Ok(()) => failing = false,
+            Err(e) if !failing => {
+                failing = true;
+                warn!("outbox: checkpoint failed: {e} (retrying; logged again once it has worked)");
+            }
+            Err(_) => {}
+        };
+        loop {
+            {
+                let mut growth = self.growth();
+                while growth.log_bytes == 0 && !growth.closing {
+                    growth = self.grown.wait(growth).unwrap_or_else(|p| p.into_inner());
+                }
+                // Let a second's writes gather (or the stop come) before checkpointing.
+                let (mut growth, _) = self
+                    .grown
+                    .wait_timeout_while(growth, CHECKPOINT_EVERY, |g| {
+                        !g.closing && g.log_bytes < WAL_RESET_BYTES
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                if growth.closing {
+                    return;
+                }
+                growth.log_bytes = 0;
+            }
+            // PASSIVE never blocks the writer, but with writes going on it rarely reaches
+            // the end of the log, and only a checkpoint that does lets the log start over.
+            // So once the log has grown, a TRUNCATE checkpoint finishes the job: it holds
+            // commits back for the moment it takes to copy the last few frames.
+            report(
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                    Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
+                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                },
+            );
+        }
+    }
+}

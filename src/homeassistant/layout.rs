@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 
-use crate::config::DiscoveryMode;
 use super::entities::{Thing, origin};
+use crate::config::DiscoveryMode;
 use crate::mqtt::Message;
 
 /// The components a BVCSP device and a user always have (their ids and platforms), so

@@ -28,8 +28,10 @@ pub struct Registry {
     table: Mutex<DeviceTable>,
     /// What is known of each device and user, for Home Assistant and `bridge/devices`.
     catalogue: Mutex<Catalogue>,
-    /// Bumped whenever the catalogue changes (a device or user appears, goes, changes).
+    /// Bumped whenever the catalogue changes (online, last seen, membership, facts).
     catalogue_changed: watch::Sender<u64>,
+    /// Bumped only when a device or user appears or goes, or its facts change.
+    members_changed: watch::Sender<u64>,
     /// Number of distinct devices known; changes whenever a new one appears.
     added: watch::Sender<usize>,
     /// Updates of devices past [`MAX_DEVICES`], not remembered.
@@ -42,6 +44,7 @@ impl Default for Registry {
             table: Mutex::default(),
             catalogue: Mutex::default(),
             catalogue_changed: watch::channel(0).0,
+            members_changed: watch::channel(0).0,
             added: watch::channel(0).0,
             over_cap: Arc::default(),
         }
@@ -131,10 +134,19 @@ impl Registry {
         self.catalogue_changed.subscribe()
     }
 
-    fn catalogue_update(&self, f: impl FnOnce(&mut Catalogue) -> bool) {
-        let changed = f(&mut self.catalogue.lock().unwrap_or_else(|p| p.into_inner()));
-        if changed {
+    /// Changes only when a device or user appears or goes, or what is known of it (its
+    /// name, maker, versions) changes: not on every online/offline.
+    pub fn watch_members(&self) -> watch::Receiver<u64> {
+        self.members_changed.subscribe()
+    }
+
+    fn catalogue_update(&self, f: impl FnOnce(&mut Catalogue) -> Change) {
+        let change = f(&mut self.catalogue.lock().unwrap_or_else(|p| p.into_inner()));
+        if change != Change::None {
             self.catalogue_changed.send_modify(|n| *n += 1);
+        }
+        if change == Change::Members {
+            self.members_changed.send_modify(|n| *n += 1);
         }
     }
 
@@ -221,6 +233,16 @@ pub struct Known {
     pub last_seen: Option<SystemTime>,
 }
 
+/// What a catalogue update changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    None,
+    /// Online or last seen.
+    State,
+    /// Who is known, or what is known of them.
+    Members,
+}
+
 #[derive(Debug, Default)]
 struct Catalogue {
     known: HashMap<String, Known>,
@@ -252,46 +274,55 @@ impl Catalogue {
         self.known.get_mut(id)
     }
 
-    fn heard(&mut self, id: &str, online: bool, kind: Kind) -> bool {
+    fn heard(&mut self, id: &str, online: bool, kind: Kind) -> Change {
         if kind == Kind::Device {
             self.missed.remove(id);
         }
         let new = !self.known.contains_key(id);
         let Some(k) = self.entry(id, kind) else {
-            return false;
+            return Change::None;
         };
-        let changed = new || k.online != online;
+        let state = k.online != online || online;
         k.online = online;
         if online {
             k.last_seen = Some(SystemTime::now());
         }
-        changed
+        match (new, state) {
+            (true, _) => Change::Members,
+            (false, true) => Change::State,
+            (false, false) => Change::None,
+        }
     }
 
-    fn listed(&mut self, id: &str, online: bool, facts: DeviceFacts) -> bool {
+    fn listed(&mut self, id: &str, online: bool, facts: DeviceFacts) -> Change {
         if self.listing.len() >= MAX_DEVICES {
             self.listing_cut = true;
-            return false;
+            return Change::None;
         }
         self.listing.insert(id.to_string());
         let new = !self.known.contains_key(id);
         let Some(k) = self.entry(id, Kind::Device) else {
-            return false;
+            return Change::None;
         };
-        let changed = new || k.online != online || k.facts != facts || k.kind != Kind::Device;
+        let members = new || k.facts != facts || k.kind != Kind::Device;
+        let state = k.online != online || online;
         k.kind = Kind::Device;
         k.facts = facts;
         k.online = online;
         if online {
             k.last_seen = Some(SystemTime::now());
         }
-        changed
+        match (members, state) {
+            (true, _) => Change::Members,
+            (false, true) => Change::State,
+            (false, false) => Change::None,
+        }
     }
 
-    fn complete(&mut self) -> bool {
+    fn complete(&mut self) -> Change {
         let listing = std::mem::take(&mut self.listing);
         if std::mem::take(&mut self.listing_cut) {
-            return false;
+            return Change::None;
         }
         for id in &listing {
             self.missed.remove(id);
@@ -302,17 +333,18 @@ impl Catalogue {
             .filter(|k| k.kind == Kind::Device && !listing.contains(&k.id))
             .map(|k| k.id.clone())
             .collect();
-        let mut changed = false;
+        // A complete list is news for membership even when nobody came or went: it is
+        // what tells who is gone (here, and to anyone who remembers more).
+        let change = Change::Members;
         for id in absent {
             let n = self.missed.entry(id.clone()).or_default();
             *n += 1;
             if *n >= 2 {
                 self.missed.remove(&id);
                 self.known.remove(&id);
-                changed = true;
             }
         }
-        changed
+        change
     }
 }
 
@@ -328,6 +360,7 @@ mod tests {
     fn a_device_missing_from_two_complete_lists_is_forgotten() {
         let r = Registry::default();
         let mut changes = r.watch_catalogue();
+        let mut members = r.watch_members();
         let facts = DeviceFacts {
             name: Some("Helmet".into()),
             ..DeviceFacts::default()
@@ -339,9 +372,25 @@ mod tests {
         changes.borrow_and_update();
         assert_eq!(ids(&r), vec!["a", "b"]);
         assert_eq!(r.catalogue()[0].facts, facts);
+        assert!(members.has_changed().unwrap());
+        members.borrow_and_update();
         r.listed("a", true, facts.clone());
         r.listing_complete();
         assert_eq!(ids(&r), vec!["a", "b"], "missing once: kept");
+        assert!(members.has_changed().unwrap(), "a complete list is news");
+        members.borrow_and_update();
+        r.listed("a", true, facts.clone());
+        assert!(
+            !members.has_changed().unwrap(),
+            "a known record: no member change"
+        );
+        changes.borrow_and_update();
+        r.stream_update("a", false);
+        assert!(changes.has_changed().unwrap(), "online changed");
+        assert!(
+            !members.has_changed().unwrap(),
+            "online is no member change"
+        );
         // A list that failed half-way and was begun again: only the complete one counts.
         r.snapshot_begin();
         r.listed("b", false, DeviceFacts::default());

@@ -110,6 +110,8 @@ struct Announcer {
     /// Queued keys, and whether each must go out even if unchanged.
     queued: HashMap<Key, bool>,
     removals: VecDeque<String>,
+    /// Removed topics the record file still lists.
+    forget: Vec<String>,
     /// Device topics an earlier run left, kept until two device lists have been read.
     ghosts: HashSet<String>,
     snapshots_at_start: u64,
@@ -152,6 +154,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         queue: VecDeque::new(),
         queued: HashMap::new(),
         removals: VecDeque::new(),
+        forget: Vec::new(),
         ghosts: HashSet::new(),
         snapshots_at_start,
     };
@@ -161,7 +164,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         return;
     }
     // Watching before the first look: no change between the two is missed.
-    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_catalogue());
+    let mut changes = a.bvcsp.as_ref().map(|c| c.registry.watch_members());
     a.refresh_known();
     a.start().await;
     let mut catalogue_due: Option<Instant> = None;
@@ -339,8 +342,20 @@ impl Announcer {
     /// recorded), remove the gone ones.
     async fn catalogue_changed(&mut self) {
         let before: HashSet<Key> = self.keys().into_iter().collect();
+        let old = std::mem::take(&mut self.known);
         self.refresh_known();
-        let after = self.keys();
+        // Only what is new or described differently needs building (10 000 devices).
+        let after: Vec<Key> = self
+            .keys()
+            .into_iter()
+            .filter(|key| match key {
+                Key::Device(id) | Key::User(id) => match (old.get(id), self.known.get(id)) {
+                    (Some(o), Some(n)) => o.kind != n.kind || o.facts != n.facts,
+                    _ => true,
+                },
+                _ => false,
+            })
+            .collect();
         let mut grew = false;
         for key in &after {
             for r in self.records_of(key) {
@@ -354,9 +369,9 @@ impl Announcer {
         if grew {
             self.save().await;
         }
-        let after_set: HashSet<&Key> = after.iter().collect();
+        let now: HashSet<Key> = self.keys().into_iter().collect();
         for key in &before {
-            if !after_set.contains(key) {
+            if !now.contains(key) {
                 let node = match key {
                     Key::Device(id) => self.builder.device_node(id),
                     Key::User(id) => self.builder.user_node(id),
@@ -426,10 +441,13 @@ impl Announcer {
                 pushed += 1;
             }
         }
-        if !removed.is_empty() {
+        self.forget.extend(removed);
+        // Rewriting the record for every batch of a mass removal would rewrite a file
+        // of every device hundreds of times: once the removals are done, or every 1 000.
+        if !self.forget.is_empty() && (self.removals.is_empty() || self.forget.len() >= 1_000) {
             // The removals are queued durably; only then may the record forget them.
             self.outbox.committed().await;
-            for t in removed {
+            for t in std::mem::take(&mut self.forget) {
                 self.record.remove(&t);
             }
             self.save().await;
@@ -512,5 +530,202 @@ async fn load_record(path: &std::path::Path) -> HashMap<String, Record> {
             );
             HashMap::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::homeassistant::entities::Builder;
+    use crate::mqtt::Topics;
+
+    fn boxes(n: usize) -> Vec<(PlayboxConfig, watch::Receiver<Option<Value>>)> {
+        let mut toml = String::new();
+        for i in 0..n {
+            toml.push_str(&format!(
+                "[[playbox]]\nname = \"box{i}\"\nurl = \"https://10.0.0.{}:16674\"\nsn = \"SN{i}\"\npassword = \"p\"\n",
+                i % 250 + 1
+            ));
+        }
+        let cfg = crate::config::from_toml(&toml).expect("valid");
+        cfg.playbox
+            .into_iter()
+            .map(|p| (p, watch::channel(None).1))
+            .collect()
+    }
+
+    fn announcer(n: usize, dir: &std::path::Path, mode: super::super::DiscoveryMode) -> Announcer {
+        let boxes = boxes(n);
+        Announcer {
+            layout: Layout {
+                prefix: "homeassistant".into(),
+                mode,
+            },
+            builder: Builder::new(Topics::new("bvcsp2mqtt"), 1),
+            outbox: Arc::new(Outbox::memory(1 << 30)),
+            bvcsp: None,
+            infos: vec![None; boxes.len()],
+            boxes,
+            path: dir.join(RECORD_FILE),
+            known: HashMap::new(),
+            record: HashMap::new(),
+            sent: HashMap::new(),
+            queue: VecDeque::new(),
+            queued: HashMap::new(),
+            removals: VecDeque::new(),
+            forget: Vec::new(),
+            ghosts: HashSet::new(),
+            snapshots_at_start: 0,
+        }
+    }
+
+    /// Take and acknowledge everything queued, as a broker would.
+    fn drain(outbox: &Outbox) -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Some((id, m)) = outbox.take_next() {
+            outbox.ack(id);
+            out.push(m);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn announcements_are_fed_only_while_the_outbox_is_nearly_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = announcer(300, dir.path(), super::super::DiscoveryMode::Device);
+        a.start().await;
+        let mut sent = 0;
+        let mut refusals = 0;
+        while !a.queue.is_empty() {
+            if a.feed().await {
+                assert!(a.outbox.depth() < LOW_WATER + BATCH, "{}", a.outbox.depth());
+            } else {
+                refusals += 1;
+                sent += drain(&a.outbox).len();
+            }
+        }
+        sent += drain(&a.outbox).len();
+        assert_eq!(sent, 301, "every box and the bridge, once");
+        assert!(
+            refusals >= 300 / (LOW_WATER + BATCH),
+            "it waited for the outbox"
+        );
+        // An alarm queued now has at most LOW_WATER + BATCH announcements before it.
+    }
+
+    #[tokio::test]
+    async fn what_an_earlier_run_announced_and_is_no_longer_wanted_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = [
+            (
+                "homeassistant/device/bvcsp2mqtt_playbox_gone/config",
+                "bvcsp2mqtt_playbox_gone",
+                RecordKind::Playbox,
+            ),
+            (
+                "homeassistant/binary_sensor/bvcsp2mqtt_box0/connectivity/config",
+                "bvcsp2mqtt_box0",
+                RecordKind::Playbox,
+            ),
+            (
+                "homeassistant/device/bvcsp2mqtt_PU_1/config",
+                "bvcsp2mqtt_PU_1",
+                RecordKind::Device,
+            ),
+        ];
+        let file = RecordFile {
+            entries: stale
+                .iter()
+                .map(|(t, n, k)| Record {
+                    topic: t.to_string(),
+                    node: n.to_string(),
+                    kind: *k,
+                })
+                .collect(),
+        };
+        std::fs::write(
+            dir.path().join(RECORD_FILE),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let mut a = announcer(1, dir.path(), super::super::DiscoveryMode::Device);
+        a.record = load_record(&a.path).await;
+        a.start().await;
+        while a.feed().await && (!a.queue.is_empty() || !a.removals.is_empty()) {}
+        let msgs = drain(&a.outbox);
+        for (t, _, _) in stale {
+            assert!(
+                msgs.iter()
+                    .any(|m| m.topic == t && m.payload.is_empty() && m.retain),
+                "{t}"
+            );
+        }
+        assert!(msgs.iter().any(|m| m.topic
+            == "homeassistant/device/bvcsp2mqtt_playbox_box0/config"
+            && !m.payload.is_empty()));
+        let left = load_record(&a.path).await;
+        let mut topics: Vec<&String> = left.keys().collect();
+        topics.sort();
+        assert_eq!(
+            topics,
+            [
+                "homeassistant/device/bvcsp2mqtt_bridge/config",
+                "homeassistant/device/bvcsp2mqtt_playbox_box0/config"
+            ]
+        );
+        // Switched off: everything goes, and the record with it.
+        let mut off = announcer(1, dir.path(), super::super::DiscoveryMode::Device);
+        off.record = load_record(&off.path).await;
+        off.remove_everything(&CancellationToken::new()).await;
+        let msgs = drain(&off.outbox);
+        assert_eq!(msgs.len(), 2);
+        assert!(msgs.iter().all(|m| m.payload.is_empty() && m.retain));
+        assert!(!off.path.exists());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn online_on_the_status_topic_announces_again_after_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::memory(1 << 30));
+        let (tx, status) = mpsc::channel(4);
+        let inputs = Inputs {
+            cfg: HomeAssistantConfig {
+                enabled: true,
+                ..HomeAssistantConfig::default()
+            },
+            builder: Builder::new(Topics::new("bvcsp2mqtt"), 1),
+            outbox: outbox.clone(),
+            bvcsp: None,
+            playboxes: boxes(3),
+            storage_dir: dir.path().to_path_buf(),
+            status,
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(inputs, cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            drain(&outbox).len(),
+            4,
+            "the bridge and three boxes at start"
+        );
+        let incoming = |payload: &'static str| Incoming {
+            topic: "homeassistant/status".into(),
+            payload: bytes::Bytes::from_static(payload.as_bytes()),
+            retain: false,
+        };
+        tx.send(incoming("offline")).await.unwrap();
+        tx.send(incoming(" online\n")).await.unwrap();
+        tokio::time::sleep(REANNOUNCE_DELAY - Duration::from_millis(100)).await;
+        assert!(drain(&outbox).is_empty(), "not before the pause");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let again = drain(&outbox);
+        assert_eq!(again.len(), 4, "everything again, unchanged or not");
+        // Two `online`s close together are one announcement.
+        tx.send(incoming("online")).await.unwrap();
+        tx.send(incoming("online")).await.unwrap();
+        tokio::time::sleep(REANNOUNCE_DELAY * 2).await;
+        assert_eq!(drain(&outbox).len(), 4);
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

@@ -44,6 +44,8 @@ pub struct Inputs {
     pub playboxes: Vec<PlayboxConfig>,
     pub probe: Probe,
     pub requests: mpsc::Receiver<Incoming>,
+    /// `mqtt.max_packet_size`: `bridge/devices` is cut to fit it (see [`fit`]).
+    pub max_packet: usize,
 }
 
 /// Run until `cancel`.
@@ -56,6 +58,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     let mut due: Option<Instant> = Some(Instant::now());
     let mut last_sent = Instant::now() - DEVICES_EVERY;
     let mut tick = tokio::time::interval(DEVICES_EVERY);
+    let mut cut_warned = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -89,10 +92,13 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
                 due = None;
                 let list = devices(&inputs, &play_links);
                 if last_devices.as_ref() != Some(&list) {
-                    inputs.outbox.push_now(Message::state_json(
-                        format!("{}/bridge/devices", inputs.topics.base()),
-                        &list,
-                    ));
+                    let topic = format!("{}/bridge/devices", inputs.topics.base());
+                    let payload = fit(&list, inputs.max_packet.saturating_sub(topic.len() + 16), &mut cut_warned);
+                    inputs.outbox.push_now(Message {
+                        topic,
+                        payload: payload.into(),
+                        retain: true,
+                    });
                     last_sent = Instant::now();
                     last_devices = Some(list);
                 }
@@ -101,9 +107,46 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     }
 }
 
-/// `bridge/devices`: every known device, user and play box.
+/// `list` as JSON, at most `limit` bytes: a list too large for one MQTT packet would be a
+/// dead letter every time it changes, so the last entries are left out (play boxes come
+/// first), with a warning.
+fn fit(list: &Value, limit: usize, warned: &mut bool) -> Vec<u8> {
+    let bytes = serde_json::to_vec(list).unwrap_or_default();
+    if bytes.len() <= limit {
+        return bytes;
+    }
+    let entries = list.as_array().cloned().unwrap_or_default();
+    let mut out = Vec::with_capacity(limit);
+    out.push(b'[');
+    let mut kept = 0;
+    for e in &entries {
+        let one = serde_json::to_vec(e).unwrap_or_default();
+        if out.len() + one.len() + 2 > limit {
+            break;
+        }
+        if kept > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&one);
+        kept += 1;
+    }
+    out.push(b']');
+    if !*warned {
+        warn!(
+            "bridge/devices lists {kept} of {} entries: the whole list ({} bytes) is larger \
+             than mqtt.max_packet_size allows; raise it (and the broker's limit) to see all",
+            entries.len(),
+            bytes.len()
+        );
+        *warned = true;
+    }
+    out
+}
+
+/// `bridge/devices`: every known device, user and play box (play boxes first).
 fn devices(inputs: &Inputs, play_links: &[(String, Arc<crate::link_status::LinkStatus>)]) -> Value {
     let mut list = Vec::new();
+    let mut boxes = Vec::new();
     if let Some(ctx) = &inputs.bvcsp {
         for k in ctx.registry.catalogue() {
             let (kind, topic_id) = match k.kind {
@@ -126,7 +169,7 @@ fn devices(inputs: &Inputs, play_links: &[(String, Arc<crate::link_status::LinkS
             .find(|(n, _)| *n == cfg.name)
             .map(|(_, l)| l.snapshot());
         let online = link.as_ref().is_some_and(|s| s.state == LinkState::Up);
-        list.push(json!({
+        boxes.push(json!({
             "id": cfg.name,
             "topic_id": crate::mqtt::topics::level(&cfg.name),
             "name": cfg.name,
@@ -136,7 +179,8 @@ fn devices(inputs: &Inputs, play_links: &[(String, Arc<crate::link_status::LinkS
             "last_seen": link.filter(|s| s.state == LinkState::Up).map(|s| rfc3339_millis(s.since)),
         }));
     }
-    Value::Array(list)
+    boxes.extend(list);
+    Value::Array(boxes)
 }
 
 fn reply(
@@ -254,4 +298,28 @@ fn clip(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_too_large_for_a_packet_is_cut_to_fit_and_stays_json() {
+        let list: Value = (0..1000)
+            .map(|i| json!({"id": format!("PU_{i:08}"), "kind": "device"}))
+            .collect::<Vec<_>>()
+            .into();
+        let mut warned = false;
+        let whole = fit(&list, 1 << 20, &mut warned);
+        assert_eq!(serde_json::from_slice::<Value>(&whole).unwrap(), list);
+        assert!(!warned);
+        let cut = fit(&list, 4096, &mut warned);
+        assert!(cut.len() <= 4096, "{}", cut.len());
+        let cut: Value = serde_json::from_slice(&cut).unwrap();
+        let n = cut.as_array().unwrap().len();
+        assert!(n > 50 && n < 1000, "{n}");
+        assert_eq!(cut[0], list[0], "the first entries are kept");
+        assert!(warned);
+    }
 }

@@ -135,6 +135,7 @@ pub fn spawn(
                 playboxes: w.cfg.playbox.clone(),
                 probe: w.probe.clone(),
                 requests: requests_rx,
+                max_packet: w.cfg.mqtt.max_packet_size,
             },
             cancel.clone(),
         ),

@@ -373,6 +373,9 @@ pub fn mosquitto() -> Option<Mosquitto> {
 pub struct Daemon {
     pub child: std::process::Child,
     stderr: Arc<Mutex<String>>,
+    /// The thread copying stderr: joined once the process has exited, so `log()` holds
+    /// everything it wrote (its last lines can still be in the pipe when `wait` returns).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -402,7 +405,7 @@ impl Daemon {
         let mut pipe = child.stderr.take().unwrap();
         use std::io::Read;
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
             while let Ok(n) = pipe.read(&mut buf) {
                 if n == 0 {
@@ -413,7 +416,11 @@ impl Daemon {
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
-        Daemon { child, stderr }
+        Daemon {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
     }
 
     pub fn signal(&self, sig: &str) {
@@ -429,6 +436,7 @@ impl Daemon {
         let end = std::time::Instant::now() + deadline;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                self.drain_stderr(end).await;
                 return status;
             }
             assert!(
@@ -436,6 +444,20 @@ impl Daemon {
                 "daemon did not exit within {deadline:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait (until `end`) for the stderr copy to reach the end of the pipe. A wrapper's
+    /// other children may hold the pipe open: then `log()` has what arrived by `end`.
+    async fn drain_stderr(&mut self, end: std::time::Instant) {
+        while self.reader.as_ref().is_some_and(|r| !r.is_finished()) {
+            if std::time::Instant::now() >= end {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
         }
     }
 

@@ -12,12 +12,12 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::bvcsp::Stream;
-use crate::config;
-use crate::sim::broker::EmbeddedBroker;
-use crate::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use crate::sim::playbox::{PlayboxOptions, PlayboxSim};
-use crate::supervisor::{Bridge, DEFAULT_GRACE};
+use bvcsp2mqtt::config;
+use bvcsp2mqtt::supervisor::{Bridge, DEFAULT_GRACE};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::broker::EmbeddedBroker;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 
 const BASE: &str = "bvcsp2mqtt";
 
@@ -32,7 +32,7 @@ pub enum DemoError {
     #[error("demo configuration: {0}")]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Start(#[from] crate::supervisor::StartError),
+    Start(#[from] bvcsp2mqtt::supervisor::StartError),
 }
 
 fn fleet() -> Vec<SimDevice> {
@@ -343,7 +343,7 @@ async fn traffic(sim: BvcspSim, mut devices: Vec<SimDevice>, cancel: Cancellatio
                 let t = *alarm_types.choose(&mut rng).unwrap_or(&5);
                 let a = json!({"key": format!("{:08x}", rng.r#gen::<u32>()), "type": t, "time": unix_now(),
                     "userID": "", "userName": "", "devID": d.id, "devName": d.name, "subDevIdx": 65536,
-                    "status": 0, "desc": crate::bvcsp::model::alarm_label(t), "lat": d.lat, "lng": d.lng, "payload": ""});
+                    "status": 0, "desc": bvcsp2mqtt::bvcsp::model::alarm_label(t), "lat": d.lat, "lng": d.lng, "payload": ""});
                 sim.inject(Stream::Alarm, a.clone());
                 open_alarm = Some(a);
             }

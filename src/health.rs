@@ -2,10 +2,9 @@
 //! `{base}/bridge/health` report, and the optional HTTP listener with Prometheus
 //! `/metrics`, `/healthz` and `/readyz`.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,83 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bvcsp::{self, Stream};
+pub use crate::heartbeat::{BeatGuard, Heartbeats};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, MqttStatus, Outbox, Topics};
-
-/// Each long-lived loop says by when it will next show a sign of life; the watchdog is
-/// petted only while none is overdue. A loop that waits on purpose (a backoff, a token
-/// that is not there yet) says so with a deadline past the wait.
-#[derive(Debug, Default)]
-pub struct Heartbeats {
-    deadlines: Mutex<HashMap<String, Instant>>,
-}
-
-impl Heartbeats {
-    pub fn beat(&self, name: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        let mut g = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
-        match g.get_mut(name) {
-            Some(d) => *d = deadline,
-            None => {
-                g.insert(name.to_string(), deadline);
-            }
-        }
-    }
-
-    /// The loop has ended on purpose.
-    pub fn remove(&self, name: &str) {
-        self.deadlines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
-    }
-
-    /// Loops that are overdue.
-    pub fn stale(&self) -> Vec<String> {
-        self.stale_at(Instant::now())
-    }
-
-    /// Loops that will be overdue at `now`.
-    pub fn stale_at(&self, now: Instant) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .deadlines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, d)| **d < now)
-            .map(|(n, _)| n.clone())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-/// Registers a loop's heartbeat for as long as it lives.
-pub struct BeatGuard {
-    heartbeats: Arc<Heartbeats>,
-    name: String,
-}
-
-impl BeatGuard {
-    pub fn new(heartbeats: &Arc<Heartbeats>, name: &str, first: Duration) -> BeatGuard {
-        heartbeats.beat(name, first);
-        BeatGuard {
-            heartbeats: heartbeats.clone(),
-            name: name.to_string(),
-        }
-    }
-}
-
-impl Drop for BeatGuard {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // A loop that died is no sign of life: the watchdog stops being fed.
-            self.heartbeats.beat(&self.name, Duration::ZERO);
-        } else {
-            self.heartbeats.remove(&self.name);
-        }
-    }
-}
 
 /// Everything health reports read.
 #[derive(Clone)]
@@ -484,24 +409,5 @@ fn route(
             "not ready\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeats_go_stale_and_can_be_removed() {
-        let h = Heartbeats::default();
-        let soon = Instant::now() + Duration::from_secs(1);
-        h.beat("a", Duration::from_secs(60));
-        h.beat("b", Duration::ZERO);
-        assert_eq!(h.stale_at(soon), vec!["b"]);
-        h.beat("b", Duration::from_secs(60));
-        assert!(h.stale_at(soon).is_empty());
-        h.beat("c", Duration::ZERO);
-        h.remove("c");
-        assert!(h.stale_at(soon).is_empty());
     }
 }

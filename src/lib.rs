@@ -1,18 +1,19 @@
 //! bvcsp2mqtt: BVCSP event streams and NovaStar play boxes to MQTT.
 
-pub mod bench;
 pub mod bvcsp;
 pub mod config;
 pub mod critical;
-pub mod demo;
 pub mod health;
+pub mod heartbeat;
+pub mod json;
 pub mod link;
 pub mod mqtt;
 pub mod playbox;
+pub mod recovery;
 pub mod retry;
-pub mod sim;
 pub mod storage;
 pub mod supervisor;
+pub mod timestamp;
 pub mod tls;
 
 pub use supervisor::{Bridge, run};

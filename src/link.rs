@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::bvcsp::model::rfc3339_millis;
 use crate::mqtt::{Message, Outbox};
+use crate::timestamp::rfc3339_millis;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {

@@ -1,5 +1,7 @@
 //! The binary: parse the command line, load and validate the configuration, set up
-//! logging, run. Everything else lives in the library.
+//! logging, run. Everything else lives in the library. With the `demo` feature (on in a
+//! source build, off in the package) it also runs the demo and the benchmark, which bring
+//! the simulators and the embedded broker of `bvcsp2mqtt-testkit`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use bvcsp2mqtt::config::{self, LogConfig, LogFormat};
+
+#[cfg(feature = "demo")]
+mod demo;
 
 /// Exit codes (sysexits): bad configuration or usage, internal error, and another
 /// bridge already running on `storage.dir` (EX_CANTCREAT).
@@ -118,6 +123,15 @@ fn main() -> ExitCode {
                 Err(e) => exit_with(Err(anyhow::Error::new(e).context("cannot start"))),
             }
         }
+        #[cfg(not(feature = "demo"))]
+        Command::Bench { .. } | Command::Demo { .. } => {
+            eprintln!(
+                "this build has no demo or benchmark (the packaged daemon leaves the simulators \
+                 and the embedded broker out); from a source checkout run `cargo run --release -- demo`"
+            );
+            ExitCode::from(EX_USAGE)
+        }
+        #[cfg(feature = "demo")]
         Command::Bench {
             quick,
             repeat,
@@ -129,17 +143,20 @@ fn main() -> ExitCode {
             });
             exit_with(runtime().and_then(|rt| {
                 rt.block_on(async {
-                    let cfg = bvcsp2mqtt::bench::BenchConfig {
+                    let cfg = bvcsp2mqtt_testkit::bench::BenchConfig {
                         quick,
                         repeat,
                         bridge_exe: std::env::current_exe()
                             .context("cannot find this executable")?,
                         scenarios: scenario.iter().filter_map(|s| s.chars().next()).collect(),
                     };
-                    let (broker, figures) = bvcsp2mqtt::bench::run(&cfg)
+                    let (broker, figures) = bvcsp2mqtt_testkit::bench::run(&cfg)
                         .await
                         .context("benchmark failed")?;
-                    println!("{}", bvcsp2mqtt::bench::render(&broker, repeat, &figures));
+                    println!(
+                        "{}",
+                        bvcsp2mqtt_testkit::bench::render(&broker, repeat, &figures)
+                    );
                     let lost: u64 = figures.iter().map(|f| f.lost + f.duplicates).sum();
                     anyhow::ensure!(lost == 0, "messages were lost or duplicated");
                     Ok(())
@@ -176,6 +193,7 @@ fn main() -> ExitCode {
                 })
             }))
         }
+        #[cfg(feature = "demo")]
         Command::Demo {
             mqtt_port,
             duration,
@@ -195,9 +213,7 @@ fn main() -> ExitCode {
                             None => shutdown_signal().await,
                         }
                     };
-                    bvcsp2mqtt::demo::run(mqtt_port, stop)
-                        .await
-                        .context("demo failed")
+                    demo::run(mqtt_port, stop).await.context("demo failed")
                 })
             }))
         }

@@ -1,4 +1,7 @@
-//! Every reconnect and retry policy of the BVCSP link, by name, with its reset rule.
+//! Every reconnect and retry policy of the bridge, by name, with its reset rule: the
+//! BVCSP link (streams, logins, refresh, backfill), the MQTT connection and the play
+//! boxes (network, refused passwords, lockouts), and the fixed waits that stand in for
+//! a policy where a failure does not fix itself quickly.
 //!
 //! One shape serves them all: exponential growth from `min`, doubled per failure, with
 //! jitter, under a cap. The cap is short while an outage is young (`early_max` for
@@ -12,7 +15,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::config::BvcspConfig;
+use crate::config::{BvcspConfig, MqttConfig, PlayboxConfig};
 
 /// Jitter spreads each delay over `[d × (1 − JITTER), d]`, so a cap is a true cap.
 const JITTER: f64 = 0.25;
@@ -95,6 +98,64 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The broker connection. A CONNACK resets it at once: the outbox waits for the
+    /// broker, so a broker that is back is used at once.
+    pub fn mqtt_reconnect(cfg: &MqttConfig) -> Policy {
+        Policy {
+            min: cfg.reconnect_min,
+            early_max: cfg.reconnect_max,
+            early_for: Duration::ZERO,
+            max: cfg.reconnect_max,
+            stable_after: None,
+            jitter: true,
+        }
+    }
+
+    /// A play box that cannot be reached (down, rebooting, hung): from a second up to
+    /// the poll interval, at least 30 s. A successful poll resets it.
+    pub fn playbox_network(cfg: &PlayboxConfig) -> Policy {
+        let max = cfg.poll_interval.max(Duration::from_secs(30));
+        Policy {
+            min: Duration::from_secs(1),
+            early_max: max,
+            early_for: Duration::ZERO,
+            max,
+            stable_after: None,
+            jitter: true,
+        }
+    }
+
+    /// A play box refused the password (code 24, 33) or the login itself: minutes,
+    /// doubling, so the bridge can never be the one that locks the box. Reset by a
+    /// login that goes through, or a new password in the password file.
+    pub fn playbox_auth(cfg: &PlayboxConfig) -> Policy {
+        Policy {
+            min: cfg.auth_retry_min,
+            early_max: cfg.auth_retry_max,
+            early_for: Duration::ZERO,
+            max: cfg.auth_retry_max,
+            stable_after: None,
+            jitter: false,
+        }
+    }
+
+    /// A play box is locking logins (code 17, 67): never sooner than
+    /// [`PLAYBOX_LOCKOUT`], doubling up to the auth cap. Reset by a login that goes
+    /// through.
+    pub fn playbox_lockout(cfg: &PlayboxConfig) -> Policy {
+        let max = cfg.auth_retry_max.max(PLAYBOX_LOCKOUT);
+        Policy {
+            min: PLAYBOX_LOCKOUT,
+            early_max: max,
+            early_for: Duration::ZERO,
+            max,
+            stable_after: None,
+            jitter: false,
+        }
+    }
+}
+
 /// A socket that stayed open this long proves the server well again.
 pub const STABLE_SOCKET: Duration = Duration::from_secs(10);
 /// A session that lasted this long counts as healthy.
@@ -111,6 +172,29 @@ fn early_max(cfg: &BvcspConfig) -> Duration {
 pub fn not_found_retry(cfg: &BvcspConfig) -> Duration {
     cfg.reconnect_max
 }
+
+/// A failed device snapshot is taken again after this (the streams keep running).
+pub fn snapshot_retry(cfg: &BvcspConfig) -> Duration {
+    cfg.reconnect_max
+}
+
+/// A make-before-break reopen that failed keeps the current socket and tries again
+/// after this.
+pub fn reopen_retry(cfg: &BvcspConfig) -> Duration {
+    cfg.reconnect_max.min(Duration::from_secs(5))
+}
+
+/// A backfill whose token was refused waits this long at most for the new one.
+pub fn backfill_token_wait(cfg: &BvcspConfig) -> Duration {
+    cfg.reconnect_max
+}
+
+/// After a play box's lockout (code 17 or 67) no login for at least this long: the box
+/// locks logins for 60 s.
+pub const PLAYBOX_LOCKOUT: Duration = Duration::from_secs(61);
+/// With logins held back for a refused password, the password file is looked at this
+/// often (a new password ends the wait).
+pub const PLAYBOX_PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 
 /// The state of one policy: how many failures in a row, since when.
 #[derive(Debug, Clone)]
@@ -283,5 +367,71 @@ mod tests {
         assert_eq!(d, vec![500, 1000, 2000, 2000]);
         b.succeeded();
         assert_eq!(b.next_delay().as_millis(), 500);
+    }
+
+    fn playbox(text: &str) -> PlayboxConfig {
+        let toml = format!(
+            "[[playbox]]\nname = \"b\"\nurl = \"http://10.0.0.9\"\nsn = \"S\"\npassword = \"x\"\n{text}"
+        );
+        crate::config::from_toml(&toml).unwrap().playbox.remove(0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mqtt_reconnect_grows_to_a_true_cap_and_a_connack_resets_it() {
+        let cfg = MqttConfig {
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            ..MqttConfig::default()
+        };
+        let mut b = Backoff::new(Policy::mqtt_reconnect(&cfg));
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(375) && delays[0] <= Duration::from_millis(500));
+        assert!(delays.iter().all(|d| *d <= cfg.reconnect_max), "{delays:?}");
+        assert!(delays[11] >= Duration::from_millis(22_500), "{delays:?}");
+        // However long the outage, never past the cap (no young-outage rule here).
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert!(b.next_delay() <= cfg.reconnect_max);
+        b.succeeded();
+        assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn playbox_password_refusals_double_from_minutes_without_jitter() {
+        let cfg = playbox("auth_retry_min = \"5m\"\nauth_retry_max = \"30m\"\n");
+        let mut b = Backoff::new(Policy::playbox_auth(&cfg));
+        let mins: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs() / 60).collect();
+        assert_eq!(mins, vec![5, 10, 20, 30, 30]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_secs(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn playbox_lockouts_never_wait_less_than_the_box_locks() {
+        let cfg = playbox("auth_retry_min = \"61s\"\nauth_retry_max = \"61s\"\n");
+        let mut b = Backoff::new(Policy::playbox_lockout(&cfg));
+        for _ in 0..4 {
+            assert_eq!(b.next_delay(), PLAYBOX_LOCKOUT);
+        }
+        let cfg = playbox("");
+        let mut b = Backoff::new(Policy::playbox_lockout(&cfg));
+        let d: Vec<u64> = (0..3).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(d, vec![61, 122, 244]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_playbox_is_retried_within_the_poll_interval_or_30s() {
+        let cfg = playbox("poll_interval = \"2m\"\n");
+        let mut b = Backoff::new(Policy::playbox_network(&cfg));
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(120)),
+            "{delays:?}"
+        );
+        assert!(delays[11] >= Duration::from_secs(90), "{delays:?}");
+        let cfg = playbox("poll_interval = \"5s\"\n");
+        let mut b = Backoff::new(Policy::playbox_network(&cfg));
+        let last = (0..12).map(|_| b.next_delay()).last().unwrap();
+        assert!(last <= Duration::from_secs(30) && last >= Duration::from_millis(22_500));
     }
 }

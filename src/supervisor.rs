@@ -31,7 +31,7 @@ pub enum StartError {
     #[error(transparent)]
     Storage(#[from] crate::storage::StorageError),
     #[error("service.http_listen {0}: {1}")]
-    Http(String, #[source] std::io::Error),
+    Http(std::net::SocketAddr, #[source] std::io::Error),
     #[error("{0}: exiting so the service manager restarts the bridge")]
     Failed(String),
 }
@@ -116,11 +116,11 @@ impl Bridge {
         )?;
         let listener = match cfg.service.http {
             true => {
-                let addr = cfg.service.http_listen.parse().expect("validated");
+                let addr = cfg.service.http_listen;
                 Some(
                     crate::health::bind_http(addr)
                         .await
-                        .map_err(|e| StartError::Http(cfg.service.http_listen.clone(), e))?,
+                        .map_err(|e| StartError::Http(addr, e))?,
                 )
             }
             false => None,

@@ -27,10 +27,60 @@ pub enum TlsError {
     #[error("TLS setup: {0}")]
     Rustls(#[from] rustls::Error),
     /// A trust-on-first-use pin that cannot be used or stored: nothing is sent.
-    #[error("{0}")]
-    Pin(String),
+    #[error(transparent)]
+    Pin(Arc<PinError>),
     #[error("first contact (TLS handshake before pinning) failed: {0}")]
-    FirstContact(String),
+    FirstContact(#[source] FirstContactError),
+}
+
+/// A pin file that cannot be used: every connection is refused until it is fixed.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "pin file {path} is not a SHA-256 fingerprint ({source}); refusing to connect \
+         until it is fixed or deleted"
+    )]
+    NotAFingerprint {
+        path: String,
+        #[source]
+        source: FingerprintError,
+    },
+    #[error(
+        "cannot read pin file {path}: {source}; refusing to connect until it is fixed or deleted"
+    )]
+    Unreadable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot store the pin in {path}: {source}; refusing to connect")]
+    Unstorable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why the first TLS handshake with a trust-on-first-use peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FirstContactError {
+    #[error("timed out")]
+    TimedOut,
+    #[error(transparent)]
+    Name(#[from] rustls::pki_types::InvalidDnsNameError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the server sent no certificate")]
+    NoCertificate,
+}
+
+/// A certificate fingerprint that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FingerprintError {
+    #[error("must be hex (colons allowed)")]
+    NotHex,
+    #[error("must be a SHA-256: 32 bytes, 64 hex digits")]
+    WrongLength,
 }
 
 /// How a server certificate is trusted.
@@ -64,13 +114,13 @@ pub struct TofuPin {
     state: std::sync::Mutex<PinState>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum PinState {
     /// No pin file: the first completed handshake pins.
     Empty,
     Pinned([u8; 32]),
     /// The pin file is there but unusable: refuse everything.
-    Broken(String),
+    Broken(Arc<PinError>),
 }
 
 impl TofuPin {
@@ -79,17 +129,16 @@ impl TofuPin {
         let state = match std::fs::read_to_string(&path) {
             Ok(s) => match parse_fingerprint(s.trim()) {
                 Ok(fp) => PinState::Pinned(fp),
-                Err(e) => PinState::Broken(format!(
-                    "pin file {} is not a SHA-256 fingerprint ({e}); refusing to connect \
-                     until it is fixed or deleted",
-                    path.display()
-                )),
+                Err(source) => PinState::Broken(Arc::new(PinError::NotAFingerprint {
+                    path: path.display().to_string(),
+                    source,
+                })),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PinState::Empty,
-            Err(e) => PinState::Broken(format!(
-                "cannot read pin file {}: {e}; refusing to connect until it is fixed or deleted",
-                path.display()
-            )),
+            Err(source) => PinState::Broken(Arc::new(PinError::Unreadable {
+                path: path.display().to_string(),
+                source,
+            })),
         };
         if let PinState::Broken(why) = &state {
             tracing::error!("{why}");
@@ -129,7 +178,7 @@ impl TofuPin {
             PinState::Empty => Err(rustls::Error::General(
                 "no certificate pinned yet (first contact not completed)".into(),
             )),
-            PinState::Broken(why) => Err(rustls::Error::General(why.clone())),
+            PinState::Broken(why) => Err(rustls::Error::General(why.to_string())),
         }
     }
 
@@ -150,15 +199,15 @@ impl TofuPin {
         }
         let seen = tokio::time::timeout(timeout, handshake_fingerprint(host, port))
             .await
-            .map_err(|_| TlsError::FirstContact("timed out".into()))??;
+            .map_err(|_| TlsError::FirstContact(FirstContactError::TimedOut))??;
         let mut state = self.state();
         match &*state {
             PinState::Empty => {
-                store_pin(&self.path, seen).map_err(|e| {
-                    TlsError::Pin(format!(
-                        "cannot store the pin in {}: {e}; refusing to connect",
-                        self.path.display()
-                    ))
+                store_pin(&self.path, seen).map_err(|source| {
+                    TlsError::Pin(Arc::new(PinError::Unstorable {
+                        path: self.path.display().to_string(),
+                        source,
+                    }))
                 })?;
                 tracing::info!(
                     "pinned certificate sha256 {} at first contact ({})",
@@ -176,11 +225,11 @@ impl TofuPin {
 
 /// The SHA-256 of the end-entity certificate of a completed handshake with `host:port`.
 async fn handshake_fingerprint(host: &str, port: u16) -> Result<[u8; 32], TlsError> {
-    let fail = |e: &dyn std::fmt::Display| TlsError::FirstContact(e.to_string());
+    let fail = |e: FirstContactError| TlsError::FirstContact(e);
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     let name = match bare.parse::<std::net::IpAddr>() {
         Ok(ip) => ServerName::IpAddress(ip.into()),
-        Err(_) => ServerName::try_from(bare.to_owned()).map_err(|e| fail(&e))?,
+        Err(_) => ServerName::try_from(bare.to_owned()).map_err(|e| fail(e.into()))?,
     };
     let provider = provider();
     let config = ClientConfig::builder_with_provider(provider.clone())
@@ -193,17 +242,17 @@ async fn handshake_fingerprint(host: &str, port: u16) -> Result<[u8; 32], TlsErr
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect((bare, port))
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(e.into()))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(e.into()))?;
     let cert = tls
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .ok_or_else(|| fail(&"the server sent no certificate"))?;
+        .ok_or_else(|| fail(FirstContactError::NoCertificate))?;
     Ok(Sha256::digest(cert.as_ref()).into())
 }
 
@@ -233,7 +282,11 @@ fn store_pin(path: &Path, fp: [u8; 32]) -> std::io::Result<()> {
 }
 
 impl Trust {
-    pub fn from_options(insecure: bool, fingerprint: &str, ca_file: &str) -> Result<Trust, String> {
+    pub fn from_options(
+        insecure: bool,
+        fingerprint: &str,
+        ca_file: &str,
+    ) -> Result<Trust, FingerprintError> {
         if insecure {
             Ok(Trust::Insecure)
         } else if !fingerprint.is_empty() {
@@ -247,15 +300,13 @@ impl Trust {
 }
 
 /// Hex SHA-256, colons and case allowed.
-pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], FingerprintError> {
     let clean: String = s
         .chars()
         .filter(|c| *c != ':' && !c.is_whitespace())
         .collect();
-    let bytes = hex::decode(&clean).map_err(|_| "must be hex (colons allowed)".to_string())?;
-    bytes
-        .try_into()
-        .map_err(|_| "must be a SHA-256: 32 bytes, 64 hex digits".to_string())
+    let bytes = hex::decode(&clean).map_err(|_| FingerprintError::NotHex)?;
+    bytes.try_into().map_err(|_| FingerprintError::WrongLength)
 }
 
 pub fn fingerprint_hex(der: &[u8]) -> String {
@@ -455,7 +506,7 @@ mod tests {
     fn pin_files_load_or_fail_closed() {
         let dir = tempfile::tempdir().unwrap();
         let missing = TofuPin::load(dir.path().join("none.pin"));
-        assert_eq!(*missing.state(), PinState::Empty);
+        assert!(matches!(*missing.state(), PinState::Empty));
         assert!(missing.check([1; 32]).is_err(), "nothing accepted unpinned");
 
         let good = dir.path().join("good.pin");
@@ -521,7 +572,7 @@ mod tests {
 
     #[tokio::test]
     async fn first_contact_pins_only_a_completed_handshake() {
-        let sim = crate::sim::playbox::PlayboxSim::start(Default::default())
+        let sim = bvcsp2mqtt_testkit::playbox::PlayboxSim::start(Default::default())
             .await
             .unwrap();
         let dir = tempfile::tempdir().unwrap();

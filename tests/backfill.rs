@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::Config;
-use bvcsp2mqtt::sim::alarm_history::HistoryMode;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::alarm_history::HistoryMode;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
 use common::*;
 use serde_json::json;
 
@@ -370,8 +370,8 @@ async fn an_online_offline_online_flap_within_a_second_ends_online() {
 /// Backfill with `order` and `spelling`, with or without `totalCount`: 10 alarms missed
 /// behind a history of 150 older ones, read 20 a page.
 async fn backfill_across_pages(
-    order: bvcsp2mqtt::sim::alarm_history::HistoryOrder,
-    spelling: bvcsp2mqtt::sim::alarm_history::HistorySpelling,
+    order: bvcsp2mqtt_testkit::alarm_history::HistoryOrder,
+    spelling: bvcsp2mqtt_testkit::alarm_history::HistorySpelling,
     page_info: bool,
     max_calls: u64,
     page_size: u32,
@@ -422,7 +422,7 @@ async fn backfill_across_pages(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_newest_first_pages_in_record_spelling() {
-    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    use bvcsp2mqtt_testkit::alarm_history::{HistoryOrder, HistorySpelling};
     backfill_across_pages(
         HistoryOrder::NewestFirst,
         HistorySpelling::Records,
@@ -435,7 +435,7 @@ async fn backfill_reads_newest_first_pages_in_record_spelling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_oldest_first_pages_from_the_end_in_mixed_spelling() {
-    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    use bvcsp2mqtt_testkit::alarm_history::{HistoryOrder, HistorySpelling};
     backfill_across_pages(
         HistoryOrder::OldestFirst,
         HistorySpelling::Mixed,
@@ -448,7 +448,7 @@ async fn backfill_reads_oldest_first_pages_from_the_end_in_mixed_spelling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_reads_oldest_first_pages_without_a_total_in_frame_spelling() {
-    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    use bvcsp2mqtt_testkit::alarm_history::{HistoryOrder, HistorySpelling};
     backfill_across_pages(
         HistoryOrder::OldestFirst,
         HistorySpelling::Frames,
@@ -462,7 +462,7 @@ async fn backfill_reads_oldest_first_pages_without_a_total_in_frame_spelling() {
 /// One record a page: page 0 alone cannot tell the order; page 1 must.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_tells_the_order_from_two_pages_of_one_record() {
-    use bvcsp2mqtt::sim::alarm_history::{HistoryOrder, HistorySpelling};
+    use bvcsp2mqtt_testkit::alarm_history::{HistoryOrder, HistorySpelling};
     backfill_across_pages(
         HistoryOrder::OldestFirst,
         HistorySpelling::Records,

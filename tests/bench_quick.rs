@@ -3,14 +3,19 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_bench_loses_and_duplicates_nothing() {
-    let cfg = bvcsp2mqtt::bench::BenchConfig {
+    let cfg = bvcsp2mqtt_testkit::bench::BenchConfig {
         quick: true,
         repeat: 1,
         bridge_exe: env!("CARGO_BIN_EXE_bvcsp2mqtt").into(),
         scenarios: Vec::new(),
     };
-    let (broker, figures) = bvcsp2mqtt::bench::run(&cfg).await.expect("bench runs");
-    eprintln!("{}", bvcsp2mqtt::bench::render(&broker, 1, &figures));
+    let (broker, figures) = bvcsp2mqtt_testkit::bench::run(&cfg)
+        .await
+        .expect("bench runs");
+    eprintln!(
+        "{}",
+        bvcsp2mqtt_testkit::bench::render(&broker, 1, &figures)
+    );
     for f in &figures {
         assert_eq!(f.lost, 0, "{}: lost messages", f.scenario);
         assert_eq!(f.duplicates, 0, "{}: duplicates", f.scenario);

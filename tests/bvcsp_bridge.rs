@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, RefreshMode, SimDevice, SimOptions, SubprotocolMode};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, RefreshMode, SimDevice, SimOptions, SubprotocolMode};
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -413,7 +413,7 @@ async fn garbage_frames_are_survived() {
     .await;
     // Never a reconnect over bad frames.
     assert_eq!(sim.counters().ws_upgrades.get("alarm"), Some(&1));
-    let stats = bridge.bvcsp_stats.of(Stream::Alarm);
+    let stats = bridge.bvcsp_stats.of(bvcsp2mqtt::bvcsp::Stream::Alarm);
     assert!(stats.malformed.load(std::sync::atomic::Ordering::Relaxed) >= 4);
     bridge.stop(Duration::from_secs(5)).await;
 }

@@ -5,8 +5,8 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
 use common::*;
 use serde_json::json;
 

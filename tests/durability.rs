@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
-use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::eventually;
 use common::*;
 use serde_json::json;
 
@@ -328,7 +328,7 @@ async fn a_stop_with_a_full_outbox_keeps_every_frame_read() {
     let ctx = bridge.bvcsp.clone().unwrap();
     let read = || {
         ctx.stats
-            .of(Stream::Alarm)
+            .of(bvcsp2mqtt::bvcsp::Stream::Alarm)
             .events_in
             .load(std::sync::atomic::Ordering::Relaxed)
     };

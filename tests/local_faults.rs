@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
 use common::*;
 use serde_json::json;
 
@@ -163,7 +163,7 @@ async fn storage_files_are_0600_and_the_dir_0700_whatever_the_umask() {
     r.obs.wait_all_up(&[Stream::Alarm], T).await;
     alarm_flows(&r, "perm").await;
     let expected = ["outbox.sqlite3", "outbox.sqlite3-wal", "alarm-ledger.json"];
-    bvcsp2mqtt::sim::eventually("every file exists", T, || {
+    bvcsp2mqtt_testkit::eventually("every file exists", T, || {
         expected.iter().all(|f| r.state.join(f).exists())
     })
     .await;
@@ -302,7 +302,7 @@ async fn a_disk_refusing_writes_pauses_reading_says_why_and_resumes_by_itself_lo
         })
         .await;
     assert_eq!(published(&r.obs), keys.len(), "no duplicates either");
-    bvcsp2mqtt::sim::eventually("the log says it resumed", T, || {
+    bvcsp2mqtt_testkit::eventually("the log says it resumed", T, || {
         d.log().contains("writes work again")
     })
     .await;

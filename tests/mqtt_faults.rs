@@ -8,10 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::Config;
-use bvcsp2mqtt::sim::eventually;
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::eventually;
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 use serde_json::json;
 
@@ -28,7 +28,7 @@ fn sos_topic() -> String {
 
 fn with_http(mut cfg: Config) -> Config {
     cfg.service.http = true;
-    cfg.service.http_listen = "127.0.0.1:0".into();
+    cfg.service.http_listen = "127.0.0.1:0".parse().unwrap();
     cfg.service.health_interval = Duration::from_secs(1);
     cfg
 }
@@ -54,7 +54,11 @@ fn keys_on(obs: &Observer, topic: &str) -> Vec<String> {
 
 /// Small alarm, one too big for the broker, two small ones: the small ones arrive, the
 /// big one ends up in the dead-letter table; returns the bridge's storage directory.
-async fn big_one_in_the_middle(obs: &Observer, sim: &bvcsp2mqtt::sim::bvcsp::BvcspSim, big: usize) {
+async fn big_one_in_the_middle(
+    obs: &Observer,
+    sim: &bvcsp2mqtt_testkit::bvcsp::BvcspSim,
+    big: usize,
+) {
     obs.wait_all_up(&[Stream::Alarm], T).await;
     wait_sockets(sim, &[Stream::Alarm], T).await;
     assert_eq!(sim.inject(Stream::Alarm, alarm("small-1", "SOS")), 1);

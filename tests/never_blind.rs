@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
 use common::*;
 use serde_json::json;
 

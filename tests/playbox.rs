@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::config::{self, Config};
-use bvcsp2mqtt::sim::playbox::{PlayboxOptions, PlayboxSim};
+use bvcsp2mqtt_testkit::playbox::{PlayboxOptions, PlayboxSim};
 use common::*;
 
 const T: Duration = Duration::from_secs(20);
@@ -426,7 +426,7 @@ async fn discover_finds_the_box_and_prints_valid_toml() {
     );
     let cfg = config::from_toml(&entry).expect("the printed TOML is a valid [[playbox]] entry");
     assert_eq!(cfg.playbox.len(), 1);
-    assert_eq!(cfg.playbox[0].url, sim.url());
+    assert_eq!(cfg.playbox[0].url.as_str(), sim.url());
     assert_eq!(cfg.playbox[0].sn, "2ZTA00000X0A00000000");
 }
 

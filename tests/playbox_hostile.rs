@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
 use bvcsp2mqtt::config::{self, Config};
-use bvcsp2mqtt::sim::playbox::{BRIGHTNESS_PATHS, PlayboxOptions, PlayboxSim, SCREEN_PATHS};
+use bvcsp2mqtt_testkit::playbox::{BRIGHTNESS_PATHS, PlayboxOptions, PlayboxSim, SCREEN_PATHS};
 use common::*;
 use serde_json::Value;
 

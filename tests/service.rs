@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
-use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
+use bvcsp2mqtt_testkit::eventually;
 use common::*;
 use serde_json::json;
 
@@ -78,7 +78,7 @@ async fn metrics_health_and_readiness_follow_the_bridge() {
     let obs = Observer::start(broker).await;
     let mut cfg = bridge_config(&sim, proxy.addr, "streams = [\"alarm\"]");
     cfg.service.http = true;
-    cfg.service.http_listen = "127.0.0.1:0".into();
+    cfg.service.http_listen = "127.0.0.1:0".parse().unwrap();
     cfg.service.health_interval = Duration::from_secs(1);
     let bridge = Bridge::start(cfg).await.unwrap();
     let http = bridge.http_addr.expect("listener on");

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bvcsp2mqtt::Bridge;
-use bvcsp2mqtt::bvcsp::Stream;
-use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use bvcsp2mqtt::sim::eventually;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use bvcsp2mqtt_testkit::eventually;
 use common::*;
 use tokio::net::TcpListener;
 
@@ -26,7 +26,7 @@ async fn sim() -> BvcspSim {
 
 /// TLS in front of the embedded broker, with a fresh self-signed certificate.
 async fn tls_front(broker: std::net::SocketAddr) -> (std::net::SocketAddr, String) {
-    let cert = bvcsp2mqtt::sim::cert::self_signed("localhost", false).unwrap();
+    let cert = bvcsp2mqtt_testkit::cert::self_signed("localhost", false).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = cert.acceptor.clone();
@@ -59,7 +59,9 @@ async fn ssl_scheme_is_tls_and_never_plain_text() {
 
     // Against a TLS broker: it works.
     let mut cfg = bridge_config(&sim, broker, "streams = [\"alarm\"]");
-    cfg.mqtt.url = format!("ssl://localhost:{}", tls_addr.port());
+    cfg.mqtt.url = format!("ssl://localhost:{}", tls_addr.port())
+        .parse()
+        .unwrap();
     cfg.mqtt.tls.ca_file = ca.display().to_string();
     let bridge = Bridge::start(cfg.clone()).await.unwrap();
     obs.wait_all_up(&[Stream::Alarm], T).await;
@@ -80,7 +82,7 @@ async fn ssl_scheme_is_tls_and_never_plain_text() {
             }
         }
     });
-    cfg.mqtt.url = format!("ssl://localhost:{plain_port}");
+    cfg.mqtt.url = format!("ssl://localhost:{plain_port}").parse().unwrap();
     cfg.mqtt.username = "bob".into();
     let bridge = Bridge::start(cfg).await.unwrap();
     eventually("a connection attempt", T, || {
@@ -101,7 +103,7 @@ async fn a_failed_start_leaves_nothing_running() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut cfg = bridge_config(&sim, broker, "");
     cfg.service.http = true;
-    cfg.service.http_listen = taken.local_addr().unwrap().to_string();
+    cfg.service.http_listen = taken.local_addr().unwrap();
     let Err(e) = Bridge::start(cfg.clone()).await else {
         panic!("the start should fail: the HTTP port is taken");
     };

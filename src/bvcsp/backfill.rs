@@ -95,8 +95,11 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
         return;
     }
     ctx.link.set_detail("backfill", json!("ok"));
-    let _alive =
-        crate::health::BeatGuard::new(&ctx.heartbeats, HEARTBEAT, Duration::from_secs(24 * 3600));
+    let _alive = crate::heartbeat::BeatGuard::new(
+        &ctx.heartbeats,
+        HEARTBEAT,
+        Duration::from_secs(24 * 3600),
+    );
     let mut token_rx = ctx.token.subscribe();
     let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
     let mut unavailable_until: Option<Instant> = None;
@@ -186,7 +189,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = token_rx.changed() => {}
-                        _ = tokio::time::sleep(ctx.cfg.reconnect_max) => {}
+                        _ = tokio::time::sleep(crate::retry::backfill_token_wait(&ctx.cfg)) => {}
                     }
                     continue;
                 }

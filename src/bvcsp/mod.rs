@@ -8,7 +8,6 @@ pub mod ledger;
 pub mod model;
 pub mod rest;
 pub mod session;
-pub mod stream;
 pub mod ws;
 
 use std::collections::{BTreeMap, HashSet};
@@ -20,9 +19,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use stream::Stream;
+pub use crate::config::Stream;
 
-use crate::config::{BvcspConfig, Secret};
+use crate::config::{BvcspConfig, HttpScheme, Secret};
 use crate::link::Link;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, Trust};
@@ -82,7 +81,9 @@ impl Stats {
         let ms = self
             .last_event_ms
             .load(std::sync::atomic::Ordering::Relaxed);
-        (ms > 0).then(|| model::rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)))
+        (ms > 0).then(|| {
+            crate::timestamp::rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        })
     }
 
     /// Plain numbers, for health reports.
@@ -143,7 +144,7 @@ pub struct Ctx {
     /// Set when the bridge is killed rather than stopped: no goodbye to the server.
     pub skip_logout: AtomicBool,
     pub stats: Arc<Stats>,
-    pub heartbeats: Arc<crate::health::Heartbeats>,
+    pub heartbeats: Arc<crate::heartbeat::Heartbeats>,
     /// Which alarms are published, and how far back a backfill must read.
     pub ledger: Arc<ledger::AlarmLedger>,
     /// The alarm stream (re)connected, or the outbox has room again: read back the gap.
@@ -158,7 +159,7 @@ pub enum BvcspSetupError {
     #[error("bvcsp.tls: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("bvcsp.tls: {0}")]
-    Trust(String),
+    Trust(#[source] tls::FingerprintError),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("storage.dir: {0}")]
@@ -172,10 +173,10 @@ impl Ctx {
         outbox: Arc<Outbox>,
         topics: Topics,
         stats: Arc<Stats>,
-        heartbeats: Arc<crate::health::Heartbeats>,
+        heartbeats: Arc<crate::heartbeat::Heartbeats>,
     ) -> Result<(Arc<Ctx>, mpsc::Receiver<u64>), BvcspSetupError> {
-        let base = cfg.base_url();
-        let tls_cfg = if base.scheme() == "https" {
+        let https = cfg.url.scheme() == HttpScheme::Https;
+        let tls_cfg = if https {
             let t = &cfg.tls;
             let trust = Trust::from_options(t.insecure, &t.fingerprint_sha256, &t.ca_file)
                 .map_err(BvcspSetupError::Trust)?;
@@ -188,12 +189,8 @@ impl Ctx {
         } else {
             None
         };
-        let mut ws_base = base.clone();
-        let scheme = if base.scheme() == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
+        let mut ws_base = cfg.base_url().clone();
+        let scheme = if https { "wss" } else { "ws" };
         ws_base
             .set_scheme(scheme)
             .expect("ws and wss are valid schemes");

@@ -10,62 +10,13 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::Stream;
+use crate::json::{as_f64, as_i64, as_string, field, field_any};
 use crate::mqtt::Message;
 use crate::mqtt::topics::Topics;
-
-/// Case-insensitive field lookup.
-pub fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
-    let obj = v.as_object()?;
-    obj.get(key).or_else(|| {
-        obj.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
-}
-
-/// The first of several candidate keys that is present and not null.
-pub fn field_any<'a>(v: &'a Value, keys: &[&str]) -> Option<&'a Value> {
-    keys.iter()
-        .find_map(|k| field(v, k).filter(|x| !x.is_null()))
-}
-
-pub fn as_i64(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s
-            .trim()
-            .parse::<i64>()
-            .ok()
-            .or_else(|| s.trim().parse::<f64>().ok().map(|f| f as i64)),
-        Value::Bool(b) => Some(i64::from(*b)),
-        _ => None,
-    }
-}
-
-pub fn as_f64(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    }
-}
-
-/// A string view of a scalar (ids sometimes arrive as numbers).
-pub fn as_string(v: &Value) -> Option<Cow<'_, str>> {
-    match v {
-        Value::String(s) => Some(Cow::Borrowed(s.as_str())),
-        Value::Number(n) => Some(Cow::Owned(n.to_string())),
-        _ => None,
-    }
-}
+use crate::timestamp::rfc3339_millis;
 
 fn str_field<'a>(v: &'a Value, keys: &[&str]) -> Option<Cow<'a, str>> {
     field_any(v, keys).and_then(as_string)
-}
-
-/// RFC 3339 UTC with milliseconds.
-pub fn rfc3339_millis(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// The latest upstream time taken as sane (2200-01-01): later is a unit mix-up or junk.

@@ -6,24 +6,15 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::{Value, json};
 
 use super::auth;
-use super::model::{DeviceRecord, as_i64, field};
+use super::model::DeviceRecord;
 use crate::config::{BvcspConfig, BvcspPaths, Secret};
-
-/// How the supervisor should react to an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// Transient: back off and try again.
-    Retry,
-    /// The token is no good: log in again.
-    Relogin,
-    /// The credentials were refused: back off for minutes, report `auth_failed`.
-    AuthRejected,
-}
+use crate::json::{as_i64, field};
+use crate::recovery::{Classify, HttpFailure, Recovery, WaitReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestError {
     #[error("request failed: {0}")]
-    Transport(String),
+    Transport(#[source] HttpFailure),
     #[error("HTTP status {0}")]
     Status(u16),
     #[error("reply is not JSON ({0} bytes)")]
@@ -58,37 +49,22 @@ async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8
     Ok(body)
 }
 
-impl RestError {
-    pub fn recovery(&self) -> Recovery {
+/// The session's reading of a failed call (backfill reads the alarm records' failures
+/// its own way: see `backfill::classify`).
+impl Classify for RestError {
+    fn recovery(&self) -> Recovery {
         match self {
             RestError::Code { code: 9, .. } | RestError::Status(401 | 403) => Recovery::Relogin,
-            RestError::Code { code: 14 | 17, .. } => Recovery::AuthRejected,
+            RestError::Code { code: 14 | 17, .. } => {
+                Recovery::WaitLong(WaitReason::CredentialsRefused)
+            }
             _ => Recovery::Retry,
         }
     }
 }
 
 fn transport(e: reqwest::Error) -> RestError {
-    RestError::Transport(describe_http_error(&e))
-}
-
-/// A reqwest failure in a line: what kind, then the chain of causes. reqwest's own
-/// message names the URL; the cause chain says more and never carries a header.
-pub fn describe_http_error(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "cannot connect".to_string()
-    } else {
-        "transport error".to_string()
-    };
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        src = s.source();
-    }
-    text
+    RestError::Transport(HttpFailure(e))
 }
 
 /// A token and how long the server says it lives.
@@ -119,7 +95,7 @@ impl RestClient {
         }
         Ok(RestClient {
             http: b.build()?,
-            base: cfg.base_url(),
+            base: cfg.base_url().clone(),
             paths: cfg.paths.clone(),
         })
     }
@@ -318,7 +294,10 @@ mod tests {
             msg: String::new(),
         };
         assert_eq!(code(9).recovery(), Recovery::Relogin);
-        assert_eq!(code(14).recovery(), Recovery::AuthRejected);
+        assert_eq!(
+            code(14).recovery(),
+            Recovery::WaitLong(WaitReason::CredentialsRefused)
+        );
         assert_eq!(code(11).recovery(), Recovery::Retry);
         assert_eq!(RestError::Status(401).recovery(), Recovery::Relogin);
         assert_eq!(RestError::Status(502).recovery(), Recovery::Retry);

@@ -11,10 +11,11 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::rest::{Grant, Recovery, RestError};
+use super::rest::{Grant, RestError};
 use super::{Ctx, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link::LinkState;
+use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, Policy};
 
 /// The session's heartbeat name.
@@ -80,7 +81,8 @@ pub async fn run_session(
     let mut generation = 0u64;
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
-    let _alive = crate::health::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
+    let _alive =
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
     loop {
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next_delay();
@@ -105,9 +107,9 @@ pub async fn run_session(
             Err(e) => {
                 ctx.stats.login_failures.fetch_add(1, Ordering::Relaxed);
                 let d = match e.recovery() {
-                    Recovery::AuthRejected => {
+                    Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                         let d = auth_backoff.next_delay();
-                        let local = crate::bvcsp::model::rfc3339_millis(SystemTime::now());
+                        let local = crate::timestamp::rfc3339_millis(SystemTime::now());
                         error!(
                             "BVCSP refused the credentials for user `{}`: {e}. Next attempt in {d:?}. \
                              (SHA256_T also fails when the clocks disagree: local UTC time is {local})",
@@ -278,11 +280,9 @@ async fn run_snapshot(
             Some(Outcome::Relogin(format!("device list: {e}")))
         }
         Err(e) => {
-            warn!(
-                "device snapshot failed: {e}; retrying in {:?}",
-                ctx.cfg.reconnect_max
-            );
-            *retry = Some(Instant::now() + ctx.cfg.reconnect_max);
+            let d = crate::retry::snapshot_retry(&ctx.cfg);
+            warn!("device snapshot failed: {e}; retrying in {d:?}");
+            *retry = Some(Instant::now() + d);
             None
         }
     }

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 use super::model::{self, Normalised};
 use super::{Ctx, Stream, Token};
 use crate::config::TokenTransport;
+use crate::recovery::{Classify, Recovery};
 use crate::retry::{Backoff, Policy};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -61,8 +62,39 @@ pub enum ConnectError {
     NotFound,
     #[error("handshake timed out")]
     Timeout,
-    #[error("{0}")]
-    Other(String),
+    #[error("upgrade refused with HTTP {0}")]
+    Status(u16),
+    #[error("invalid stream URL")]
+    Url(#[source] tokio_tungstenite::tungstenite::error::UrlError),
+    #[error("invalid stream URL for path {path}")]
+    Request {
+        path: String,
+        #[source]
+        source: WsError,
+    },
+    #[error("token is not a valid header value")]
+    TokenHeader(#[source] tokio_tungstenite::tungstenite::http::header::InvalidHeaderValue),
+    /// Anything else the WebSocket layer reports (I/O, TLS, protocol), as it tells it.
+    #[error(transparent)]
+    Transport(WsError),
+}
+
+impl Classify for ConnectError {
+    fn recovery(&self) -> Recovery {
+        match self {
+            ConnectError::Rejected(_) => Recovery::Relogin,
+            ConnectError::NotFound => Recovery::GiveUp,
+            // Invalid requests fail the same way every time; only a new token (for a
+            // bad header) or a fixed configuration helps.
+            ConnectError::Url(_) | ConnectError::Request { .. } => Recovery::GiveUp,
+            ConnectError::NoSubprotocol
+            | ConnectError::WrongSubprotocol(_)
+            | ConnectError::Timeout
+            | ConnectError::Status(_)
+            | ConnectError::TokenHeader(_)
+            | ConnectError::Transport(_) => Recovery::Retry,
+        }
+    }
 }
 
 fn classify(e: WsError) -> ConnectError {
@@ -76,10 +108,10 @@ fn classify(e: WsError) -> ConnectError {
         WsError::Http(resp) => match resp.status().as_u16() {
             401 | 403 => ConnectError::Rejected(resp.status().as_u16()),
             404 => ConnectError::NotFound,
-            s => ConnectError::Other(format!("upgrade refused with HTTP {s}")),
+            s => ConnectError::Status(s),
         },
-        WsError::Url(_) => ConnectError::Other("invalid stream URL".into()),
-        other => ConnectError::Other(other.to_string()),
+        WsError::Url(e) => ConnectError::Url(e),
+        other => ConnectError::Transport(other),
     }
 }
 
@@ -93,15 +125,16 @@ pub async fn connect(ctx: &Ctx, stream: Stream, token: &Token) -> Result<Ws, Con
         url.query_pairs_mut()
             .append_pair("token", token.value.expose());
     }
-    let mut req = url.as_str().into_client_request().map_err(|_| {
-        ConnectError::Other(format!(
-            "invalid stream URL for path {}",
-            ctx.cfg.paths.stream(stream)
-        ))
-    })?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .map_err(|source| ConnectError::Request {
+            path: ctx.cfg.paths.stream(stream).to_string(),
+            source,
+        })?;
     if !query {
-        let mut v = HeaderValue::from_str(token.value.expose())
-            .map_err(|_| ConnectError::Other("token is not a valid header value".into()))?;
+        let mut v =
+            HeaderValue::from_str(token.value.expose()).map_err(ConnectError::TokenHeader)?;
         v.set_sensitive(true);
         req.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, v);
     }
@@ -219,7 +252,7 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
     let mut memory = StreamMemory::new();
     let mut first_connect = true;
     let _alive =
-        crate::health::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, name, Duration::from_secs(24 * 3600));
     let mut last_failure: Option<String> = None;
     let mut failures = 0u64;
     // Streams after the first open one after another, not all at once.
@@ -320,12 +353,13 @@ pub async fn run_stream(ctx: Arc<Ctx>, stream: Stream, index: usize, cancel: Can
                         "cannot open stream: {text} (attempt {failures})"
                     );
                 }
-                match e {
-                    ConnectError::Rejected(_) => {
+                match e.recovery() {
+                    Recovery::Relogin => {
                         let _ = ctx.relogin.try_send(token.generation);
                         wait_for_new_token = true;
                     }
-                    ConnectError::NotFound => {
+                    // No such stream path: it does not fix itself quickly.
+                    Recovery::GiveUp => {
                         let d = crate::retry::not_found_retry(&ctx.cfg);
                         ctx.heartbeats.beat(name, d + Duration::from_secs(30));
                         tokio::select! {
@@ -516,7 +550,7 @@ async fn run_socket(
                     }
                     Err(e) => {
                         warn!(stream = stream.name(), "reopening with the new token failed: {e}; keeping the current socket");
-                        reopen_at = Some(Instant::now() + cfg.reconnect_max.min(Duration::from_secs(5)));
+                        reopen_at = Some(Instant::now() + crate::retry::reopen_retry(cfg));
                     }
                 }
             }

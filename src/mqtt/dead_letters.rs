@@ -43,7 +43,7 @@ impl LastDeadLetter {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "topic": self.topic, "bytes": self.bytes, "reason": self.reason,
-            "at": crate::bvcsp::model::rfc3339_millis(
+            "at": crate::timestamp::rfc3339_millis(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.at_ms.max(0) as u64)
             ),
         })

@@ -17,7 +17,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
@@ -29,6 +28,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Message, Outbox, Topics};
 use crate::config::MqttConfig;
+use crate::retry::{Backoff, Policy};
 use crate::tls::{self, ClientAuth, Trust};
 
 /// A message from the broker on one of the subscribed command topics.
@@ -224,7 +224,7 @@ impl Publisher {
         topics: Topics,
         subscriptions: Vec<String>,
         incoming: Option<tokio::sync::mpsc::Sender<Incoming>>,
-        heartbeats: Arc<crate::health::Heartbeats>,
+        heartbeats: Arc<crate::heartbeat::Heartbeats>,
         critical: &crate::critical::Critical,
     ) -> Result<Publisher, MqttSetupError> {
         let opts = options(cfg, &topics)?;
@@ -251,12 +251,7 @@ impl Publisher {
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(cfg.reconnect_min)
-            .with_max_delay(cfg.reconnect_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times();
+        let backoff = Backoff::new(Policy::mqtt_reconnect(cfg));
         let alive = cfg.keepalive * 3 + Duration::from_secs(15);
         let ending = CancellationToken::new();
         critical.spawn(
@@ -348,15 +343,14 @@ fn offline_msg(topics: &Topics) -> Message {
 async fn drive(
     shared: Arc<Shared>,
     mut eventloop: EventLoop,
-    builder: ExponentialBuilder,
+    mut backoff: Backoff,
     stop: CancellationToken,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
     alive: Duration,
 ) {
     // poll() yields at least once per keepalive (the ping) while connected, and within
     // the connect timeout while not.
-    let _alive = crate::health::BeatGuard::new(&heartbeats, "mqtt", alive);
-    let mut backoff = builder.build();
+    let _alive = crate::heartbeat::BeatGuard::new(&heartbeats, "mqtt", alive);
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
     // When the current connection was made (None while not connected).
@@ -370,7 +364,7 @@ async fn drive(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = builder.build();
+                backoff.succeeded();
                 connected_at = Some(std::time::Instant::now());
                 {
                     let mut corr = shared.corr();
@@ -491,7 +485,7 @@ async fn drive(
                 } else if repeats.is_power_of_two() {
                     warn!("mqtt still unreachable after {repeats} attempts: {text}");
                 }
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                let delay = backoff.next_delay();
                 heartbeats.beat("mqtt", delay + alive);
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -717,7 +711,7 @@ pub fn bridge_info(topics: &Topics, started: SystemTime, sources: serde_json::Va
         topics.bridge_info(),
         &serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "started_at": crate::bvcsp::model::rfc3339_millis(started),
+            "started_at": crate::timestamp::rfc3339_millis(started),
             "sources": sources,
         }),
     )

@@ -7,8 +7,9 @@ use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::bvcsp::model::{as_i64, field};
 use crate::config::{PlayboxConfig, Secret};
+use crate::json::{as_i64, field};
+use crate::recovery::{Classify, HttpFailure, Recovery, WaitReason};
 
 pub const DOCUMENTED_LOGIN: &str = "/terminal/core/v1/user/login";
 pub const FALLBACK_LOGIN: &str = "/terminal/core/v1/login";
@@ -21,7 +22,7 @@ pub const MAX_REPLY_BYTES: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum BoxError {
     #[error("unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] HttpFailure),
     #[error("HTTP status {0}")]
     Status(u16),
     #[error("reply body larger than {limit} bytes; not read")]
@@ -36,47 +37,40 @@ pub enum BoxError {
     Missing(&'static str),
     /// Trust on first use could not be established or its pin file is unusable.
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[source] crate::tls::TlsError),
     /// Nothing was sent: logins are held back after a refusal or a lockout.
     #[error("no login attempted: {0}")]
-    Held(String),
+    Held(LoginsHeld),
 }
 
-/// What a failed request means for the session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Meaning {
-    /// The box cannot be reached (down, rebooting, hung).
-    Unreachable,
-    /// Wrong username or password, or no such account (code 24, 33): stop, report,
-    /// retry only after a long wait.
-    WrongPassword,
-    /// The box is locking logins (code 17, 67): no login for at least 60 s.
-    LockedOut,
-    /// This path does not exist here (404/405, not JSON, code 1, 3, 12 or 36): on a
-    /// candidate path, try the next one.
-    NoSuchPath,
-    /// The token is no longer accepted (code 11, 18, 39, HTTP 401/403): log in again
-    /// once. Nothing else is a reason to log in again.
-    AuthExpired,
-    /// The box asks for fewer requests (code 22): back off, no re-login.
-    TooFrequent,
-    /// Nothing was sent because logins are held back.
-    Held,
-    /// Anything else: a failure of that request, retried at the next poll.
-    Other,
+/// Why no login is tried now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginsHeld {
+    #[error("the password was refused {times} times; no login until it changes")]
+    UntilPasswordChanges { times: u32 },
+    #[error("the password was refused; no login for another {left_s}s")]
+    Refused { left_s: u64 },
+    #[error("the box is locking logins; no login for another {left_s}s")]
+    LockedOut { left_s: u64 },
+    #[error("the box refused the last login; no login for another {left_s}s")]
+    Backoff { left_s: u64 },
 }
 
-/// What a non-zero `code` means, after shared/spec/playbox.md §2 (the ViplexCore SDK's
-/// global error enum). Only 11, 18 and 39 mean "log in again": re-login on any other
-/// code is what turns one bad endpoint into a login loop.
-pub fn code_meaning(code: i64) -> Meaning {
+/// What a non-zero `code` calls for, after shared/spec/playbox.md §2 (the ViplexCore
+/// SDK's global error enum). Only 11, 18 and 39 mean "log in again": re-login on any
+/// other code is what turns one bad endpoint into a login loop. Wrong username or
+/// password, or no such account (24, 33): wait long (and stop after two, see the
+/// poller); locking logins (17, 67): no login for at least 60 s; too frequent (22): no
+/// sooner than the poll interval; no such path here (1, 3, 12, 36): try the next
+/// candidate path; anything else fails that request, retried at the next poll.
+pub fn code_recovery(code: i64) -> Recovery {
     match code {
-        11 | 18 | 39 => Meaning::AuthExpired,
-        17 | 67 => Meaning::LockedOut,
-        24 | 33 => Meaning::WrongPassword,
-        22 => Meaning::TooFrequent,
-        1 | 3 | 12 | 36 => Meaning::NoSuchPath,
-        _ => Meaning::Other,
+        11 | 18 | 39 => Recovery::Relogin,
+        17 | 67 => Recovery::WaitLong(WaitReason::LockedOut),
+        24 | 33 => Recovery::WaitLong(WaitReason::CredentialsRefused),
+        22 => Recovery::WaitLong(WaitReason::TooFrequent),
+        1 | 3 | 12 | 36 => Recovery::GiveUp,
+        _ => Recovery::Retry,
     }
 }
 
@@ -85,17 +79,21 @@ const KNOWN_CODES: &[i64] = &[1, 3, 11, 12, 17, 18, 19, 22, 24, 33, 36, 38, 39, 
 /// A box's `message` is kept to this many bytes (it ends up in logs and on MQTT).
 const MAX_MESSAGE_BYTES: usize = 128;
 
-impl BoxError {
-    pub fn meaning(&self) -> Meaning {
+impl Classify for BoxError {
+    fn recovery(&self) -> Recovery {
         match self {
-            BoxError::Unreachable(_) | BoxError::Tls(_) => Meaning::Unreachable,
-            BoxError::Status(401 | 403) => Meaning::AuthExpired,
-            BoxError::Status(404 | 405) | BoxError::NotJson => Meaning::NoSuchPath,
-            BoxError::Status(_) | BoxError::TooLarge { .. } => Meaning::Other,
-            BoxError::Code { code, .. } => code_meaning(*code),
-            BoxError::SessionHeld => Meaning::Other,
-            BoxError::Missing(_) => Meaning::NoSuchPath,
-            BoxError::Held(_) => Meaning::Held,
+            // Down, rebooting, hung; or no trust established yet.
+            BoxError::Unreachable(_) | BoxError::Tls(_) => Recovery::Retry,
+            BoxError::Status(401 | 403) => Recovery::Relogin,
+            // Not this path (404/405, not JSON, a reply without the field).
+            BoxError::Status(404 | 405) | BoxError::NotJson | BoxError::Missing(_) => {
+                Recovery::GiveUp
+            }
+            BoxError::Status(_) | BoxError::TooLarge { .. } | BoxError::SessionHeld => {
+                Recovery::Retry
+            }
+            BoxError::Code { code, .. } => code_recovery(*code),
+            BoxError::Held(_) => Recovery::WaitLong(WaitReason::LoginsHeld),
         }
     }
 }
@@ -152,7 +150,7 @@ pub fn client_id_for(name: &str) -> u32 {
 }
 
 fn unreachable(e: reqwest::Error) -> BoxError {
-    BoxError::Unreachable(crate::bvcsp::rest::describe_http_error(&e))
+    BoxError::Unreachable(HttpFailure(e))
 }
 
 /// The body of `resp`, or [`BoxError::TooLarge`] as soon as it is known to exceed `cap`.
@@ -191,7 +189,7 @@ impl BoxClient {
             .build()?;
         Ok(BoxClient {
             http,
-            base: reqwest::Url::parse(&cfg.url).expect("validated"),
+            base: cfg.url.url().clone(),
             sn: cfg.sn.clone(),
             username: cfg.username.clone(),
             password: cfg.password.clone(),
@@ -262,7 +260,7 @@ impl BoxClient {
         let port = self.base.port_or_known_default().unwrap_or(443);
         pin.first_contact(host, port, self.request_timeout)
             .await
-            .map_err(|e| BoxError::Tls(e.to_string()))
+            .map_err(BoxError::Tls)
     }
 
     pub async fn get(&self, path: &str, token: &Secret) -> Result<Value, BoxError> {
@@ -365,35 +363,40 @@ mod tests {
             message: String::new(),
         };
         // shared/spec/playbox.md §2, row by row.
+        let wait = Recovery::WaitLong;
         for (c, m) in [
-            (1, Meaning::NoSuchPath),
-            (3, Meaning::NoSuchPath),
-            (11, Meaning::AuthExpired),
-            (12, Meaning::NoSuchPath),
-            (17, Meaning::LockedOut),
-            (18, Meaning::AuthExpired),
-            (19, Meaning::Other),
-            (22, Meaning::TooFrequent),
-            (24, Meaning::WrongPassword),
-            (33, Meaning::WrongPassword),
-            (36, Meaning::NoSuchPath),
-            (38, Meaning::Other),
-            (39, Meaning::AuthExpired),
-            (67, Meaning::LockedOut),
+            (1, Recovery::GiveUp),
+            (3, Recovery::GiveUp),
+            (11, Recovery::Relogin),
+            (12, Recovery::GiveUp),
+            (17, wait(WaitReason::LockedOut)),
+            (18, Recovery::Relogin),
+            (19, Recovery::Retry),
+            (22, wait(WaitReason::TooFrequent)),
+            (24, wait(WaitReason::CredentialsRefused)),
+            (33, wait(WaitReason::CredentialsRefused)),
+            (36, Recovery::GiveUp),
+            (38, Recovery::Retry),
+            (39, Recovery::Relogin),
+            (67, wait(WaitReason::LockedOut)),
         ] {
-            assert_eq!(code(c).meaning(), m, "code {c}");
+            assert_eq!(code(c).recovery(), m, "code {c}");
         }
         // Nothing outside 11, 18, 39 and 401/403 means "log in again".
         for c in (-5..200).chain([i64::MIN, i64::MAX]) {
-            if code(c).meaning() == Meaning::AuthExpired {
+            if code(c).recovery() == Recovery::Relogin {
                 assert!([11, 18, 39].contains(&c), "code {c} would log in again");
             }
         }
-        assert_eq!(BoxError::Status(403).meaning(), Meaning::AuthExpired);
-        assert_eq!(BoxError::Status(500).meaning(), Meaning::Other);
-        assert_eq!(BoxError::Status(404).meaning(), Meaning::NoSuchPath);
-        assert_eq!(BoxError::Status(401).meaning(), Meaning::AuthExpired);
-        assert_eq!(BoxError::NotJson.meaning(), Meaning::NoSuchPath);
+        assert_eq!(BoxError::Status(403).recovery(), Recovery::Relogin);
+        assert_eq!(BoxError::Status(500).recovery(), Recovery::Retry);
+        assert_eq!(BoxError::Status(404).recovery(), Recovery::GiveUp);
+        assert_eq!(BoxError::Status(401).recovery(), Recovery::Relogin);
+        assert_eq!(BoxError::NotJson.recovery(), Recovery::GiveUp);
+        assert_eq!(
+            BoxError::Held(LoginsHeld::LockedOut { left_s: 3 }).recovery(),
+            wait(WaitReason::LoginsHeld)
+        );
     }
 
     #[test]

@@ -60,26 +60,40 @@ impl CommandKind {
     }
 
     /// Strict validation of a plain-text payload into the request body.
-    pub fn body(self, payload: &str) -> Result<Value, String> {
+    pub fn body(self, payload: &str) -> Result<Value, CommandError> {
         let p = payload.trim();
-        let quoted = clip(p, QUOTE_BYTES);
+        let quoted = || clip(p, QUOTE_BYTES).to_owned();
         match self {
             CommandKind::Brightness | CommandKind::Volume => {
-                let v: f64 = p
-                    .parse()
-                    .map_err(|_| format!("expected a number 0-100, got {quoted:?}"))?;
+                let v: f64 = p.parse().map_err(|_| CommandError::NotANumber(quoted()))?;
                 if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-                    return Err(format!("expected a number 0-100, got {quoted}"));
+                    return Err(CommandError::OutOfRange(quoted()));
                 }
                 Ok(json!({"ratio": v}))
             }
             CommandKind::Screen => match p.to_ascii_lowercase().as_str() {
                 "on" => Ok(json!({"state": "OPEN"})),
                 "off" => Ok(json!({"state": "CLOSE"})),
-                _ => Err(format!("expected `on` or `off`, got {quoted:?}")),
+                _ => Err(CommandError::NotOnOff(quoted())),
             },
         }
     }
+}
+
+/// Why a command from MQTT is refused (reported on the box's `…/error` topic). The
+/// payload is quoted to at most [`QUOTE_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    #[error("payload is {0} bytes; commands are at most {MAX_COMMAND_BYTES}")]
+    TooLarge(usize),
+    #[error("payload is not UTF-8")]
+    NotUtf8,
+    #[error("expected a number 0-100, got {0:?}")]
+    NotANumber(String),
+    #[error("expected a number 0-100, got {0}")]
+    OutOfRange(String),
+    #[error("expected `on` or `off`, got {0:?}")]
+    NotOnOff(String),
 }
 
 /// A checked command: its payload (trimmed, at most [`MAX_COMMAND_BYTES`]) and the
@@ -93,14 +107,11 @@ pub struct Command {
 
 impl Command {
     /// Check a payload as it came from MQTT; `Err` is the reason to report.
-    pub fn parse(kind: CommandKind, raw: &[u8]) -> Result<Command, String> {
+    pub fn parse(kind: CommandKind, raw: &[u8]) -> Result<Command, CommandError> {
         if raw.len() > MAX_COMMAND_BYTES {
-            return Err(format!(
-                "payload is {} bytes; commands are at most {MAX_COMMAND_BYTES}",
-                raw.len()
-            ));
+            return Err(CommandError::TooLarge(raw.len()));
         }
-        let text = std::str::from_utf8(raw).map_err(|_| "payload is not UTF-8".to_string())?;
+        let text = std::str::from_utf8(raw).map_err(|_| CommandError::NotUtf8)?;
         let body = kind.body(text)?;
         Ok(Command {
             kind,
@@ -197,13 +208,13 @@ impl Pending {
         name: &str,
         command: &str,
         raw: &[u8],
-        error: &str,
+        error: &dyn std::fmt::Display,
     ) {
         let quoted = quote(raw);
         if let Some(extra) = self.may_log() {
             warn!("playbox {name}: {command} command {quoted:?} refused: {error}{extra}");
         }
-        let body = json!({"command": command, "payload": quoted, "error": error});
+        let body = json!({"command": command, "payload": quoted, "error": error.to_string()});
         outbox.push_now(Message {
             topic: topics.playbox_error(name),
             payload: body.to_string().into(),
@@ -291,6 +302,7 @@ mod tests {
     fn long_and_binary_payloads_are_refused_and_quoted_short() {
         let long = format!("55{}", " ".repeat(MAX_COMMAND_BYTES));
         let e = Command::parse(CommandKind::Brightness, long.as_bytes()).unwrap_err();
+        let e = e.to_string();
         assert!(e.contains("258 bytes") && e.contains("256"), "{e}");
         let at_limit = format!("55{}", " ".repeat(MAX_COMMAND_BYTES - 2));
         assert_eq!(
@@ -299,7 +311,7 @@ mod tests {
         );
         assert!(Command::parse(CommandKind::Screen, b"o\xffn").is_err());
         let junk = "x".repeat(200);
-        let e = CommandKind::Brightness.body(&junk).unwrap_err();
+        let e = CommandKind::Brightness.body(&junk).unwrap_err().to_string();
         assert!(e.len() < QUOTE_BYTES + 40, "{e}");
         assert_eq!(quote(long.as_bytes()).len(), QUOTE_BYTES);
         assert_eq!(quote(b"40"), "40");

@@ -26,13 +26,29 @@ pub use commands::{Command, CommandKind, Pending};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlayboxSetupError {
-    #[error("playbox `{name}`: {message}")]
-    Setup { name: String, message: String },
+    #[error("playbox `{name}`: {source}")]
+    Trust {
+        name: String,
+        #[source]
+        source: tls::FingerprintError,
+    },
+    #[error("playbox `{name}`: {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("playbox `{name}`: {source}")]
+    Http {
+        name: String,
+        #[source]
+        source: reqwest::Error,
+    },
 }
 
 /// The trust policy for one box: the configured one, or trust on first use with the
 /// pin stored under the storage directory.
-pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Result<Trust, String> {
+pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Result<Trust, tls::FingerprintError> {
     let t = &cfg.tls;
     if t.insecure {
         warn!(
@@ -81,22 +97,29 @@ pub fn prepare(
     storage: &Path,
     outbox: Arc<Outbox>,
     topics: Topics,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
 ) -> Result<Prepared, PlayboxSetupError> {
     let mut routes = HashMap::new();
     let mut runners = Vec::new();
     for cfg in boxes {
-        let err = |message: String| PlayboxSetupError::Setup {
-            name: cfg.name.clone(),
-            message,
-        };
-        let trust = trust_for(cfg, storage).map_err(err)?;
-        let tls = tls::client_config(&trust, None).map_err(|e| err(e.to_string()))?;
+        let name = || cfg.name.clone();
+        let trust = trust_for(cfg, storage).map_err(|source| PlayboxSetupError::Trust {
+            name: name(),
+            source,
+        })?;
+        let tls = tls::client_config(&trust, None).map_err(|source| PlayboxSetupError::Tls {
+            name: name(),
+            source,
+        })?;
         let tofu = match &trust {
             Trust::Tofu(pin) => Some(pin.clone()),
             _ => None,
         };
-        let client = client::BoxClient::new(cfg, tls, tofu).map_err(|e| err(e.to_string()))?;
+        let client =
+            client::BoxClient::new(cfg, tls, tofu).map_err(|source| PlayboxSetupError::Http {
+                name: name(),
+                source,
+            })?;
         let pending = Arc::new(Pending::default());
         if cfg.commands {
             routes.insert(cfg.name.clone(), pending.clone());

@@ -4,27 +4,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::client::{BoxClient, BoxError, LoginForm, Meaning};
+use super::client::{BoxClient, BoxError, LoginForm, LoginsHeld};
 use super::commands::{Coalescer, Command, Pending};
 pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS};
 use super::values::{Function, Reading, function_of, state_payload};
-use crate::bvcsp::model::{as_f64, as_string, field};
 use crate::config::{PlayboxConfig, Secret};
+use crate::json::{as_f64, as_string, field};
 use crate::link::{Link, LinkState};
 use crate::mqtt::{Message, Outbox, Topics};
+use crate::recovery::{Classify, Recovery, WaitReason};
+use crate::retry::{Backoff, PLAYBOX_LOCKOUT, PLAYBOX_PASSWORD_RECHECK, Policy};
 
 /// State is published on change, and at least this often anyway.
 const STATE_REFRESH: Duration = Duration::from_secs(300);
-/// After a lockout (code 17 or 67) no login for at least this long.
-const LOCKOUT_WAIT: Duration = Duration::from_secs(61);
-/// With the password refused too often, how often the password file is looked at.
-const PASSWORD_RECHECK: Duration = Duration::from_secs(60);
 /// Refused passwords in a row after which the bridge stops trying on its own: the box
 /// locks logins after three, and the bridge must never be the one that causes it.
 const MAX_REFUSED: u32 = 2;
@@ -44,16 +41,14 @@ pub struct BoxRunner {
     last: Option<(Reading, Instant)>,
     refused: u32,
     password_seen: Secret,
-    heartbeats: Arc<crate::health::Heartbeats>,
+    heartbeats: Arc<crate::heartbeat::Heartbeats>,
     /// Commands from MQTT not sent yet.
     commands: Arc<Pending>,
     /// No login before this instant, and why: every login (a poll's, a command's, a
     /// read-back's) goes through [`BoxRunner::login`], which honours it.
     hold: Option<(Instant, Hold)>,
-    auth: ExponentialBuilder,
-    auth_backoff: ExponentialBackoff,
-    lockout: ExponentialBuilder,
-    lockout_backoff: ExponentialBackoff,
+    auth_backoff: Backoff,
+    lockout_backoff: Backoff,
 }
 
 /// Why logins are held back.
@@ -73,7 +68,7 @@ impl BoxRunner {
         client: BoxClient,
         outbox: Arc<Outbox>,
         topics: Topics,
-        heartbeats: Arc<crate::health::Heartbeats>,
+        heartbeats: Arc<crate::heartbeat::Heartbeats>,
         commands: Arc<Pending>,
     ) -> BoxRunner {
         let link = Link::new(
@@ -83,14 +78,8 @@ impl BoxRunner {
             &[],
         );
         let password_seen = cfg.password.clone();
-        let auth = ExponentialBuilder::default()
-            .with_min_delay(cfg.auth_retry_min)
-            .with_max_delay(cfg.auth_retry_max)
-            .without_max_times();
-        let lockout = ExponentialBuilder::default()
-            .with_min_delay(LOCKOUT_WAIT)
-            .with_max_delay(cfg.auth_retry_max.max(LOCKOUT_WAIT))
-            .without_max_times();
+        let auth_backoff = Backoff::new(Policy::playbox_auth(&cfg));
+        let lockout_backoff = Backoff::new(Policy::playbox_lockout(&cfg));
         BoxRunner {
             cfg,
             client,
@@ -109,10 +98,8 @@ impl BoxRunner {
             heartbeats,
             commands,
             hold: None,
-            auth_backoff: auth.build(),
-            auth,
-            lockout_backoff: lockout.build(),
-            lockout,
+            auth_backoff,
+            lockout_backoff,
         }
     }
 
@@ -127,14 +114,12 @@ impl BoxRunner {
     pub async fn run(mut self, cancel: CancellationToken) {
         let beat_name = format!("playbox/{}", self.cfg.name);
         let heartbeats = self.heartbeats.clone();
-        let _alive =
-            crate::health::BeatGuard::new(&heartbeats, &beat_name, self.cfg.request_timeout * 10);
-        let net = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_secs(1))
-            .with_max_delay(self.cfg.poll_interval.max(Duration::from_secs(30)))
-            .with_jitter()
-            .without_max_times();
-        let mut net_backoff = net.build();
+        let _alive = crate::heartbeat::BeatGuard::new(
+            &heartbeats,
+            &beat_name,
+            self.cfg.request_timeout * 10,
+        );
+        let mut net_backoff = Backoff::new(Policy::playbox_network(&self.cfg));
         let mut next_poll = Instant::now();
         let mut commands = Coalescer::new(self.commands.clone());
         loop {
@@ -153,7 +138,7 @@ impl BoxRunner {
                     };
                     next_poll = match result {
                         Ok(()) => {
-                            net_backoff = net.build();
+                            net_backoff.reset();
                             self.link.set(LinkState::Up, None, None);
                             self.link.set_detail("locked_out", Value::Null);
                             Instant::now() + self.cfg.poll_interval
@@ -181,13 +166,13 @@ impl BoxRunner {
 
     /// React to a failed poll; returns how long to wait before the next one. Logins are
     /// held back by [`BoxRunner::login`] itself; this only schedules polls and reports.
-    fn failed(&mut self, e: &BoxError, net: &mut impl Iterator<Item = Duration>) -> Duration {
+    fn failed(&mut self, e: &BoxError, net: &mut Backoff) -> Duration {
         self.set_online(false);
         let held = self.held_for();
-        match e.meaning() {
+        match e.recovery() {
             // Nothing was sent: the state shown (auth_failed, locked out) stays.
-            Meaning::Held => held.unwrap_or(PASSWORD_RECHECK),
-            Meaning::WrongPassword => {
+            Recovery::WaitLong(WaitReason::LoginsHeld) => held.unwrap_or(PLAYBOX_PASSWORD_RECHECK),
+            Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 let next = if self.refused >= MAX_REFUSED {
                     error!(
                         "playbox {}: password refused {} times; not trying again until it changes \
@@ -206,10 +191,10 @@ impl BoxRunner {
                 };
                 self.link
                     .set(LinkState::AuthFailed, Some(e.to_string()), next);
-                held.unwrap_or(PASSWORD_RECHECK)
+                held.unwrap_or(PLAYBOX_PASSWORD_RECHECK)
             }
-            Meaning::LockedOut => {
-                let d = held.unwrap_or(LOCKOUT_WAIT).max(LOCKOUT_WAIT);
+            Recovery::WaitLong(WaitReason::LockedOut) => {
+                let d = held.unwrap_or(PLAYBOX_LOCKOUT).max(PLAYBOX_LOCKOUT);
                 warn!(
                     "playbox {}: the box is locking logins ({e}); no login for {d:?}",
                     self.name()
@@ -218,20 +203,16 @@ impl BoxRunner {
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
-            Meaning::TooFrequent => {
+            Recovery::WaitLong(WaitReason::TooFrequent) => {
                 let d = net
-                    .next()
-                    .unwrap_or(self.cfg.poll_interval)
+                    .next_delay()
                     .max(self.cfg.poll_interval)
                     .max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
             _ => {
-                let d = net
-                    .next()
-                    .unwrap_or(self.cfg.poll_interval)
-                    .max(held.unwrap_or_default());
+                let d = net.next_delay().max(held.unwrap_or_default());
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
                 d
             }
@@ -239,39 +220,37 @@ impl BoxRunner {
     }
 
     /// Why no login may be tried now, if one may not.
-    fn login_held(&mut self) -> Option<String> {
+    fn login_held(&mut self) -> Option<LoginsHeld> {
         if self.refused >= MAX_REFUSED && !self.password_changed() {
-            return Some(format!(
-                "the password was refused {} times; no login until it changes",
-                self.refused
-            ));
+            return Some(LoginsHeld::UntilPasswordChanges {
+                times: self.refused,
+            });
         }
-        let left = self.held_for()?;
-        let why = match self.hold.map(|(_, h)| h) {
-            Some(Hold::Refused) => "the password was refused",
-            Some(Hold::LockedOut) => "the box is locking logins",
-            _ => "the box refused the last login",
-        };
-        Some(format!("{why}; no login for another {}s", left.as_secs()))
+        let left_s = self.held_for()?.as_secs();
+        Some(match self.hold.map(|(_, h)| h) {
+            Some(Hold::Refused) => LoginsHeld::Refused { left_s },
+            Some(Hold::LockedOut) => LoginsHeld::LockedOut { left_s },
+            _ => LoginsHeld::Backoff { left_s },
+        })
     }
 
     /// Hold logins back after a refused login, as long as its reply says to.
     fn hold_logins(&mut self, e: &BoxError) {
-        let (hold, d) = match e.meaning() {
-            Meaning::WrongPassword => {
+        let (hold, d) = match e.recovery() {
+            Recovery::WaitLong(WaitReason::CredentialsRefused) => {
                 self.refused += 1;
-                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                let d = self.auth_backoff.next_delay();
                 (Hold::Refused, d)
             }
-            Meaning::LockedOut => {
-                let d = self.lockout_backoff.next().unwrap_or(LOCKOUT_WAIT);
-                (Hold::LockedOut, d.max(LOCKOUT_WAIT))
+            Recovery::WaitLong(WaitReason::LockedOut) => {
+                let d = self.lockout_backoff.next_delay();
+                (Hold::LockedOut, d.max(PLAYBOX_LOCKOUT))
             }
-            Meaning::TooFrequent => (Hold::Backoff, self.cfg.poll_interval),
+            Recovery::WaitLong(WaitReason::TooFrequent) => (Hold::Backoff, self.cfg.poll_interval),
             // Any other refusal of a login by the box itself: never a faster retry than
             // the auth backoff (shared/spec/playbox.md §2, "other").
             _ if matches!(e, BoxError::Code { .. } | BoxError::SessionHeld) => {
-                let d = self.auth_backoff.next().unwrap_or(self.cfg.auth_retry_max);
+                let d = self.auth_backoff.next_delay();
                 (Hold::Backoff, d)
             }
             // Network trouble: nothing was refused, the poll backoff paces it.
@@ -300,7 +279,7 @@ impl BoxRunner {
                     // A wait for a refused password ends with a new one; a lockout does not.
                     if matches!(self.hold, Some((_, Hold::Refused))) {
                         self.hold = None;
-                        self.auth_backoff = self.auth.build();
+                        self.auth_backoff.reset();
                     }
                     true
                 } else {
@@ -349,8 +328,8 @@ impl BoxRunner {
                     self.token = Some(token);
                     self.refused = 0;
                     self.hold = None;
-                    self.auth_backoff = self.auth.build();
-                    self.lockout_backoff = self.lockout.build();
+                    self.auth_backoff.reset();
+                    self.lockout_backoff.reset();
                     // A new session: the paths may have changed (a reboot, an upgrade).
                     self.probed = [false; 4];
                     self.info = None;
@@ -358,7 +337,7 @@ impl BoxRunner {
                 }
                 // The fallback form is for a box that does not know the first one, never
                 // a second try at a refused password.
-                Err(e) if form == LoginForm::Documented && e.meaning() == Meaning::NoSuchPath => {
+                Err(e) if form == LoginForm::Documented && e.recovery() == Recovery::GiveUp => {
                     last = Some(e)
                 }
                 Err(e) => {
@@ -378,7 +357,7 @@ impl BoxRunner {
         }
         let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.get(path, &token).await {
-            Err(e) if e.meaning() == Meaning::AuthExpired => {
+            Err(e) if e.recovery() == Recovery::Relogin => {
                 self.token = None;
                 self.login().await?;
                 let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
@@ -394,7 +373,7 @@ impl BoxRunner {
         }
         let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
         match self.client.post(path, &token, body).await {
-            Err(e) if e.meaning() == Meaning::AuthExpired => {
+            Err(e) if e.recovery() == Recovery::Relogin => {
                 self.token = None;
                 self.login().await?;
                 let token = self.token.clone().ok_or(BoxError::Missing("token"))?;
@@ -424,7 +403,7 @@ impl BoxRunner {
         if let Some(path) = self.paths[i].clone() {
             match self.get(&path).await {
                 Ok(v) => return Ok(Some(v)),
-                Err(e) if e.meaning() == Meaning::NoSuchPath => {
+                Err(e) if e.recovery() == Recovery::GiveUp => {
                     warn!(
                         "playbox {}: {} path {path} stopped working ({e}); looking again",
                         self.cfg.name,
@@ -450,7 +429,7 @@ impl BoxRunner {
                     return Ok(Some(v));
                 }
                 Ok(_) => continue,
-                Err(e) if e.meaning() == Meaning::NoSuchPath => continue,
+                Err(e) if e.recovery() == Recovery::GiveUp => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -513,7 +492,7 @@ impl BoxRunner {
             &self.cfg.name,
             cmd.kind.name(),
             cmd.payload.as_bytes(),
-            error,
+            &error,
         );
     }
 

@@ -6,7 +6,8 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use super::commands::CommandKind;
-use crate::bvcsp::model::{as_f64, field, rfc3339_millis};
+use crate::json::{as_f64, field};
+use crate::timestamp::rfc3339_millis;
 
 /// Candidate paths, in try order (shared/spec/playbox.md §8).
 pub const BRIGHTNESS_PATHS: &[&str] = &[

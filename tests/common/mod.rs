@@ -5,11 +5,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bvcsp2mqtt::bvcsp::Stream;
 use bvcsp2mqtt::config::{self, Config};
-use bvcsp2mqtt::sim::broker::EmbeddedBroker;
-use bvcsp2mqtt::sim::bvcsp::BvcspSim;
-pub use bvcsp2mqtt::sim::mosquitto::Mosquitto;
+use bvcsp2mqtt_testkit::Stream;
+use bvcsp2mqtt_testkit::broker::EmbeddedBroker;
+use bvcsp2mqtt_testkit::bvcsp::BvcspSim;
+pub use bvcsp2mqtt_testkit::mosquitto::Mosquitto;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -453,8 +453,8 @@ impl Drop for Daemon {
 
 /// A BVCSP simulator with one online device, `PU_1`.
 pub async fn one_device_sim() -> BvcspSim {
-    BvcspSim::start(bvcsp2mqtt::sim::bvcsp::SimOptions {
-        devices: vec![bvcsp2mqtt::sim::bvcsp::SimDevice::new(
+    BvcspSim::start(bvcsp2mqtt_testkit::bvcsp::SimOptions {
+        devices: vec![bvcsp2mqtt_testkit::bvcsp::SimDevice::new(
             "PU_1", "Helmet", true,
         )],
         ..Default::default()

@@ -169,7 +169,7 @@ async fn commits_run_on_the_writer_thread_never_on_the_producers() {
         o.committed().await;
     }
     assert_eq!(drain(&o).await.len(), 100);
-    crate::sim::eventually("deletes committed", Duration::from_secs(5), || {
+    bvcsp2mqtt_testkit::eventually("deletes committed", Duration::from_secs(5), || {
         rows_on_disk(dir.path()) == 0
     })
     .await;
@@ -267,7 +267,7 @@ async fn a_dead_letter_leaves_the_outbox_only_into_the_table_and_stays_gone() {
         let stats = o.stats();
         assert_eq!((stats.dead_letters, stats.depth), (1, 1));
         assert_eq!(stats.last_dead_letter.unwrap().reason, "too large");
-        crate::sim::eventually(
+        bvcsp2mqtt_testkit::eventually(
             "the dead letter is committed",
             Duration::from_secs(5),
             || o.stats().dead_letters_kept == 1,
@@ -433,7 +433,7 @@ async fn acknowledged_rows_are_deleted_lazily_and_for_good() {
     o.committed().await;
     drain(&o).await;
     // Within DELETE_DELAY the deletes are committed without any further write.
-    crate::sim::eventually(
+    bvcsp2mqtt_testkit::eventually(
         "acknowledged rows are deleted",
         Duration::from_secs(5),
         || rows_on_disk(dir.path()) == 0,
@@ -491,7 +491,7 @@ async fn superseded_disk_only_state_is_forgotten_once_deleted() {
         o.push(st("s", &i.to_string())).await;
     }
     o.committed().await;
-    crate::sim::eventually("superseded ids are dropped", Duration::from_secs(5), || {
+    bvcsp2mqtt_testkit::eventually("superseded ids are dropped", Duration::from_secs(5), || {
         o.lock().spilled_gone.len() <= 1
     })
     .await;

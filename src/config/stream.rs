@@ -53,17 +53,18 @@ impl fmt::Display for Stream {
     }
 }
 
+/// A stream name that is none of the five.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown stream `{0}`, expected one of online_status, alarm, location, im, conference")]
+pub struct UnknownStream(pub String);
+
 impl FromStr for Stream {
-    type Err = String;
+    type Err = UnknownStream;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Stream::ALL
             .into_iter()
             .find(|st| st.name() == s.trim())
-            .ok_or_else(|| {
-                format!(
-                    "unknown stream `{s}`, expected one of online_status, alarm, location, im, conference"
-                )
-            })
+            .ok_or_else(|| UnknownStream(s.to_string()))
     }
 }

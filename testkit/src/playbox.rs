@@ -86,7 +86,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::playbox::avon;
+use crate::protocol::avon;
 
 pub const BRIGHTNESS_PATHS: [&str; 2] = [
     "/terminal/core/v1/screen/brightness",
@@ -769,7 +769,7 @@ impl Inner {
 }
 
 fn make_tls() -> io::Result<TlsInfo> {
-    let c = crate::sim::cert::self_signed("taurus-sim", false)?;
+    let c = crate::cert::self_signed("taurus-sim", false)?;
     Ok(TlsInfo {
         acceptor: c.acceptor,
         impostor: c.impostor,
@@ -1742,7 +1742,7 @@ mod tests {
         assert_eq!(v["code"], 0);
     }
 
-    async fn discover(to: SocketAddr, timeout: Duration) -> Option<avon::Found> {
+    async fn discover(to: SocketAddr, timeout: Duration) -> Option<Value> {
         let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind");
@@ -1756,7 +1756,7 @@ mod tests {
             .ok()?
             .expect("recv");
         assert_eq!(from, to);
-        Some(avon::parse_reply(&buf[..n]).expect("a discovery reply"))
+        Some(avon::reply_body(&buf[..n]).expect("a discovery reply"))
     }
 
     #[tokio::test]
@@ -1764,12 +1764,12 @@ mod tests {
         let sim = start(PlayboxOptions::default()).await;
         let to = sim.udp_addr().expect("udp");
         let found = discover(to, WAIT).await.expect("reply");
-        assert_eq!(found.sn, "2ZTA00000X0A00000000");
-        assert_eq!(found.product_name, "T2-4G");
-        assert_eq!(found.alias_name, "T2-4G_00000000");
-        assert_eq!(found.https_port, sim.addr().port());
-        assert_eq!(found.raw["modelId"], 38411);
-        assert_eq!(found.raw["key"], "novaStar");
+        assert_eq!(found["sn"], "2ZTA00000X0A00000000");
+        assert_eq!(found["productName"], "T2-4G");
+        assert_eq!(found["aliasName"], "T2-4G_00000000");
+        assert_eq!(found["terminalEntrancePortHttps"], sim.addr().port());
+        assert_eq!(found["modelId"], 38411);
+        assert_eq!(found["key"], "novaStar");
 
         let off = start(PlayboxOptions {
             udp_discovery: false,

@@ -51,16 +51,18 @@ pub fn self_signed(common_name: &str, ca: bool) -> io::Result<SelfSigned> {
     let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(
         rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()),
     );
-    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_no_client_auth()
-        .with_single_cert(vec![der], key_der)
-        .map_err(io::Error::other)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(vec![der], key_der)
+    .map_err(io::Error::other)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     let other = rcgen::KeyPair::generate().map_err(io::Error::other)?;
-    let provider = crate::tls::provider();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let wrong_key = provider
         .key_provider
         .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(

@@ -44,8 +44,8 @@
 //! # Example
 //!
 //! ```no_run
-//! use bvcsp2mqtt::bvcsp::Stream;
-//! use bvcsp2mqtt::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
+//! use bvcsp2mqtt_testkit::protocol::Stream;
+//! use bvcsp2mqtt_testkit::bvcsp::{BvcspSim, SimDevice, SimOptions};
 //! # async fn demo() -> std::io::Result<()> {
 //! let sim = BvcspSim::start(SimOptions {
 //!     devices: vec![SimDevice::new("PU_55AA0000", "Helmet 07", true)],
@@ -102,8 +102,8 @@ use tracing::{debug, warn};
 use super::alarm_history::{
     AlarmHistory, HistoryMode, HistoryOrder, HistoryReply, HistorySpelling,
 };
-use crate::bvcsp::Stream;
-use crate::bvcsp::auth::{app_sign, parse_app_token, password_digest, sha256_t_from_digest};
+use crate::protocol::Stream;
+use crate::protocol::auth::{app_signature, decode_app_token, expected_login_hash, stored_digest};
 
 const LOGIN_PATH: &str = "/bvcsp/v1/auth/login";
 const REFRESH_PATH: &str = "/bvcsp/v1/auth/refresh";
@@ -374,7 +374,7 @@ impl State {
             ..SimCounters::default()
         };
         State {
-            digest: password_digest(&opts.username, &opts.password),
+            digest: stored_digest(&opts.username, &opts.password),
             username: opts.username,
             app_credentials: opts.app_credentials,
             token_lifetime: opts.token_lifetime,
@@ -446,11 +446,11 @@ impl State {
         if self.revoked_app.contains(token) {
             return false;
         }
-        let Some(parts) = parse_app_token(token) else {
+        let Some(parts) = decode_app_token(token) else {
             return false;
         };
         if parts.app_id != *app_id
-            || parts.sign != app_sign(app_id, app_key, parts.timestamp, parts.rand_num)
+            || parts.sign != app_signature(app_id, app_key, parts.timestamp, parts.rand_num)
         {
             return false;
         }
@@ -475,7 +475,7 @@ impl State {
 
     fn invalidate(&mut self, token: &str) {
         let was_app = self.tokens.remove(token).map(|t| t.app);
-        if was_app == Some(true) || (was_app.is_none() && parse_app_token(token).is_some()) {
+        if was_app == Some(true) || (was_app.is_none() && decode_app_token(token).is_some()) {
             self.revoked_app.insert(token.to_owned());
         }
     }
@@ -518,7 +518,7 @@ impl State {
         let ok = match (user, hash, ts) {
             (Some(user), Some(hash), Some(ts)) => {
                 user == self.username
-                    && hash == sha256_t_from_digest(&self.digest, ts)
+                    && hash == expected_login_hash(&self.digest, ts)
                     && (ts - unix_now()).unsigned_abs() <= self.clock_window.as_secs()
             }
             _ => false,
@@ -1285,7 +1285,7 @@ enum LocationFilter {
 }
 
 fn make_tls() -> io::Result<TlsInfo> {
-    let c = crate::sim::cert::self_signed("bvcsp-sim", true)?;
+    let c = crate::cert::self_signed("bvcsp-sim", true)?;
     Ok(TlsInfo {
         acceptor: c.acceptor,
         fingerprint: c.fingerprint,
@@ -1621,7 +1621,7 @@ impl std::fmt::Debug for BvcspSim {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bvcsp::auth::{app_token, sha256_t};
+    use crate::protocol::auth::{app_token, login_hash as sha256_t};
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::error::{ProtocolError, SubProtocolError};

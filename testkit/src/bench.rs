@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 
-use crate::bvcsp::Stream;
-use crate::sim::broker::EmbeddedBroker;
-use crate::sim::bvcsp::{BvcspSim, SimDevice, SimOptions};
-use crate::sim::mosquitto::Mosquitto;
+use crate::broker::EmbeddedBroker;
+use crate::bvcsp::{BvcspSim, SimDevice, SimOptions};
+use crate::mosquitto::Mosquitto;
+use crate::protocol::Stream;
 
 const BASE: &str = "bench";
 

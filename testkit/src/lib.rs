@@ -1,12 +1,18 @@
-//! The project's own stand-ins for the things it talks to: a BVCSP server and an MQTT
-//! broker. The tests and the demo use them over real sockets.
+//! The project's own stand-ins for the things bvcsp2mqtt talks to — a BVCSP server, NovaStar
+//! play boxes, an MQTT broker (embedded rumqttd, or a Mosquitto it launches) — and the
+//! benchmark and test helpers built on them. The tests, the demo and the benchmark use them
+//! over real sockets; the packaged daemon is built without this crate.
 
 pub mod alarm_history;
+pub mod bench;
 pub mod broker;
 pub mod bvcsp;
 pub mod cert;
 pub mod mosquitto;
 pub mod playbox;
+pub mod protocol;
+
+pub use protocol::Stream;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,107 @@
+//! Liveness of the long-lived loops, for the systemd watchdog. Each loop says by when it
+//! will next show a sign of life; the watchdog is petted only while none is overdue.
+//! Deadlines are `tokio::time` instants, so the rules run under a paused clock in tests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Each long-lived loop says by when it will next show a sign of life; the watchdog is
+/// petted only while none is overdue. A loop that waits on purpose (a backoff, a token
+/// that is not there yet) says so with a deadline past the wait.
+#[derive(Debug, Default)]
+pub struct Heartbeats {
+    deadlines: Mutex<HashMap<String, Instant>>,
+}
+
+impl Heartbeats {
+    pub fn beat(&self, name: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut g = self.deadlines.lock().unwrap_or_else(|p| p.into_inner());
+        match g.get_mut(name) {
+            Some(d) => *d = deadline,
+            None => {
+                g.insert(name.to_string(), deadline);
+            }
+        }
+    }
+
+    /// The loop has ended on purpose.
+    pub fn remove(&self, name: &str) {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// Loops that are overdue.
+    pub fn stale(&self) -> Vec<String> {
+        self.stale_at(Instant::now())
+    }
+
+    /// Loops that will be overdue at `now`.
+    pub fn stale_at(&self, now: Instant) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .deadlines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, d)| **d < now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Registers a loop's heartbeat for as long as it lives.
+pub struct BeatGuard {
+    heartbeats: Arc<Heartbeats>,
+    name: String,
+}
+
+impl BeatGuard {
+    pub fn new(heartbeats: &Arc<Heartbeats>, name: &str, first: Duration) -> BeatGuard {
+        heartbeats.beat(name, first);
+        BeatGuard {
+            heartbeats: heartbeats.clone(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for BeatGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A loop that died is no sign of life: the watchdog stops being fed.
+            self.heartbeats.beat(&self.name, Duration::ZERO);
+        } else {
+            self.heartbeats.remove(&self.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_go_stale_and_can_be_removed() {
+        let h = Heartbeats::default();
+        h.beat("a", Duration::from_secs(60));
+        h.beat("b", Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(h.stale(), vec!["b"]);
+        h.beat("b", Duration::from_secs(60));
+        assert!(h.stale().is_empty());
+        h.beat("c", Duration::ZERO);
+        h.remove("c");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(h.stale().is_empty());
+        // A deadline passes on the (paused) tokio clock, not the wall clock.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(h.stale(), vec!["a", "b"]);
+    }
+}

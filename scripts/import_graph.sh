@@ -36,7 +36,7 @@ edges = {m: set() for m in mods}
 pat = re.compile(r"\bcrate::(\w+)|\bcrate::\{([^}]*)\}")
 for m, files in mods.items():
     for f in files:
-        text = open(f).read()
+        text = "\n".join(l for l in open(f).read().split("\n") if not l.strip().startswith("//"))
         if not everything:
             cut = text.find("#[cfg(test)]")
             if cut >= 0:

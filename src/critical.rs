@@ -11,22 +11,32 @@ use tokio_util::task::TaskTracker;
 /// How much of a panic's message is reported.
 const MAX_REASON: usize = 300;
 
+/// How a critical task failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskFailure {
+    #[error("{task} ended unexpectedly")]
+    Ended { task: String },
+    /// With at most [`MAX_REASON`] bytes of the panic's message.
+    #[error("{task} panicked: {message}")]
+    Panicked { task: String, message: String },
+}
+
 /// Hands out critical tasks; the receiving end is [`Failures`].
 #[derive(Clone, Debug)]
 pub struct Critical {
     // Unbounded, but every task sends at most once.
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<TaskFailure>,
 }
 
 /// Why critical tasks failed, in the order they did.
 #[derive(Debug)]
 pub struct Failures {
-    rx: mpsc::UnboundedReceiver<String>,
+    rx: mpsc::UnboundedReceiver<TaskFailure>,
 }
 
 impl Failures {
     /// The first failure (pending for as long as none happens).
-    pub async fn next(&mut self) -> String {
+    pub async fn next(&mut self) -> TaskFailure {
         match self.rx.recv().await {
             Some(why) => why,
             None => std::future::pending().await,
@@ -50,10 +60,11 @@ impl Critical {
         tracker.spawn(async move {
             let why = match inner.await {
                 Ok(()) if stop.is_cancelled() => return,
-                Ok(()) => format!("{name} ended unexpectedly"),
-                Err(e) if e.is_panic() => {
-                    format!("{name} panicked: {}", panic_text(e.into_panic()))
-                }
+                Ok(()) => TaskFailure::Ended { task: name },
+                Err(e) if e.is_panic() => TaskFailure::Panicked {
+                    task: name,
+                    message: panic_text(e.into_panic()),
+                },
                 Err(_) => return,
             };
             tracing::error!("{why}");
@@ -85,11 +96,14 @@ mod tests {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         critical.spawn(&tracker, "early", &stop, async {});
-        assert_eq!(failures.next().await, "early ended unexpectedly");
+        assert_eq!(
+            failures.next().await.to_string(),
+            "early ended unexpectedly"
+        );
         critical.spawn(&tracker, "boom", &stop, async {
             panic!("{}", "x".repeat(1000));
         });
-        let why = failures.next().await;
+        let why = failures.next().await.to_string();
         assert!(why.starts_with("boom panicked: xxx"), "{why}");
         assert!(why.len() < MAX_REASON + 40);
         let s = stop.clone();

@@ -99,6 +99,8 @@ base_topic = "{BASE}"
 client_id = "bvcsp2mqtt-demo"
 [storage]
 dir = "{storage}"
+[homeassistant]
+enabled = true
 [[playbox]]
 name = "lobby"
 url = "{lobby}"
@@ -141,6 +143,12 @@ commands = true
     println!("  Watch it yourself:  mosquitto_sub -h 127.0.0.1 -p {port} -t '{BASE}/#' -v");
     println!(
         "  Dim the lobby screen: mosquitto_pub -h 127.0.0.1 -p {port} -t '{BASE}/playbox/lobby/brightness/set' -m 40"
+    );
+    println!(
+        "  Home Assistant discovery (point HA's MQTT integration at this broker):\n    mosquitto_sub -h 127.0.0.1 -p {port} -t 'homeassistant/#' -v"
+    );
+    println!(
+        "  Ask the bridge:    mosquitto_pub -h 127.0.0.1 -p {port} -t '{BASE}/bridge/request/health_check' -m '{{\"transaction\": 1}}'"
     );
     println!("  Stop with Ctrl-C.");
     println!();

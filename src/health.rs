@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::bvcsp::{self, Stream};
 pub use crate::heartbeat::{BeatGuard, Heartbeats};
-use crate::link::{Link, LinkState};
+use crate::link_status::{LinkState, LinkStatus};
 use crate::mqtt::{Message, MqttStatus, Outbox, Topics};
 
 /// Everything health reports read.
@@ -30,8 +30,8 @@ pub struct Probe {
     pub outbox: Arc<Outbox>,
     pub bvcsp_stats: Arc<bvcsp::Stats>,
     pub mqtt: watch::Receiver<MqttStatus>,
-    pub bvcsp_link: Option<Arc<Link>>,
-    pub playbox_links: Vec<(String, Arc<Link>)>,
+    pub bvcsp_link: Option<Arc<LinkStatus>>,
+    pub playbox_links: Vec<(String, Arc<LinkStatus>)>,
     pub heartbeats: Arc<Heartbeats>,
     pub publish_latency: Histogram,
 }
@@ -62,7 +62,7 @@ impl Probe {
     pub fn report(&self) -> serde_json::Value {
         let o = self.outbox.stats();
         let m = self.mqtt.borrow().clone();
-        let link_json = |l: &Link| {
+        let link_json = |l: &LinkStatus| {
             let s = l.snapshot();
             serde_json::json!({
                 "state": s.state.name(),
@@ -409,5 +409,52 @@ fn route(
             "not ready\n".into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn health_is_published_at_once_then_every_interval() {
+        let outbox = Arc::new(Outbox::memory(64 << 20));
+        let topics = Topics::new("t");
+        let probe = Probe {
+            started: SystemTime::now(),
+            outbox: outbox.clone(),
+            bvcsp_stats: Default::default(),
+            mqtt: watch::channel(MqttStatus::default()).1,
+            bvcsp_link: None,
+            playbox_links: Vec::new(),
+            heartbeats: Default::default(),
+            publish_latency: latency_histogram(),
+        };
+        let cancel = CancellationToken::new();
+        let interval = Duration::from_secs(30);
+        let task = tokio::spawn(report_loop(
+            probe,
+            topics.clone(),
+            interval,
+            None,
+            cancel.clone(),
+        ));
+        let start = Instant::now();
+        let step = Duration::from_millis(500);
+        let mut seen = Vec::new();
+        while start.elapsed() < Duration::from_secs(100) {
+            tokio::time::sleep(step).await;
+            while let Some((id, msg)) = outbox.take_next() {
+                if msg.topic == topics.bridge_health() {
+                    seen.push(start.elapsed());
+                }
+                outbox.ack(id);
+            }
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        let want: Vec<Duration> = (0..4).map(|k| interval * k + step).collect();
+        assert_eq!(seen, want, "published when looked at next after each tick");
     }
 }

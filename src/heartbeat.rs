@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// A loop that waits by design (for a token, for a gap to read back) still beats at
+/// least this often.
+pub const IDLE: Duration = Duration::from_secs(24 * 3600);
+/// Added to every wait a loop announces: the time it takes to come round and beat again.
+pub const SLACK: Duration = Duration::from_secs(30);
+
 /// Each long-lived loop says by when it will next show a sign of life; the watchdog is
 /// petted only while none is overdue. A loop that waits on purpose (a backoff, a token
 /// that is not there yet) says so with a deadline past the wait.

@@ -283,25 +283,30 @@ fn init_tracing(log: &LogConfig) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    // Reloadable, for the bridge API's `log_level` request (until the next restart).
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    bvcsp2mqtt::homeassistant::api::install_log_level_setter(Box::new(move |level: &str| {
+        let new = EnvFilter::try_new(level).map_err(|e| format!("not a valid filter: {e}"))?;
+        reload
+            .reload(new)
+            .map_err(|e| format!("cannot change the log level: {e}"))
+    }));
     // A global cap after the user's filter: no `RUST_LOG` (not even a module of one of
     // these crates) lifts it above info.
     let cap = tracing_subscriber::filter::filter_fn(|meta| {
         *meta.level() <= tracing::Level::INFO || !logs_headers(meta.target())
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // journald stamps every line itself.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (log.format, under_journal) {
-        (LogFormat::Json, _) => builder.json().finish().with(cap).init(),
-        (LogFormat::Text, true) => builder
-            .without_time()
-            .with_ansi(false)
-            .finish()
+        (LogFormat::Json, _) => registry.with(fmt.json()).with(cap).init(),
+        (LogFormat::Text, true) => registry
+            .with(fmt.without_time().with_ansi(false))
             .with(cap)
             .init(),
-        (LogFormat::Text, false) => builder.finish().with(cap).init(),
+        (LogFormat::Text, false) => registry.with(fmt).with(cap).init(),
     }
 }
 

@@ -30,6 +30,9 @@ pub enum WaitReason {
     TooFrequent,
     /// Nothing was sent: logins are held back after a refusal or a lockout.
     LoginsHeld,
+    /// The server keeps no alarm records the bridge may read: backfill asks again
+    /// only rarely.
+    NoAlarmRecords,
 }
 
 /// An upstream error that knows what it calls for.

@@ -4,7 +4,7 @@
 //! a policy where a failure does not fix itself quickly.
 //!
 //! One shape serves them all: exponential growth from `min`, doubled per failure, with
-//! jitter, under a cap. The cap is short while an outage is young (`early_max` for
+//! jitter ([`Jitter`]), under a cap. The cap is short while an outage is young (`early_max` for
 //! `early_for`), so a server that comes back after a restart or a short cut is found
 //! within seconds, and grows to `max` for outages that last: retries never hammer and the
 //! bridge is never blind for long. Time is `tokio::time`, so every rule here is tested
@@ -17,8 +17,20 @@ use tokio::time::Instant;
 
 use crate::config::{BvcspConfig, MqttConfig, PlayboxConfig};
 
-/// Jitter spreads each delay over `[d × (1 − JITTER), d]`, so a cap is a true cap.
+/// Below-jitter spreads each delay over `[d × (1 − JITTER), d]`, so a cap is a true cap.
 const JITTER: f64 = 0.25;
+
+/// How a delay is spread so that many clients do not retry in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// Exactly the delay.
+    None,
+    /// Over `[d × (1 − JITTER), d]`: never past the cap (the BVCSP link).
+    Below,
+    /// Over `[d, 2d)`: never sooner than the delay (the MQTT connection and the play
+    /// boxes, as they always were; the bound is twice the cap).
+    Above,
+}
 
 /// Bounds of one policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -32,7 +44,7 @@ pub struct Policy {
     pub max: Duration,
     /// A connection that lived this long resets the backoff (`None`: every success does).
     pub stable_after: Option<Duration>,
-    pub jitter: bool,
+    pub jitter: Jitter,
 }
 
 impl Policy {
@@ -47,7 +59,7 @@ impl Policy {
             early_for: cfg.reconnect_early_for,
             max: cfg.reconnect_max,
             stable_after: Some(STABLE_SOCKET),
-            jitter: true,
+            jitter: Jitter::Below,
         }
     }
 
@@ -61,7 +73,7 @@ impl Policy {
             early_for: cfg.reconnect_early_for,
             max: cfg.reconnect_max,
             stable_after: Some(HEALTHY_SESSION),
-            jitter: false,
+            jitter: Jitter::None,
         }
     }
 
@@ -73,7 +85,7 @@ impl Policy {
             early_for: Duration::ZERO,
             max: cfg.auth_retry_max,
             stable_after: None,
-            jitter: false,
+            jitter: Jitter::None,
         }
     }
 
@@ -93,7 +105,7 @@ impl Policy {
             early_for: Duration::from_secs(120),
             max: cfg.reconnect_max.max(Duration::from_secs(30)),
             stable_after: None,
-            jitter: true,
+            jitter: Jitter::Below,
         }
     }
 }
@@ -108,7 +120,7 @@ impl Policy {
             early_for: Duration::ZERO,
             max: cfg.reconnect_max,
             stable_after: None,
-            jitter: true,
+            jitter: Jitter::Above,
         }
     }
 
@@ -122,7 +134,7 @@ impl Policy {
             early_for: Duration::ZERO,
             max,
             stable_after: None,
-            jitter: true,
+            jitter: Jitter::Above,
         }
     }
 
@@ -136,7 +148,7 @@ impl Policy {
             early_for: Duration::ZERO,
             max: cfg.auth_retry_max,
             stable_after: None,
-            jitter: false,
+            jitter: Jitter::None,
         }
     }
 
@@ -151,7 +163,7 @@ impl Policy {
             early_for: Duration::ZERO,
             max,
             stable_after: None,
-            jitter: false,
+            jitter: Jitter::None,
         }
     }
 }
@@ -231,10 +243,10 @@ impl Backoff {
         let exp = 2f64.powi(self.failures.min(30) as i32);
         self.failures = self.failures.saturating_add(1);
         let base = self.policy.min.mul_f64(exp).min(cap);
-        if self.policy.jitter {
-            base.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..JITTER))
-        } else {
-            base
+        match self.policy.jitter {
+            Jitter::None => base,
+            Jitter::Below => base.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..JITTER)),
+            Jitter::Above => base.mul_f64(1.0 + rand::thread_rng().gen_range(0.0..1.0)),
         }
     }
 
@@ -283,7 +295,7 @@ mod tests {
             early_for: Duration::from_secs(120),
             max: Duration::from_secs(30),
             stable_after: Some(STABLE_SOCKET),
-            jitter: true,
+            jitter: Jitter::Below,
         }
     }
 
@@ -359,7 +371,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_jitter_delays_double_exactly() {
         let mut b = Backoff::new(Policy {
-            jitter: false,
+            jitter: Jitter::None,
             stable_after: None,
             ..policy()
         });
@@ -377,7 +389,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn mqtt_reconnect_grows_to_a_true_cap_and_a_connack_resets_it() {
+    async fn mqtt_reconnect_doubles_jittered_upwards_and_a_connack_resets_it() {
         let cfg = MqttConfig {
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
@@ -385,14 +397,19 @@ mod tests {
         };
         let mut b = Backoff::new(Policy::mqtt_reconnect(&cfg));
         let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(375) && delays[0] <= Duration::from_millis(500));
-        assert!(delays.iter().all(|d| *d <= cfg.reconnect_max), "{delays:?}");
-        assert!(delays[11] >= Duration::from_millis(22_500), "{delays:?}");
-        // However long the outage, never past the cap (no young-outage rule here).
+        // Never sooner than the doubling delay, jittered up to twice it.
+        assert!(delays[0] >= Duration::from_millis(500) && delays[0] < Duration::from_secs(1));
+        assert!(delays[1] >= Duration::from_secs(1), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d < cfg.reconnect_max * 2),
+            "{delays:?}"
+        );
+        assert!(delays[11] >= cfg.reconnect_max, "{delays:?}");
+        // However long the outage, never past twice the cap (no young-outage rule here).
         tokio::time::advance(Duration::from_secs(3600)).await;
-        assert!(b.next_delay() <= cfg.reconnect_max);
+        assert!(b.next_delay() < cfg.reconnect_max * 2);
         b.succeeded();
-        assert!(b.next_delay() <= Duration::from_millis(500));
+        assert!(b.next_delay() < Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -419,19 +436,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_unreachable_playbox_is_retried_within_the_poll_interval_or_30s() {
+    async fn an_unreachable_playbox_backs_off_from_a_second_to_the_poll_interval_or_30s() {
         let cfg = playbox("poll_interval = \"2m\"\n");
         let mut b = Backoff::new(Policy::playbox_network(&cfg));
         let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
-        assert!(delays[0] <= Duration::from_secs(1), "{delays:?}");
-        assert!(
-            delays.iter().all(|d| *d <= Duration::from_secs(120)),
-            "{delays:?}"
-        );
-        assert!(delays[11] >= Duration::from_secs(90), "{delays:?}");
+        assert!(delays[0] >= Duration::from_secs(1), "{delays:?}");
+        assert!(delays[0] < Duration::from_secs(2), "{delays:?}");
+        let bound = Duration::from_secs(240);
+        assert!(delays.iter().all(|d| *d < bound), "{delays:?}");
+        assert!(delays[11] >= Duration::from_secs(120), "{delays:?}");
         let cfg = playbox("poll_interval = \"5s\"\n");
         let mut b = Backoff::new(Policy::playbox_network(&cfg));
         let last = (0..12).map(|_| b.next_delay()).last().unwrap();
-        assert!(last <= Duration::from_secs(30) && last >= Duration::from_millis(22_500));
+        assert!(last >= Duration::from_secs(30) && last < Duration::from_secs(60));
     }
 }

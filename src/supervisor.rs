@@ -33,7 +33,7 @@ pub enum StartError {
     #[error("service.http_listen {0}: {1}")]
     Http(std::net::SocketAddr, #[source] std::io::Error),
     #[error("{0}: exiting so the service manager restarts the bridge")]
-    Failed(String),
+    Failed(#[source] crate::critical::TaskFailure),
 }
 
 impl StartError {
@@ -50,7 +50,7 @@ impl StartError {
 pub struct Bridge {
     pub outbox: Arc<Outbox>,
     pub bvcsp_stats: Arc<bvcsp::Stats>,
-    pub bvcsp: Option<Arc<bvcsp::Ctx>>,
+    pub bvcsp: Option<Arc<bvcsp::BvcspLink>>,
     publisher: Publisher,
     upstream: CancellationToken,
     tasks: TaskTracker,
@@ -94,7 +94,7 @@ impl Bridge {
         let heartbeats = Arc::new(Heartbeats::default());
         let stats = Arc::new(bvcsp::Stats::default());
         let bvcsp = match &cfg.bvcsp {
-            Some(b) => Some(bvcsp::Ctx::new(
+            Some(b) => Some(bvcsp::BvcspLink::new(
                 Arc::new(b.clone()),
                 &cfg.storage.dir,
                 outbox.clone(),
@@ -129,7 +129,11 @@ impl Bridge {
         let (critical, failures) = crate::critical::channel();
         // The last fallible step; it starts the MQTT tasks only once it cannot fail.
         let (incoming_tx, incoming_rx) = tokio::sync::mpsc::channel(64);
-        let filters = playbox::command_filters(&cfg.playbox, &topics);
+        let mut filters = playbox::command_filters(&cfg.playbox, &topics);
+        filters.extend(crate::homeassistant::subscriptions(
+            &cfg.homeassistant,
+            &topics,
+        ));
         let publisher = Publisher::start(
             &cfg.mqtt,
             outbox.clone(),
@@ -155,21 +159,38 @@ impl Bridge {
             bvcsp_ctx = Some(ctx);
         }
         let playbox_links = playboxes.links();
+        let described = playboxes.described();
+        let (playbox_tx, playbox_rx) = tokio::sync::mpsc::channel(64);
         if !cfg.playbox.is_empty() {
-            playboxes.spawn(incoming_rx, &tasks, upstream.clone(), &critical);
+            playboxes.spawn(playbox_rx, &tasks, upstream.clone(), &critical);
         }
-        tasks.close();
-        let health = CancellationToken::new();
         let probe = Probe {
             started,
             outbox: outbox.clone(),
             bvcsp_stats: stats.clone(),
             mqtt: publisher.status(),
-            bvcsp_link: bvcsp_ctx.as_ref().map(|c| c.link.clone()),
+            bvcsp_link: bvcsp_ctx.as_ref().map(|c| c.status.clone()),
             playbox_links,
             heartbeats: heartbeats.clone(),
             publish_latency: latency,
         };
+        crate::homeassistant::spawn(
+            crate::homeassistant::Wiring {
+                cfg: &cfg,
+                topics: &topics,
+                outbox: &outbox,
+                bvcsp: bvcsp_ctx.as_ref(),
+                described,
+                probe: &probe,
+                incoming: incoming_rx,
+                playbox: (!cfg.playbox.is_empty()).then_some(playbox_tx),
+            },
+            &tasks,
+            &upstream,
+            &critical,
+        );
+        tasks.close();
+        let health = CancellationToken::new();
         let health_tasks = TaskTracker::new();
         critical.spawn(
             &health_tasks,
@@ -222,7 +243,7 @@ impl Bridge {
     }
 
     /// Resolves when a critical task ended on its own or panicked, with why.
-    pub async fn failed(&mut self) -> String {
+    pub async fn failed(&mut self) -> crate::critical::TaskFailure {
         // Borrowed, not taken: a `select!` drops the losing branch's future, and the
         // receiver must survive that (receiving is cancel-safe).
         match &mut self.failures {

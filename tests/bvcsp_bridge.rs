@@ -468,18 +468,11 @@ async fn server_restart_is_survived_with_growing_bounded_backoff() {
     wait_sockets(&sim, &[Stream::Alarm], T).await;
     let back = restarted.elapsed();
 
+    // How the gaps between attempts grow, and their cap, is timer logic: tested under
+    // paused time in retry.rs (`young_outage_grows_then_holds_a_short_cap` and the rest),
+    // not on a loaded machine's wall clock. Here: it kept trying, without a storm.
     let attempts = sim.down_attempts();
     assert!(attempts.len() >= 3, "it kept trying: {attempts:?}");
-    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
-    // reconnect_min 100 ms doubling, jitter adds up to 100 %: 100-200, 200-400, 400-800, then capped.
-    assert!(gaps.len() >= 2, "{gaps:?}");
-    assert!(gaps[1] > gaps[0], "intervals grow: {gaps:?}");
-    for g in &gaps {
-        assert!(
-            *g <= Duration::from_millis(1600 + 300),
-            "intervals are bounded by 2 × reconnect_max: {gaps:?}"
-        );
-    }
     assert!(
         attempts.len() <= 40,
         "no storm: {} attempts in {down_for:?}",

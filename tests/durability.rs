@@ -275,7 +275,7 @@ async fn a_full_outbox_pauses_reading_and_drops_no_alarm() {
     // Said on the link (delivered once the broker is back, if still full then) and in the log.
     let ctx = bridge.bvcsp.as_ref().unwrap();
     eventually("the link saying the outbox is full", T, || {
-        ctx.link.snapshot().details.get("outbox_full") == Some(&json!(true))
+        ctx.status.snapshot().details.get("outbox_full") == Some(&json!(true))
     })
     .await;
     assert!(

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -19,7 +19,8 @@ use tracing::{debug, info, warn};
 use super::ledger::unix_now;
 use super::model::{self, AlarmIdentity};
 use super::rest::RestError;
-use super::{Ctx, Token};
+use super::{BvcspLink, Token};
+use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{BACKFILL_UNAVAILABLE_RETRY, Backoff, Policy};
 
 const HEARTBEAT: &str = "bvcsp-backfill";
@@ -35,24 +36,54 @@ enum BackfillError {
     Retry(#[source] RestError),
     /// The server cannot give alarm records: give up for a while.
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Unavailable),
+}
+
+/// Why the server cannot give alarm records (shown as `backfill_reason`).
+#[derive(Debug, thiserror::Error)]
+enum Unavailable {
+    #[error("no alarm records at {path} (HTTP 404)")]
+    NotFound { path: String },
+    #[error("the account may not read alarm records at {path} (HTTP 403)")]
+    Forbidden { path: String },
+    #[error("alarm records at {path}: HTTP {status}")]
+    Status { path: String, status: u16 },
+    #[error("alarm records at {path}: {source}")]
+    Refused {
+        path: String,
+        #[source]
+        source: RestError,
+    },
+}
+
+/// Backfill's reading of a failure, in the one classification: a refused token is a
+/// re-login, a transient failure a retry, a server without alarm records a long wait.
+impl Classify for BackfillError {
+    fn recovery(&self) -> Recovery {
+        match self {
+            BackfillError::Relogin(_) => Recovery::Relogin,
+            BackfillError::Retry(_) => Recovery::Retry,
+            BackfillError::Unavailable(_) => Recovery::WaitLong(WaitReason::NoAlarmRecords),
+        }
+    }
 }
 
 fn classify(e: RestError, path: &str) -> BackfillError {
     match &e {
         RestError::Status(404) => {
-            BackfillError::Unavailable(format!("no alarm records at {path} (HTTP 404)"))
+            BackfillError::Unavailable(Unavailable::NotFound { path: path.into() })
         }
         RestError::Status(401) | RestError::Code { code: 9, .. } => BackfillError::Relogin(e),
         // The account may not read the records: a new token would not change that, and
         // a re-login per attempt would churn every stream's token.
-        RestError::Status(403) => BackfillError::Unavailable(format!(
-            "the account may not read alarm records at {path} (HTTP 403)"
-        )),
-        RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
-        RestError::Status(s) => {
-            BackfillError::Unavailable(format!("alarm records at {path}: HTTP {s}"))
+        RestError::Status(403) => {
+            BackfillError::Unavailable(Unavailable::Forbidden { path: path.into() })
         }
+        RestError::Status(s) if *s >= 500 || *s == 429 || *s == 408 => BackfillError::Retry(e),
+        RestError::Status(s) => BackfillError::Unavailable(Unavailable::Status {
+            path: path.into(),
+            status: *s,
+        }),
         // The transient codes of spec §2: general failure, timeout, busy, server, database.
         RestError::Code {
             code: 1 | 6 | 7 | 10 | 11 | 15,
@@ -61,9 +92,10 @@ fn classify(e: RestError, path: &str) -> BackfillError {
         RestError::Code { .. }
         | RestError::NotJson(_)
         | RestError::NoList
-        | RestError::TooLarge { .. } => {
-            BackfillError::Unavailable(format!("alarm records at {path}: {e}"))
-        }
+        | RestError::TooLarge { .. } => BackfillError::Unavailable(Unavailable::Refused {
+            path: path.into(),
+            source: e,
+        }),
         RestError::Transport(_) | RestError::NoToken => BackfillError::Retry(e),
     }
 }
@@ -88,27 +120,23 @@ struct Found {
     untimed: u64,
 }
 
-/// Run backfills when asked (`Ctx::backfill_request`) until `cancel`.
-pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
+/// Run backfills when asked (`BvcspLink::backfill_request`) until `cancel`.
+pub async fn run(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
     if !ctx.cfg.backfill {
-        ctx.link.set_detail("backfill", json!("off"));
+        ctx.status.set_detail("backfill", json!("off"));
         return;
     }
-    ctx.link.set_detail("backfill", json!("ok"));
-    let _alive = crate::heartbeat::BeatGuard::new(
-        &ctx.heartbeats,
-        HEARTBEAT,
-        Duration::from_secs(24 * 3600),
-    );
-    let mut token_rx = ctx.token.subscribe();
+    ctx.status.set_detail("backfill", json!("ok"));
+    let _alive =
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, HEARTBEAT, crate::heartbeat::IDLE);
+    let mut token_rx = ctx.to_streams.token.subscribe();
     let mut backoff = Backoff::new(Policy::backfill(&ctx.cfg));
     let mut unavailable_until: Option<Instant> = None;
     loop {
-        ctx.heartbeats
-            .beat(HEARTBEAT, Duration::from_secs(24 * 3600));
+        ctx.heartbeats.beat(HEARTBEAT, crate::heartbeat::IDLE);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = ctx.backfill_request.notified() => {}
+            _ = ctx.to_backfill.notified() => {}
         }
         let mut relogins = 0u32;
         while let Some(generation) = ctx.ledger.open_gap_generation() {
@@ -129,7 +157,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
             ctx.heartbeats.beat(
                 HEARTBEAT,
                 ctx.cfg.request_timeout * (ctx.cfg.backfill_max_pages + 2)
-                    + Duration::from_secs(60),
+                    + crate::heartbeat::SLACK * 2,
             );
             let result = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -147,8 +175,8 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                     if unavailable_until.take().is_some() {
                         info!("alarm backfill available again");
                     }
-                    ctx.link.set_detail("backfill", json!("ok"));
-                    ctx.link.set_detail("backfill_reason", Value::Null);
+                    ctx.status.set_detail("backfill", json!("ok"));
+                    ctx.status.set_detail("backfill_reason", Value::Null);
                     break;
                 }
                 Err(BackfillError::Unavailable(reason)) => {
@@ -162,8 +190,9 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         debug!("alarm backfill still unavailable: {reason}");
                     }
                     // The reason first: each detail is published as it is set.
-                    ctx.link.set_detail("backfill_reason", json!(reason));
-                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.status
+                        .set_detail("backfill_reason", json!(reason.to_string()));
+                    ctx.status.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -175,9 +204,9 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                         "alarm backfill unavailable: {e} even with a new token (asked again in {:?})",
                         BACKFILL_UNAVAILABLE_RETRY
                     );
-                    ctx.link
+                    ctx.status
                         .set_detail("backfill_reason", json!(format!("{e} after a re-login")));
-                    ctx.link.set_detail("backfill", json!("unavailable"));
+                    ctx.status.set_detail("backfill", json!("unavailable"));
                     unavailable_until = Some(Instant::now() + BACKFILL_UNAVAILABLE_RETRY);
                     ctx.ledger.abandon_gap(generation);
                     break;
@@ -185,7 +214,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 Err(BackfillError::Relogin(e)) => {
                     relogins += 1;
                     debug!("alarm backfill: {e}; waiting for a new token");
-                    let _ = ctx.relogin.try_send(token.generation);
+                    ctx.to_session.ask_relogin(token.generation);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = token_rx.changed() => {}
@@ -200,7 +229,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
                 }
             };
             ctx.heartbeats
-                .beat(HEARTBEAT, delay + Duration::from_secs(60));
+                .beat(HEARTBEAT, delay + crate::heartbeat::SLACK * 2);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -212,7 +241,7 @@ pub async fn run(ctx: Arc<Ctx>, cancel: CancellationToken) {
 /// Read the records back to the floor and publish what is new, then close the gap
 /// unless the stream was interrupted since `interruptions` (false: read again).
 async fn backfill_once(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     generation: u64,
     interruptions: u64,
@@ -291,7 +320,7 @@ async fn backfill_once(
 /// server lists them in is not documented: newest first is read from page 0 until a
 /// page lies wholly at or before the floor; oldest first is read from the last page
 /// back (when the reply says how many there are) or all the way (when it does not).
-async fn read_back(ctx: &Ctx, token: &Token, lower_ms: i64) -> Result<Found, BackfillError> {
+async fn read_back(ctx: &BvcspLink, token: &Token, lower_ms: i64) -> Result<Found, BackfillError> {
     let size = ctx.cfg.backfill_page_size;
     let max_pages = ctx.cfg.backfill_max_pages;
     let path = ctx.cfg.paths.alarm_history.as_str();

@@ -2,9 +2,10 @@
 //! a snapshot never overwrites a newer change seen on the online-status stream, and the
 //! set of ids the GPS stream must subscribe to.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tracing::warn;
@@ -14,8 +15,9 @@ use tracing::warn;
 /// ordering): a server inventing ids cannot grow memory without bound.
 pub const MAX_DEVICES: usize = 100_000;
 
+/// What is known of each device, and the order of the stream's updates.
 #[derive(Debug, Default)]
-struct Inner {
+struct DeviceTable {
     /// id -> (online, sequence number of the last stream update)
     devices: HashMap<String, (bool, u64)>,
     seq: u64,
@@ -23,7 +25,11 @@ struct Inner {
 
 #[derive(Debug)]
 pub struct Registry {
-    inner: Mutex<Inner>,
+    table: Mutex<DeviceTable>,
+    /// What is known of each device and user, for Home Assistant and `bridge/devices`.
+    catalogue: Mutex<Catalogue>,
+    /// Bumped whenever the catalogue changes (a device or user appears, goes, changes).
+    catalogue_changed: watch::Sender<u64>,
     /// Number of distinct devices known; changes whenever a new one appears.
     added: watch::Sender<usize>,
     /// Updates of devices past [`MAX_DEVICES`], not remembered.
@@ -33,7 +39,9 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         Registry {
-            inner: Mutex::default(),
+            table: Mutex::default(),
+            catalogue: Mutex::default(),
+            catalogue_changed: watch::channel(0).0,
             added: watch::channel(0).0,
             over_cap: Arc::default(),
         }
@@ -49,8 +57,8 @@ impl Registry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts an update of a device that is not kept; logs the first and every 10 000th.
@@ -91,10 +99,52 @@ impl Registry {
         if let Some(n) = count {
             self.added.send_replace(n);
         }
+        self.catalogue_update(|c| c.heard(id, online, Kind::Device));
+    }
+
+    /// A user (CU terminal) on the online-status stream.
+    pub fn user_update(&self, id: &str, online: bool) {
+        self.catalogue_update(|c| c.heard(id, online, Kind::User));
+    }
+
+    /// One record of the device list being read (see [`Registry::listing_complete`]).
+    pub fn listed(&self, id: &str, online: bool, facts: DeviceFacts) {
+        self.catalogue_update(|c| c.listed(id, online, facts));
+    }
+
+    /// The device list was read to its end: a device missing from it twice in a row (and
+    /// not heard of on the stream meanwhile) is forgotten.
+    pub fn listing_complete(&self) {
+        self.catalogue_update(Catalogue::complete);
+    }
+
+    /// Every known device and user, sorted by id.
+    pub fn catalogue(&self) -> Vec<Known> {
+        let c = self.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<Known> = c.known.values().cloned().collect();
+        v.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Changes whenever the catalogue does.
+    pub fn watch_catalogue(&self) -> watch::Receiver<u64> {
+        self.catalogue_changed.subscribe()
+    }
+
+    fn catalogue_update(&self, f: impl FnOnce(&mut Catalogue) -> bool) {
+        let changed = f(&mut self.catalogue.lock().unwrap_or_else(|p| p.into_inner()));
+        if changed {
+            self.catalogue_changed.send_modify(|n| *n += 1);
+        }
     }
 
     /// Mark the start of a snapshot; pass the result to `snapshot_update`.
     pub fn snapshot_begin(&self) -> u64 {
+        {
+            let mut c = self.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+            c.listing.clear();
+            c.listing_cut = false;
+        }
         self.lock().seq
     }
 
@@ -142,9 +192,180 @@ impl Registry {
     }
 }
 
+/// What the device list says of a device, beyond its id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFacts {
+    pub name: Option<String>,
+    pub manufacturer: Option<String>,
+    pub model: Option<String>,
+    pub sw_version: Option<String>,
+    pub hw_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A device (PU): a camera, helmet, vehicle unit.
+    Device,
+    /// A user (CU terminal), known from the online-status stream only.
+    User,
+}
+
+/// A device or user the bridge knows of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Known {
+    pub id: String,
+    pub kind: Kind,
+    pub facts: DeviceFacts,
+    pub online: bool,
+    /// When the bridge last heard that it was online.
+    pub last_seen: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct Catalogue {
+    known: HashMap<String, Known>,
+    /// Complete device lists in a row a device has been missing from.
+    missed: HashMap<String, u8>,
+    /// Devices in the device list being read.
+    listing: HashSet<String>,
+    /// The list being read went past [`MAX_DEVICES`]: it cannot tell who is gone.
+    listing_cut: bool,
+}
+
+impl Catalogue {
+    fn entry(&mut self, id: &str, kind: Kind) -> Option<&mut Known> {
+        if !self.known.contains_key(id) {
+            if self.known.len() >= MAX_DEVICES {
+                return None;
+            }
+            self.known.insert(
+                id.to_string(),
+                Known {
+                    id: id.to_string(),
+                    kind,
+                    facts: DeviceFacts::default(),
+                    online: false,
+                    last_seen: None,
+                },
+            );
+        }
+        self.known.get_mut(id)
+    }
+
+    fn heard(&mut self, id: &str, online: bool, kind: Kind) -> bool {
+        if kind == Kind::Device {
+            self.missed.remove(id);
+        }
+        let new = !self.known.contains_key(id);
+        let Some(k) = self.entry(id, kind) else {
+            return false;
+        };
+        let changed = new || k.online != online;
+        k.online = online;
+        if online {
+            k.last_seen = Some(SystemTime::now());
+        }
+        changed
+    }
+
+    fn listed(&mut self, id: &str, online: bool, facts: DeviceFacts) -> bool {
+        if self.listing.len() >= MAX_DEVICES {
+            self.listing_cut = true;
+            return false;
+        }
+        self.listing.insert(id.to_string());
+        let new = !self.known.contains_key(id);
+        let Some(k) = self.entry(id, Kind::Device) else {
+            return false;
+        };
+        let changed = new || k.online != online || k.facts != facts || k.kind != Kind::Device;
+        k.kind = Kind::Device;
+        k.facts = facts;
+        k.online = online;
+        if online {
+            k.last_seen = Some(SystemTime::now());
+        }
+        changed
+    }
+
+    fn complete(&mut self) -> bool {
+        let listing = std::mem::take(&mut self.listing);
+        if std::mem::take(&mut self.listing_cut) {
+            return false;
+        }
+        for id in &listing {
+            self.missed.remove(id);
+        }
+        let absent: Vec<String> = self
+            .known
+            .values()
+            .filter(|k| k.kind == Kind::Device && !listing.contains(&k.id))
+            .map(|k| k.id.clone())
+            .collect();
+        let mut changed = false;
+        for id in absent {
+            let n = self.missed.entry(id.clone()).or_default();
+            *n += 1;
+            if *n >= 2 {
+                self.missed.remove(&id);
+                self.known.remove(&id);
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(r: &Registry) -> Vec<String> {
+        r.catalogue().into_iter().map(|k| k.id).collect()
+    }
+
+    #[test]
+    fn a_device_missing_from_two_complete_lists_is_forgotten() {
+        let r = Registry::default();
+        let mut changes = r.watch_catalogue();
+        let facts = DeviceFacts {
+            name: Some("Helmet".into()),
+            ..DeviceFacts::default()
+        };
+        r.listed("a", true, facts.clone());
+        r.listed("b", false, DeviceFacts::default());
+        r.listing_complete();
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        assert_eq!(ids(&r), vec!["a", "b"]);
+        assert_eq!(r.catalogue()[0].facts, facts);
+        r.listed("a", true, facts.clone());
+        r.listing_complete();
+        assert_eq!(ids(&r), vec!["a", "b"], "missing once: kept");
+        // A list that failed half-way and was begun again: only the complete one counts.
+        r.snapshot_begin();
+        r.listed("b", false, DeviceFacts::default());
+        r.snapshot_begin();
+        r.listed("a", true, facts.clone());
+        r.listing_complete();
+        assert_eq!(ids(&r), vec!["a"], "missing twice in a row: gone");
+        assert!(changes.has_changed().unwrap());
+        // Heard on the stream in between: the count starts over.
+        r.listed("c", true, DeviceFacts::default());
+        r.listing_complete();
+        r.listing_complete();
+        r.stream_update("c", true);
+        r.listing_complete();
+        assert!(ids(&r).contains(&"c".to_string()));
+        r.listing_complete();
+        assert!(!ids(&r).contains(&"c".to_string()));
+        // Users come from the stream only and are never listed: never forgotten.
+        r.user_update("CU_1", true);
+        r.listing_complete();
+        r.listing_complete();
+        assert_eq!(ids(&r), vec!["CU_1"]);
+        assert_eq!(r.catalogue()[0].kind, Kind::User);
+    }
 
     #[test]
     fn snapshot_does_not_override_newer_stream_state() {

@@ -4,16 +4,21 @@
 pub mod auth;
 pub mod backfill;
 pub mod devices;
+mod ingest;
 pub mod ledger;
+mod liveness;
 pub mod model;
 pub mod rest;
 pub mod session;
+mod socket;
 pub mod ws;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +27,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::config::Stream;
 
 use crate::config::{BvcspConfig, HttpScheme, Secret};
-use crate::link::Link;
+use crate::link_status::LinkStatus;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, Trust};
 
@@ -119,39 +124,84 @@ impl Stats {
     }
 }
 
-/// Everything the session and the stream tasks share.
-pub struct Ctx {
+/// One BVCSP server: what the session, the streams and the backfill share. They signal
+/// each other only through [`ToSession`], [`ToStreams`] and `to_backfill`.
+pub struct BvcspLink {
     pub cfg: Arc<BvcspConfig>,
     pub rest: rest::RestClient,
-    /// TLS for wss://, the very same policy as REST.
-    pub ws_tls: Option<Arc<rustls::ClientConfig>>,
-    pub ws_base: reqwest::Url,
+    pub ws: WsEndpoint,
+    /// How tokens are passed on upgrades, once the server has shown what it accepts.
+    pub token_transport: TokenTransportState,
     pub outbox: Arc<Outbox>,
     pub topics: Topics,
-    pub link: Arc<Link>,
+    /// The retained `bridge/link/bvcsp` status.
+    pub status: Arc<LinkStatus>,
     pub registry: devices::Registry,
     /// Location topics already fed by the live stream (a snapshot must not go back in time).
     pub located: Mutex<HashSet<String>>,
-    pub token: watch::Sender<Option<Arc<Token>>>,
-    /// Streams ask for a new login with the generation that was refused.
-    pub relogin: mpsc::Sender<u64>,
-    pub snapshot_request: Notify,
-    /// Generation of the token the online-status socket is open with.
-    pub online_ready: watch::Sender<u64>,
-    /// The server withholds the subprotocol echo: tokens go in the query from now on.
-    pub query_mode: AtomicBool,
-    pub query_warned: AtomicBool,
+    pub to_session: ToSession,
+    pub to_streams: ToStreams,
+    /// The alarm stream (re)connected, or the outbox has room again: read back the gap.
+    pub to_backfill: Notify,
     /// Set when the bridge is killed rather than stopped: no goodbye to the server.
     pub skip_logout: AtomicBool,
     pub stats: Arc<Stats>,
     pub heartbeats: Arc<crate::heartbeat::Heartbeats>,
     /// Which alarms are published, and how far back a backfill must read.
     pub ledger: Arc<ledger::AlarmLedger>,
-    /// The alarm stream (re)connected, or the outbox has room again: read back the gap.
-    pub backfill_request: Notify,
-    /// Bumped whenever a stream opens: the server is reachable, streams still backing
-    /// off try again at once.
+}
+
+/// Where the WebSocket streams are: the REST base with ws:// or wss://, and for wss://
+/// the very same TLS policy as REST.
+pub struct WsEndpoint {
+    pub base: reqwest::Url,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// What the streams and the backfill ask of the session.
+pub struct ToSession {
+    /// The generation of a token that was refused: log in again.
+    relogin: mpsc::Sender<u64>,
+    /// The online-status stream came back: take the device snapshot again.
+    pub snapshot: Notify,
+    /// The generation of the token the online-status socket is open with.
+    pub online_ready: watch::Sender<u64>,
+}
+
+impl ToSession {
+    /// Ask for a new login because the token of `generation` was refused. Requests
+    /// beyond the queue are dropped: one login answers them all.
+    pub fn ask_relogin(&self, generation: u64) {
+        let _ = self.relogin.try_send(generation);
+    }
+}
+
+/// What the session (and any stream that gets through) tells the streams.
+pub struct ToStreams {
+    /// The token in use: each new one reopens every stream.
+    pub token: watch::Sender<Option<Arc<Token>>>,
+    /// Bumped whenever a login or a stream gets through: the server is reachable, so
+    /// streams still backing off try again at once.
     pub reachable: watch::Sender<u64>,
+}
+
+/// Whether tokens go in `?token=` because the server withholds the subprotocol echo.
+#[derive(Debug, Default)]
+pub struct TokenTransportState {
+    query: AtomicBool,
+    warned: AtomicBool,
+}
+
+impl TokenTransportState {
+    pub fn in_query(&self) -> bool {
+        self.query.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Use `?token=` from now on; true the first time (to warn once).
+    pub fn switch_to_query(&self) -> bool {
+        self.query.store(true, std::sync::atomic::Ordering::Relaxed);
+        !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +216,7 @@ pub enum BvcspSetupError {
     Ledger(#[from] ledger::LedgerError),
 }
 
-impl Ctx {
+impl BvcspLink {
     pub fn new(
         cfg: Arc<BvcspConfig>,
         storage_dir: &std::path::Path,
@@ -174,7 +224,7 @@ impl Ctx {
         topics: Topics,
         stats: Arc<Stats>,
         heartbeats: Arc<crate::heartbeat::Heartbeats>,
-    ) -> Result<(Arc<Ctx>, mpsc::Receiver<u64>), BvcspSetupError> {
+    ) -> Result<(Arc<BvcspLink>, mpsc::Receiver<u64>), BvcspSetupError> {
         let https = cfg.url.scheme() == HttpScheme::Https;
         let tls_cfg = if https {
             let t = &cfg.tls;
@@ -196,9 +246,9 @@ impl Ctx {
             .expect("ws and wss are valid schemes");
         let rest = rest::RestClient::new(&cfg, tls_cfg.clone())?;
         let streams: Vec<&str> = cfg.streams.iter().map(|s| s.name()).collect();
-        let link = Link::new("bvcsp", topics.link_bvcsp(), outbox.clone(), &streams);
+        let status = LinkStatus::new("bvcsp", topics.link_bvcsp(), outbox.clone(), &streams);
         if cfg.token_transport == crate::config::TokenTransport::Query {
-            link.set_detail("token_transport", serde_json::json!("query"));
+            status.set_detail("token_transport", serde_json::json!("query"));
         }
         let (relogin, relogin_rx) = mpsc::channel(16);
         let ledger = ledger::AlarmLedger::open(
@@ -207,37 +257,42 @@ impl Ctx {
             cfg.backfill_max_age,
             stats.backfill.clone(),
         )?;
-        let ctx = Ctx {
+        let link = BvcspLink {
             ledger: Arc::new(ledger),
-            backfill_request: Notify::new(),
-            reachable: watch::channel(0).0,
-            ws_tls: tls_cfg.map(Arc::new),
-            ws_base,
+            to_backfill: Notify::new(),
+            ws: WsEndpoint {
+                base: ws_base,
+                tls: tls_cfg.map(Arc::new),
+            },
+            token_transport: TokenTransportState::default(),
             rest,
             outbox,
             topics,
-            link,
+            status,
             registry: devices::Registry::counting(stats.devices_over_cap.clone()),
             located: Mutex::new(HashSet::new()),
-            token: watch::channel(None).0,
-            relogin,
-            snapshot_request: Notify::new(),
-            online_ready: watch::channel(0).0,
-            query_mode: AtomicBool::new(false),
-            query_warned: AtomicBool::new(false),
+            to_session: ToSession {
+                relogin,
+                snapshot: Notify::new(),
+                online_ready: watch::channel(0).0,
+            },
+            to_streams: ToStreams {
+                token: watch::channel(None).0,
+                reachable: watch::channel(0).0,
+            },
             skip_logout: AtomicBool::new(false),
             stats,
             heartbeats,
             cfg,
         };
-        Ok((Arc::new(ctx), relogin_rx))
+        Ok((Arc::new(link), relogin_rx))
     }
 }
 
 /// Run the BVCSP link until `cancel`: then close the streams, log out, return. Every
 /// loop under it is critical: one that ends on its own is reported to `critical`.
 pub async fn run(
-    ctx: Arc<Ctx>,
+    ctx: Arc<BvcspLink>,
     relogin_rx: mpsc::Receiver<u64>,
     cancel: CancellationToken,
     critical: crate::critical::Critical,
@@ -253,7 +308,7 @@ pub async fn run(
         );
     }
     if !ctx.cfg.backfill {
-        ctx.link.set_detail("backfill", serde_json::json!("off"));
+        ctx.status.set_detail("backfill", serde_json::json!("off"));
     } else if ctx.cfg.streams.contains(&Stream::Alarm) {
         critical.spawn(
             &tracker,
@@ -291,13 +346,13 @@ pub async fn run(
     {
         session::logout(&ctx, &token).await;
     }
-    ctx.link.stopped();
+    ctx.status.stopped();
 }
 
 /// While the outbox is full or cannot write, reading pauses and the server may drop what
 /// it cannot send: that is a gap in the alarm stream like any other, read back once
 /// reading resumes.
-async fn gap_while_full(ctx: Arc<Ctx>, cancel: CancellationToken) {
+async fn gap_while_full(ctx: Arc<BvcspLink>, cancel: CancellationToken) {
     if !ctx.cfg.backfill {
         return;
     }
@@ -313,6 +368,6 @@ async fn gap_while_full(ctx: Arc<Ctx>, cancel: CancellationToken) {
             r = full.wait_for(|f| !*f) => if r.is_err() { return },
         }
         ctx.ledger.set_paused(false);
-        ctx.backfill_request.notify_one();
+        ctx.to_backfill.notify_one();
     }
 }

@@ -4,17 +4,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::rest::{Grant, RestError};
-use super::{Ctx, Stream, Token, auth};
+use super::{BvcspLink, Stream, Token, auth};
 use crate::config::Secret;
-use crate::link::LinkState;
+use crate::link_status::LinkState;
 use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, Policy};
 
@@ -24,8 +24,16 @@ const SESSION: &str = "bvcsp-session";
 /// Never refresh more often than this, whatever lifetime the server announces.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A token is refreshed at half its life.
 fn refresh_due(issued: Instant, lifetime: Duration) -> Instant {
     issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
+}
+
+/// After a failed refresh: when to try again, or `None` when the token would expire
+/// first (then the session logs in again instead).
+fn refresh_retry_at(expires: Instant, retry_in: Duration) -> Option<Instant> {
+    let at = Instant::now() + retry_in;
+    (at < expires).then_some(at)
 }
 
 enum Outcome {
@@ -40,7 +48,7 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
+async fn obtain(ctx: &BvcspLink) -> Result<Grant, RestError> {
     let cfg = &ctx.cfg;
     if cfg.uses_app_token() {
         let rand_num = rand::random::<u32>() % 900_000 + 100_000;
@@ -62,8 +70,8 @@ async fn obtain(ctx: &Ctx) -> Result<Grant, RestError> {
 }
 
 /// Sleep, or return false when cancelled.
-async fn pause(ctx: &Ctx, cancel: &CancellationToken, d: Duration) -> bool {
-    ctx.heartbeats.beat(SESSION, d + Duration::from_secs(30));
+async fn pause(ctx: &BvcspLink, cancel: &CancellationToken, d: Duration) -> bool {
+    ctx.heartbeats.beat(SESSION, d + crate::heartbeat::SLACK);
     tokio::select! {
         _ = cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -72,7 +80,7 @@ async fn pause(ctx: &Ctx, cancel: &CancellationToken, d: Duration) -> bool {
 
 /// Runs until cancelled; returns the last token, for the logout.
 pub async fn run_session(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     mut relogin_rx: mpsc::Receiver<u64>,
     cancel: &CancellationToken,
 ) -> Option<Arc<Token>> {
@@ -82,21 +90,21 @@ pub async fn run_session(
     let mut last: Option<Arc<Token>> = None;
     let mut relogin_reason: Option<String> = None;
     let _alive =
-        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, Duration::from_secs(60));
+        crate::heartbeat::BeatGuard::new(&ctx.heartbeats, SESSION, crate::heartbeat::SLACK * 2);
     loop {
         if let Some(reason) = relogin_reason.take() {
             let d = net_backoff.next_delay();
             info!("logging in again ({reason}) in {d:.1?}");
-            ctx.link.set(LinkState::Connecting, Some(reason), None);
+            ctx.status.set(LinkState::Connecting, Some(reason), None);
             if !pause(ctx, cancel, d).await {
                 return last;
             }
         } else {
-            ctx.link.set(LinkState::Connecting, None, None);
+            ctx.status.set(LinkState::Connecting, None, None);
         }
         ctx.heartbeats.beat(
             SESSION,
-            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+            ctx.cfg.request_timeout * 2 + crate::heartbeat::SLACK,
         );
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return last,
@@ -115,13 +123,13 @@ pub async fn run_session(
                              (SHA256_T also fails when the clocks disagree: local UTC time is {local})",
                             ctx.cfg.username
                         );
-                        ctx.link
+                        ctx.status
                             .set(LinkState::AuthFailed, Some(e.to_string()), Some(d));
                         d
                     }
                     _ => {
                         let d = net_backoff.next_delay();
-                        ctx.link
+                        ctx.status
                             .set(LinkState::Down, Some(format!("login: {e}")), Some(d));
                         d
                     }
@@ -146,16 +154,16 @@ pub async fn run_session(
             generation,
             "logged in to BVCSP (token valid {:?})", token.lifetime
         );
-        ctx.token.send_replace(Some(token.clone()));
+        ctx.to_streams.token.send_replace(Some(token.clone()));
         // The server answers: streams still backing off try again now.
-        ctx.reachable.send_modify(|n| *n += 1);
+        ctx.to_streams.reachable.send_modify(|n| *n += 1);
         last = Some(token.clone());
         // Stale requests (about older tokens) are dropped.
         while relogin_rx.try_recv().is_ok() {}
 
         // Online status first, then the snapshot, so no change falls between the two.
         if ctx.cfg.streams.contains(&Stream::OnlineStatus) {
-            let mut ready = ctx.online_ready.subscribe();
+            let mut ready = ctx.to_session.online_ready.subscribe();
             let wait = ready.wait_for(|g| *g >= generation);
             tokio::select! {
                 _ = cancel.cancelled() => return last,
@@ -170,10 +178,10 @@ pub async fn run_session(
             }
             Err(e) => {
                 warn!("device snapshot failed: {e}; will retry");
-                ctx.snapshot_request.notify_one();
+                ctx.to_session.snapshot.notify_one();
             }
         }
-        ctx.link.set(LinkState::Up, None, None);
+        ctx.status.set(LinkState::Up, None, None);
         match maintain(
             ctx,
             token,
@@ -193,7 +201,7 @@ pub async fn run_session(
 }
 
 async fn maintain(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: Arc<Token>,
     relogin_rx: &mut mpsc::Receiver<u64>,
     cancel: &CancellationToken,
@@ -209,11 +217,11 @@ async fn maintain(
         let wake = refresh_at.saturating_duration_since(Instant::now());
         ctx.heartbeats.beat(
             SESSION,
-            wake + ctx.cfg.request_timeout * 4 + Duration::from_secs(60),
+            wake + ctx.cfg.request_timeout * 4 + crate::heartbeat::SLACK * 2,
         );
         tokio::select! {
             _ = cancel.cancelled() => return Outcome::Cancelled,
-            _ = sleep_until(refresh_at.into()) => {
+            _ = sleep_until(refresh_at) => {
                 let expires = current.issued + current.lifetime;
                 let result = if ctx.cfg.uses_app_token() {
                     obtain(ctx).await
@@ -232,17 +240,17 @@ async fn maintain(
                         refresh_backoff.reset();
                         ctx.stats.refreshes.fetch_add(1, Ordering::Relaxed);
                         info!(generation = *generation, "token refreshed (valid {lifetime:?}); reopening streams");
-                        ctx.token.send_replace(Some(current.clone()));
+                        ctx.to_streams.token.send_replace(Some(current.clone()));
                         *last = Some(current.clone());
                     }
                     Err(e) if e.recovery() == Recovery::Relogin => return Outcome::Relogin(format!("refresh: {e}")),
                     Err(e) => {
                         let d = refresh_backoff.next_delay();
-                        if Instant::now() + d >= expires {
+                        let Some(at) = refresh_retry_at(expires, d) else {
                             return Outcome::Relogin(format!("refresh failing ({e}) and the token is expiring"));
-                        }
+                        };
                         warn!("token refresh failed: {e}; retrying in {d:.1?}");
-                        refresh_at = Instant::now() + d;
+                        refresh_at = at;
                     }
                 }
             }
@@ -252,13 +260,13 @@ async fn maintain(
                 }
                 debug!(refused, current = current.generation, "ignoring a stale re-login request");
             }
-            _ = ctx.snapshot_request.notified() => {
+            _ = ctx.to_session.snapshot.notified() => {
                 snapshot_retry = None;
                 if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
                     return o;
                 }
             }
-            _ = async { sleep_until(snapshot_retry.expect("guarded").into()).await }, if snapshot_retry.is_some() => {
+            _ = async { sleep_until(snapshot_retry.expect("guarded")).await }, if snapshot_retry.is_some() => {
                 snapshot_retry = None;
                 if let Some(o) = run_snapshot(ctx, &current, cancel, &mut snapshot_retry).await {
                     return o;
@@ -269,7 +277,7 @@ async fn maintain(
 }
 
 async fn run_snapshot(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     cancel: &CancellationToken,
     retry: &mut Option<Instant>,
@@ -290,7 +298,7 @@ async fn run_snapshot(
 
 /// Page through the device list and publish retained availability and location.
 async fn snapshot(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<BvcspLink>,
     token: &Token,
     cancel: &CancellationToken,
 ) -> Result<(), RestError> {
@@ -302,7 +310,7 @@ async fn snapshot(
     loop {
         ctx.heartbeats.beat(
             SESSION,
-            ctx.cfg.request_timeout * 2 + Duration::from_secs(30),
+            ctx.cfg.request_timeout * 2 + crate::heartbeat::SLACK,
         );
         let reply = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -312,6 +320,8 @@ async fn snapshot(
         let now = SystemTime::now();
         for record in records {
             devices += 1;
+            ctx.registry
+                .listed(&record.id, record.online, record.facts());
             if !ctx
                 .registry
                 .snapshot_update(&record.id, record.online, begin)
@@ -340,16 +350,62 @@ async fn snapshot(
             break;
         }
     }
+    ctx.registry.listing_complete();
     ctx.stats.snapshots.fetch_add(1, Ordering::Relaxed);
     info!("device snapshot: {devices} devices");
     Ok(())
 }
 
 /// Best effort, bounded: the process is stopping.
-pub async fn logout(ctx: &Ctx, token: &Token) {
+pub async fn logout(ctx: &BvcspLink, token: &Token) {
     match tokio::time::timeout(Duration::from_secs(3), ctx.rest.logout(&token.value)).await {
         Ok(Ok(())) => info!("logged out of BVCSP"),
         Ok(Err(e)) => debug!("logout failed: {e}"),
         Err(_) => debug!("logout timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BvcspConfig;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_refreshed_at_half_its_life() {
+        let issued = Instant::now();
+        sleep_until(refresh_due(issued, Duration::from_secs(4 * 3600))).await;
+        assert_eq!(issued.elapsed(), Duration::from_secs(2 * 3600));
+        // However short the life the server announces, not more than once a second.
+        let issued = Instant::now();
+        sleep_until(refresh_due(issued, Duration::from_millis(10))).await;
+        assert_eq!(issued.elapsed(), MIN_REFRESH_INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_refreshes_are_retried_until_the_token_would_expire() {
+        let cfg: BvcspConfig = crate::config::from_toml(
+            "[bvcsp]\nurl = \"http://h\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap()
+        .bvcsp
+        .unwrap();
+        let lifetime = Duration::from_secs(60);
+        let issued = Instant::now();
+        let expires = issued + lifetime;
+        sleep_until(refresh_due(issued, lifetime)).await;
+        let mut backoff = Backoff::new(Policy::refresh(&cfg));
+        let mut retries = 0;
+        // Every refresh fails: retried by the policy while the token lives, then given up.
+        while let Some(at) = refresh_retry_at(expires, backoff.next_delay()) {
+            assert!(at < expires);
+            sleep_until(at).await;
+            retries += 1;
+        }
+        assert!(retries >= 10, "{retries} retries in the token's last 30 s");
+        assert!(
+            Instant::now() < expires,
+            "a login comes before the token expires"
+        );
+        assert!(expires - Instant::now() <= cfg.reconnect_early_max);
     }
 }

@@ -4,6 +4,7 @@
 //! again later.
 
 mod bvcsp;
+mod homeassistant;
 mod mqtt;
 mod playbox;
 mod secret;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use bvcsp::{BvcspConfig, BvcspPaths, TlsConfig, TokenTransport, UnknownTokenTransport};
+pub use homeassistant::{DiscoveryMode, HomeAssistantConfig};
 pub use mqtt::{MqttConfig, MqttTlsConfig};
 pub use playbox::{PlayboxConfig, PlayboxPaths, PlayboxTls};
 pub use secret::Secret;
@@ -61,6 +63,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub service: ServiceConfig,
+    #[serde(default)]
+    pub homeassistant: HomeAssistantConfig,
     #[serde(default)]
     pub playbox: Vec<PlayboxConfig>,
 }
@@ -273,6 +277,7 @@ impl Config {
             None => {}
         }
         self.mqtt.validate()?;
+        self.homeassistant.validate()?;
         if self.service.health_interval < Duration::from_secs(1) {
             return Err(ConfigError::new(
                 "service.health_interval",

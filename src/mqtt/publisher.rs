@@ -354,7 +354,7 @@ async fn drive(
     let mut last_error: Option<String> = None;
     let mut repeats = 0u64;
     // When the current connection was made (None while not connected).
-    let mut connected_at: Option<std::time::Instant> = None;
+    let mut connected_at: Option<tokio::time::Instant> = None;
     let mut dropped_log = RateLimited::default();
     loop {
         heartbeats.beat("mqtt", alive);
@@ -365,7 +365,7 @@ async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 backoff.succeeded();
-                connected_at = Some(std::time::Instant::now());
+                connected_at = Some(tokio::time::Instant::now());
                 {
                     let mut corr = shared.corr();
                     corr.connected = true;
@@ -606,7 +606,7 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
 /// A warning logged at most once a minute, with how many were left out in between.
 #[derive(Default)]
 struct RateLimited {
-    last: Option<std::time::Instant>,
+    last: Option<tokio::time::Instant>,
     suppressed: u64,
 }
 
@@ -626,7 +626,7 @@ impl RateLimited {
             String::new()
         };
         warn!("dropping a message on {topic}: {why}{more}");
-        self.last = Some(std::time::Instant::now());
+        self.last = Some(tokio::time::Instant::now());
     }
 }
 

@@ -144,10 +144,23 @@ pub fn prepare(
 
 impl Prepared {
     /// Each box's link, for health reports.
-    pub fn links(&self) -> Vec<(String, Arc<crate::link::Link>)> {
+    pub fn links(&self) -> Vec<(String, Arc<crate::link_status::LinkStatus>)> {
         self.runners
             .iter()
             .map(|(name, r)| (name.clone(), r.link()))
+            .collect()
+    }
+
+    /// What each box has said of itself (see `BoxRunner::watch_described`).
+    pub fn described(
+        &self,
+    ) -> Vec<(
+        String,
+        tokio::sync::watch::Receiver<Option<serde_json::Value>>,
+    )> {
+        self.runners
+            .iter()
+            .map(|(name, r)| (name.clone(), r.watch_described()))
             .collect()
     }
 

@@ -15,7 +15,7 @@ pub use super::values::{BRIGHTNESS_PATHS, INFO_PATHS, SCREEN_PATHS, VOLUME_PATHS
 use super::values::{Function, Reading, function_of, state_payload};
 use crate::config::{PlayboxConfig, Secret};
 use crate::json::{as_f64, as_string, field};
-use crate::link::{Link, LinkState};
+use crate::link_status::{LinkState, LinkStatus};
 use crate::mqtt::{Message, Outbox, Topics};
 use crate::recovery::{Classify, Recovery, WaitReason};
 use crate::retry::{Backoff, PLAYBOX_LOCKOUT, PLAYBOX_PASSWORD_RECHECK, Policy};
@@ -31,12 +31,14 @@ pub struct BoxRunner {
     client: BoxClient,
     outbox: Arc<Outbox>,
     topics: Topics,
-    link: Arc<Link>,
+    link: Arc<LinkStatus>,
     token: Option<Secret>,
     form: Option<LoginForm>,
     paths: [Option<String>; 4],
     probed: [bool; 4],
     info: Option<Value>,
+    /// What the box said of itself, for Home Assistant's device entry.
+    described: tokio::sync::watch::Sender<Option<Value>>,
     online: Option<bool>,
     last: Option<(Reading, Instant)>,
     refused: u32,
@@ -71,7 +73,7 @@ impl BoxRunner {
         heartbeats: Arc<crate::heartbeat::Heartbeats>,
         commands: Arc<Pending>,
     ) -> BoxRunner {
-        let link = Link::new(
+        let link = LinkStatus::new(
             &format!("playbox/{}", cfg.name),
             topics.link_playbox(&cfg.name),
             outbox.clone(),
@@ -91,6 +93,7 @@ impl BoxRunner {
             paths: Default::default(),
             probed: [false; 4],
             info: None,
+            described: tokio::sync::watch::channel(None).0,
             online: None,
             last: None,
             refused: 0,
@@ -107,8 +110,13 @@ impl BoxRunner {
         &self.cfg.name
     }
 
-    pub fn link(&self) -> Arc<Link> {
+    pub fn link(&self) -> Arc<LinkStatus> {
         self.link.clone()
+    }
+
+    /// Changes when the box has described itself (model, firmware, MAC...).
+    pub fn watch_described(&self) -> tokio::sync::watch::Receiver<Option<Value>> {
+        self.described.subscribe()
     }
 
     pub async fn run(mut self, cancel: CancellationToken) {
@@ -463,6 +471,12 @@ impl BoxRunner {
         }
         if self.info.is_none() {
             self.info = Some(self.read(Function::Info).await?.unwrap_or(Value::Null));
+            let described = self.info.as_ref().map(super::values::described);
+            self.described.send_if_modified(|d| {
+                let changed = *d != described;
+                *d = described;
+                changed
+            });
         }
         self.set_online(true);
         self.publish_state(reading, false);
@@ -561,5 +575,99 @@ impl BoxRunner {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runner(extra: &str) -> BoxRunner {
+        let text = format!(
+            "[[playbox]]\nname = \"b\"\nurl = \"https://127.0.0.1:9\"\nsn = \"S\"\n\
+             password = \"x\"\n{extra}"
+        );
+        let cfg = crate::config::from_toml(&text).unwrap().playbox.remove(0);
+        let tls = crate::tls::client_config(&crate::tls::Trust::Insecure, None).unwrap();
+        let client = BoxClient::new(&cfg, tls, None).unwrap();
+        let outbox = Arc::new(Outbox::memory(1 << 20));
+        BoxRunner::new(
+            cfg,
+            client,
+            outbox,
+            Topics::new("t"),
+            Default::default(),
+            Default::default(),
+        )
+    }
+
+    fn code(code: i64) -> BoxError {
+        BoxError::Code {
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_box_is_polled_again_by_the_network_backoff() {
+        let mut r = runner("poll_interval = \"15s\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        let delays: Vec<Duration> = (0..8)
+            .map(|_| r.failed(&BoxError::Status(500), &mut net))
+            .collect();
+        assert!(delays[0] >= Duration::from_secs(1), "{delays:?}");
+        assert!(delays[0] < Duration::from_secs(2), "{delays:?}");
+        assert!(delays[3] > delays[0], "{delays:?}");
+        let bound = Duration::from_secs(60);
+        assert!(delays.iter().all(|d| *d < bound), "{delays:?}");
+        assert_eq!(r.link.state(), LinkState::Down);
+        // A poll that went through: the next failure starts from a second again.
+        net.reset();
+        assert!(r.failed(&BoxError::Status(500), &mut net) < Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_box_asking_for_fewer_requests_waits_at_least_the_poll_interval() {
+        let mut r = runner("poll_interval = \"15s\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(22));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(15)));
+        assert!(r.failed(&code(22), &mut net) >= Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_holds_logins_for_61_s_on_the_tokio_clock() {
+        let mut r = runner("");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(17));
+        assert_eq!(r.held_for(), Some(PLAYBOX_LOCKOUT));
+        assert_eq!(r.failed(&code(17), &mut net), PLAYBOX_LOCKOUT);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(r.login_held(), Some(LoginsHeld::LockedOut { left_s: 31 }));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(r.login_held(), None, "the lockout is over");
+        // A second lockout in a row waits longer.
+        r.hold_logins(&code(67));
+        assert_eq!(r.held_for(), Some(PLAYBOX_LOCKOUT * 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_password_waits_minutes_and_stops_after_two() {
+        let mut r = runner("auth_retry_min = \"5m\"\nauth_retry_max = \"60m\"\n");
+        let mut net = Backoff::new(Policy::playbox_network(&r.cfg));
+        r.hold_logins(&code(24));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(300)));
+        assert_eq!(r.failed(&code(24), &mut net), Duration::from_secs(300));
+        assert_eq!(r.link.state(), LinkState::AuthFailed);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(r.login_held(), None);
+        r.hold_logins(&code(33));
+        assert_eq!(r.held_for(), Some(Duration::from_secs(600)));
+        // Two refusals: no login at all until the password changes, however long.
+        tokio::time::advance(Duration::from_secs(24 * 3600)).await;
+        assert_eq!(
+            r.login_held(),
+            Some(LoginsHeld::UntilPasswordChanges { times: 2 })
+        );
     }
 }

@@ -107,7 +107,19 @@ pub(super) fn state_payload(reading: &Reading, info: Option<&Value>) -> Value {
     {
         p["screen_raw"] = json!(raw);
     }
-    if let Some(info) = info.filter(|i| i.is_object()) {
+    if let Some(Value::Object(described)) = info.map(described) {
+        for (k, v) in described {
+            p[k] = v;
+        }
+    }
+    p
+}
+
+/// What a box says of itself (its info reply), under the `state` payload's key names:
+/// `sn`, `product_name`, `alias_name`, `firmware`, `model`, `mac`, as far as known.
+pub fn described(info: &Value) -> Value {
+    let mut p = json!({});
+    if info.is_object() {
         for (out, keys) in [
             ("sn", &["sn"][..]),
             ("product_name", &["productName"][..]),

@@ -41,20 +41,25 @@ pub struct LinkSnapshot {
     pub details: BTreeMap<String, Value>,
 }
 
-pub struct Link {
+pub struct LinkStatus {
     name: String,
     topic: String,
     outbox: Arc<Outbox>,
-    inner: Mutex<LinkSnapshot>,
+    current: Mutex<LinkSnapshot>,
 }
 
-impl Link {
-    pub fn new(name: &str, topic: String, outbox: Arc<Outbox>, streams: &[&str]) -> Arc<Link> {
-        let link = Arc::new(Link {
+impl LinkStatus {
+    pub fn new(
+        name: &str,
+        topic: String,
+        outbox: Arc<Outbox>,
+        streams: &[&str],
+    ) -> Arc<LinkStatus> {
+        let link = Arc::new(LinkStatus {
             name: name.to_string(),
             topic,
             outbox,
-            inner: Mutex::new(LinkSnapshot {
+            current: Mutex::new(LinkSnapshot {
                 state: LinkState::Connecting,
                 since: SystemTime::now(),
                 last_error: None,
@@ -68,7 +73,7 @@ impl Link {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LinkSnapshot> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn snapshot(&self) -> LinkSnapshot {

@@ -130,12 +130,13 @@ impl Shared {
         self.corr.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hand one request to rumqttc; the caller holds the correlation lock.
-    fn hand_over(&self, corr: &mut Correlation, slot: Slot, msg: &Message) -> bool {
+    /// Hand one request to rumqttc; the caller holds the correlation lock. The message is
+    /// moved, not copied: rumqttc takes the topic as a `String` of its own.
+    fn hand_over(&self, corr: &mut Correlation, slot: Slot, msg: Message) -> bool {
         corr.fifo.push_back(slot);
         match self
             .client
-            .try_publish(&msg.topic, self.qos, msg.retain, msg.payload.clone())
+            .try_publish(msg.topic, self.qos, msg.retain, msg.payload)
         {
             Ok(()) => true,
             Err(e) => {
@@ -305,7 +306,7 @@ impl Publisher {
             let mut corr = shared.corr();
             corr.closing = true;
             let connected = corr.connected;
-            connected && shared.hand_over(&mut corr, Slot::Offline, &offline_msg(&shared.topics))
+            connected && shared.hand_over(&mut corr, Slot::Offline, offline_msg(&shared.topics))
         };
         if sent {
             if tokio::time::timeout(grace, shared.offline_acked.notified())
@@ -380,9 +381,9 @@ async fn drive(
                     }
                     // Once stopping, a reconnect must not undo the `offline` we said.
                     if corr.closing {
-                        shared.hand_over(&mut corr, Slot::Offline, &offline_msg(&shared.topics));
+                        shared.hand_over(&mut corr, Slot::Offline, offline_msg(&shared.topics));
                     } else {
-                        shared.hand_over(&mut corr, Slot::Online, &online_msg(&shared.topics));
+                        shared.hand_over(&mut corr, Slot::Online, online_msg(&shared.topics));
                     }
                 }
                 if !shared.subscriptions.is_empty() {
@@ -570,7 +571,7 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
             while corr.connected && corr.in_hand() < WINDOW {
                 let direct = shared.direct().take();
                 if let Some(msg) = direct {
-                    if !shared.hand_over(&mut corr, Slot::Direct, &msg) {
+                    if !shared.hand_over(&mut corr, Slot::Direct, msg.clone()) {
                         shared.direct().get_or_insert(msg);
                         break;
                     }
@@ -584,7 +585,7 @@ async fn feed(shared: Arc<Shared>, stop: CancellationToken) {
                     shared.outbox.dead_letter(id, &reason);
                     continue;
                 }
-                if !shared.hand_over(&mut corr, Slot::Outbox(id), &msg) {
+                if !shared.hand_over(&mut corr, Slot::Outbox(id), msg) {
                     shared.outbox.untake(id);
                     break;
                 }

@@ -437,7 +437,9 @@ async fn a_failed_handshake_pins_nothing() {
     );
     assert_eq!(sim.login_attempts(), 0, "a password went to the impostor");
     let link = rig
-        .link("lobby", |l| l["last_error"].is_string() && l["state"] == "down")
+        .link("lobby", |l| {
+            l["last_error"].is_string() && l["state"] == "down"
+        })
         .await;
     assert_eq!(link["state"], "down", "{link}");
 

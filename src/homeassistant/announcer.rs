@@ -937,6 +937,7 @@ mod tests {
             topic: "homeassistant/status".into(),
             payload: bytes::Bytes::from_static(payload.as_bytes()),
             retain: false,
+            size: payload.len(),
         };
         tx.send(incoming("offline")).await.unwrap();
         tx.send(incoming(" online\n")).await.unwrap();

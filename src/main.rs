@@ -286,6 +286,8 @@ fn init_tracing(log: &LogConfig) {
     // Reloadable, for the bridge API's `log_level` request (until the next restart).
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     bvcsp2mqtt::homeassistant::api::install_log_level_setter(Box::new(move |level: &str| {
+        // A word with no level would turn every level on for it, and the rest off.
+        bvcsp2mqtt::homeassistant::api::check_log_filter(level)?;
         let new = EnvFilter::try_new(level).map_err(|e| format!("not a valid filter: {e}"))?;
         reload
             .reload(new)

@@ -303,6 +303,20 @@ async fn requests_are_answered_with_their_transaction_and_bad_ones_with_errors()
             .is_some_and(|e| e.contains("at most 4096"))
     })
     .await;
+    // Larger than the bridge keeps at all (64 KiB): still answered, with its size.
+    publish(
+        broker,
+        &format!("{BASE}/bridge/request/health_check"),
+        &"x".repeat(100_000),
+        false,
+    )
+    .await;
+    obs.wait_topic(&response(&obs, "health_check"), T, |r| {
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("100000 bytes") && e.contains("at most 4096"))
+    })
+    .await;
     let odd = "a/b/ü".repeat(20);
     publish(broker, &format!("{BASE}/bridge/request/{odd}"), "", false).await;
     obs.wait_for("an answer to a strange name", T, |log| {
@@ -361,6 +375,117 @@ async fn log_level_changes_the_filter_until_the_next_restart() {
     assert_eq!(r["status"], "ok", "{r}");
     assert_eq!(r["data"]["level"], "debug");
     assert_eq!(LEVELS.lock().unwrap().as_slice(), ["debug"]);
+    // A word with no level would turn every level on for it and silence the bridge.
+    for (i, bad) in ["verbose", "bvcsp2mqtt", "warn,verbose"].iter().enumerate() {
+        let r = ask(
+            broker,
+            &obs,
+            "log_level",
+            &json!({"level": bad, "transaction": i + 10}).to_string(),
+            &json!(i + 10),
+        )
+        .await;
+        assert_eq!(r["status"], "error", "{bad}: {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("names no level"),
+            "{r}"
+        );
+    }
+    let r = ask(
+        broker,
+        &obs,
+        "log_level",
+        r#"{"level": "bvcsp2mqtt=debug,warn", "transaction": 2}"#,
+        &json!(2),
+    )
+    .await;
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(
+        LEVELS.lock().unwrap().as_slice(),
+        ["debug", "bvcsp2mqtt=debug,warn"]
+    );
+    bridge.stop(Duration::from_secs(5)).await;
+}
+
+/// Publish every payload on `topic` at once, and wait until the broker has them all.
+async fn publish_burst(broker: std::net::SocketAddr, topic: &str, payloads: &[String]) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let opts = MqttOptions::new(
+        format!("burst-{}", rand_suffix()),
+        broker.ip().to_string(),
+        broker.port(),
+    );
+    let (client, mut events) = AsyncClient::new(opts, payloads.len() + 10);
+    for p in payloads {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, p.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let acked = async {
+        let mut n = 0;
+        while n < payloads.len() {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = events.poll().await {
+                n += 1;
+            }
+        }
+    };
+    tokio::time::timeout(T, acked)
+        .await
+        .expect("burst acknowledged");
+    let _ = client.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_looping_requests_gets_a_bounded_rate_of_answers() {
+    let sim = fleet_sim().await;
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let bridge = Bridge::start(bridge_config(&sim, broker, ""))
+        .await
+        .unwrap();
+    ask(
+        broker,
+        &obs,
+        "health_check",
+        r#"{"transaction": "w"}"#,
+        &json!("w"),
+    )
+    .await;
+    let burst: Vec<String> = (0..60)
+        .map(|i| json!({"transaction": i}).to_string())
+        .collect();
+    let started = std::time::Instant::now();
+    publish_burst(
+        broker,
+        &format!("{BASE}/bridge/request/health_check"),
+        &burst,
+    )
+    .await;
+    // Asked again until answered: the answers come from the same queue, after the burst's.
+    let r = ask(
+        broker,
+        &obs,
+        "health_check",
+        r#"{"transaction": "a"}"#,
+        &json!("a"),
+    )
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let answered = obs
+        .on(&response(&obs, "health_check"))
+        .iter()
+        .filter(|m| m.json()["transaction"].is_u64())
+        .count();
+    let bound = 10.0 + 10.0 * elapsed + 1.0;
+    assert!(
+        (answered as f64) <= bound && answered >= 5,
+        "{answered} of 60 answered in {elapsed:.1} s"
+    );
+    assert!(
+        r["data"]["bridge_api"]["requests_dropped"].as_u64() > Some(0),
+        "{r}"
+    );
     bridge.stop(Duration::from_secs(5)).await;
 }
 

@@ -1119,3 +1119,72 @@ async fn with_ten_thousand_devices_an_alarm_is_not_queued_behind_discovery() {
     );
     bridge.stop(Duration::from_secs(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_user_stays_and_a_device_gone_meanwhile_is_removed() {
+    let sim = helmet_sim().await;
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let cfg = ha_config(&sim, broker, "");
+    let bridge = Bridge::start(cfg.clone()).await.unwrap();
+    obs.wait_all_up(&Stream::ALL, T).await;
+    // A CU terminal is known only from the online-status stream.
+    sim.inject(
+        Stream::OnlineStatus,
+        json!({"type": "CU", "status": 1, "user": {"id": "CU_ops"}}),
+    );
+    let user = config_topic("bvcsp2mqtt_user_CU_ops");
+    let truck = config_topic("bvcsp2mqtt_PU_264F708E");
+    config_on(&obs, &user, |_| true).await;
+    config_on(&obs, &truck, |_| true).await;
+    bridge.stop(Duration::from_secs(5)).await;
+
+    // The truck leaves while the bridge is stopped; then the fleet is steady, and the
+    // user says nothing (its state does not change).
+    let mut helmet = SimDevice::new("PU_55AA0000", "Helmet 07", true);
+    helmet.lat = 31.849722;
+    helmet.lng = 117.207138;
+    sim.set_devices(vec![helmet]);
+    let bridge = Bridge::start(cfg).await.unwrap();
+    let ctx = bridge.bvcsp.clone().unwrap();
+    let lists = || {
+        ctx.stats
+            .snapshots
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    sim.wait_until("the first device list", T, |_| lists() >= 1)
+        .await;
+    // The list is read again at every online-status reconnect.
+    let end = Instant::now() + T;
+    while !obs.on(&truck).iter().any(|r| r.payload.is_empty()) {
+        assert!(Instant::now() < end, "the truck was never removed");
+        let before = lists();
+        sim.kick_sockets(Some(Stream::OnlineStatus), Some(1000));
+        let more = sim.wait_until("one more device list", T, |_| lists() > before);
+        let _ = tokio::time::timeout(Duration::from_secs(3), more).await;
+        let removed = obs.wait_for("the truck removed", T, |log| {
+            log.iter()
+                .any(|r| r.topic == truck && r.payload.is_empty())
+                .then_some(())
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), removed).await;
+    }
+    assert!(lists() >= 2, "two complete lists decided it");
+    // Whatever was queued with the truck's removal is out before this answer.
+    publish(
+        broker,
+        &format!("{BASE}/bridge/request/health_check"),
+        r#"{"transaction": "barrier"}"#,
+        false,
+    )
+    .await;
+    obs.wait_topic(&format!("{BASE}/bridge/response/health_check"), T, |r| {
+        r.json()["transaction"] == "barrier"
+    })
+    .await;
+    assert!(
+        obs.on(&user).iter().all(|r| !r.payload.is_empty()),
+        "a user is in no device list: its absence says nothing"
+    );
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -183,17 +183,7 @@ impl RestClient {
         let v = self
             .call(&self.paths.device_list, Some(token), Some(body))
             .await?;
-        let items = list_items(&v).unwrap_or_default();
-        let total = total_count(&v);
-        let count = items.len();
-        Ok((
-            items
-                .into_iter()
-                .filter_map(DeviceRecord::from_value)
-                .collect(),
-            count,
-            total,
-        ))
+        device_page_of(&v)
     }
 
     /// One page of the alarm records (`page` from 0), with `totalCount` when the reply
@@ -211,6 +201,23 @@ impl RestClient {
         let items = list_items(&v).ok_or(RestError::NoList)?;
         Ok((items, total_count(&v)))
     }
+}
+
+/// The records of one `pu/list` reply, their number (parsed or not) and `totalCount`.
+/// A `data` that is not a list (nor one nested in an object) is an error, not an empty
+/// page: taken for the end of the list, it would make every device look gone.
+#[doc(hidden)]
+pub fn device_page_of(v: &Value) -> Result<(Vec<DeviceRecord>, usize, Option<u64>), RestError> {
+    let items = list_items(v).ok_or(RestError::NoList)?;
+    let count = items.len();
+    Ok((
+        items
+            .into_iter()
+            .filter_map(DeviceRecord::from_value)
+            .collect(),
+        count,
+        total_count(v),
+    ))
 }
 
 /// A reply's status and body: the whole reply object when the status is 2xx and
@@ -302,6 +309,28 @@ mod tests {
         assert_eq!(RestError::Status(401).recovery(), Recovery::Relogin);
         assert_eq!(RestError::Status(502).recovery(), Recovery::Retry);
         assert_eq!(RestError::NotJson(3).recovery(), Recovery::Retry);
+    }
+
+    #[test]
+    fn a_device_list_reply_that_is_not_a_list_is_an_error() {
+        let page = |v: Value| device_page_of(&v).map(|(r, n, t)| (r.len(), n, t));
+        assert!(matches!(
+            page(json!({"code": 0, "data": {"rows": [{"id": "PU_1"}]}})),
+            Err(RestError::NoList)
+        ));
+        assert!(matches!(
+            page(json!({"code": 0, "data": "PU_1"})),
+            Err(RestError::NoList)
+        ));
+        assert_eq!(
+            page(json!({"code": 0, "data": null})).unwrap(),
+            (0, 0, None)
+        );
+        let two = json!([{"id": "PU_1"}, {"id": "PU_2"}]);
+        assert_eq!(
+            page(json!({"code": 0, "data": {"list": two}, "pageInfo": {"totalCount": 5}})).unwrap(),
+            (2, 2, Some(5))
+        );
     }
 
     #[test]

@@ -305,9 +305,9 @@ async fn snapshot(
     let begin = ctx.registry.snapshot_begin();
     let size = ctx.cfg.page_size;
     let mut page = 0u32;
-    let mut seen = 0u64;
+    let mut paging = Paging::new(size as usize);
     let mut devices = 0usize;
-    loop {
+    let ended = loop {
         ctx.heartbeats.beat(
             SESSION,
             ctx.cfg.request_timeout * 2 + crate::heartbeat::SLACK,
@@ -318,6 +318,7 @@ async fn snapshot(
         };
         let (records, count, total) = reply;
         let now = SystemTime::now();
+        let next = paging.page(records.iter().map(|r| r.id.as_str()), count, total);
         for record in records {
             devices += 1;
             ctx.registry
@@ -340,20 +341,93 @@ async fn snapshot(
                 }
             }
         }
-        seen += count as u64;
         page += 1;
-        let done = count == 0
-            || count < size as usize
-            || total.is_some_and(|t| seen >= t)
-            || page >= 100_000;
-        if done {
-            break;
+        match next {
+            Next::More => {}
+            ended => break ended,
+        }
+    };
+    match ended {
+        Next::Partial(why) => {
+            // Availability is published all the same; only who is gone is not decided.
+            warn!("device snapshot: {devices} devices, but the list is not complete ({why})");
+        }
+        _ => {
+            // Counted first: whoever hears of the complete list sees the count.
+            ctx.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+            ctx.registry.listing_complete();
+            info!("device snapshot: {devices} devices");
         }
     }
-    ctx.registry.listing_complete();
-    ctx.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-    info!("device snapshot: {devices} devices");
     Ok(())
+}
+
+/// The most pages of one device list read (each must bring a device not seen before).
+const MAX_PAGES: u32 = 100_000;
+
+/// After a page of the device list: read on, or stop with the whole list or part of it.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    More,
+    Complete,
+    /// Stopped without the whole list: it must not decide who is gone.
+    Partial(&'static str),
+}
+
+/// When to stop paging through the device list, and whether what was read is all of it.
+/// A server may cap `pageSize` (a short page is then no end when `totalCount` says there
+/// is more), or repeat a page, or give a wrong total: the distinct ids are counted, and a
+/// page that brings nothing new ends the list.
+struct Paging {
+    size: usize,
+    seen: std::collections::HashSet<String>,
+    pages: u32,
+}
+
+impl Paging {
+    fn new(size: usize) -> Paging {
+        Paging {
+            size,
+            seen: Default::default(),
+            pages: 0,
+        }
+    }
+
+    /// `count` records came (`ids` of those that parsed), with `total` if the reply said.
+    fn page<'a>(
+        &mut self,
+        ids: impl Iterator<Item = &'a str>,
+        count: usize,
+        total: Option<u64>,
+    ) -> Next {
+        self.pages += 1;
+        let before = self.seen.len();
+        for id in ids {
+            if self.seen.len() <= super::devices::MAX_DEVICES && !self.seen.contains(id) {
+                self.seen.insert(id.to_owned());
+            }
+        }
+        let new = self.seen.len() - before;
+        let reached = total.map(|t| self.seen.len() as u64 >= t);
+        if count == 0 || new == 0 {
+            return match reached {
+                Some(true) => Next::Complete,
+                Some(false) => Next::Partial("it ended before its totalCount"),
+                None if count == 0 => Next::Complete,
+                None => Next::Partial("a page repeated devices already listed"),
+            };
+        }
+        if count < self.size && reached != Some(false) {
+            return Next::Complete;
+        }
+        if self.seen.len() > super::devices::MAX_DEVICES {
+            return Next::Partial("more devices than the bridge tracks");
+        }
+        if self.pages >= MAX_PAGES {
+            return Next::Partial("too many pages");
+        }
+        Next::More
+    }
 }
 
 /// Best effort, bounded: the process is stopping.
@@ -407,5 +481,63 @@ mod tests {
             "a login comes before the token expires"
         );
         assert!(expires - Instant::now() <= cfg.reconnect_early_max);
+    }
+
+    fn ids(from: usize, n: usize) -> Vec<String> {
+        (from..from + n).map(|i| format!("PU_{i}")).collect()
+    }
+
+    fn page(p: &mut Paging, ids: &[String], total: Option<u64>) -> Next {
+        p.page(ids.iter().map(String::as_str), ids.len(), total)
+    }
+
+    #[test]
+    fn a_short_page_ends_the_list_only_when_the_total_agrees() {
+        // No total: a short page is the end (the spec's rule).
+        let mut p = Paging::new(1000);
+        assert_eq!(page(&mut p, &ids(0, 1000), None), Next::More);
+        assert_eq!(page(&mut p, &ids(1000, 10), None), Next::Complete);
+        // A server that caps pageSize at 100, with a total of 250: read on to it.
+        let mut p = Paging::new(1000);
+        assert_eq!(page(&mut p, &ids(0, 100), Some(250)), Next::More);
+        assert_eq!(page(&mut p, &ids(100, 100), Some(250)), Next::More);
+        assert_eq!(page(&mut p, &ids(200, 50), Some(250)), Next::Complete);
+        // A total too high: the empty page ends it, as a part.
+        let mut p = Paging::new(100);
+        assert_eq!(page(&mut p, &ids(0, 100), Some(500)), Next::More);
+        assert_eq!(page(&mut p, &ids(100, 20), Some(500)), Next::More);
+        assert!(matches!(page(&mut p, &[], Some(500)), Next::Partial(_)));
+        // A server that ignores `page`: the same page again ends it, as a part.
+        let mut p = Paging::new(100);
+        assert_eq!(page(&mut p, &ids(0, 100), Some(300)), Next::More);
+        assert!(matches!(
+            page(&mut p, &ids(0, 100), Some(300)),
+            Next::Partial(_)
+        ));
+        let mut p = Paging::new(100);
+        assert_eq!(page(&mut p, &ids(0, 100), None), Next::More);
+        assert!(matches!(page(&mut p, &ids(0, 100), None), Next::Partial(_)));
+        // A total too low, with full pages: read on until the list really ends.
+        let mut p = Paging::new(100);
+        assert_eq!(page(&mut p, &ids(0, 100), Some(100)), Next::More);
+        assert_eq!(page(&mut p, &ids(100, 100), Some(100)), Next::More);
+        assert_eq!(page(&mut p, &[], Some(100)), Next::Complete);
+        // An empty fleet.
+        assert_eq!(page(&mut Paging::new(100), &[], Some(0)), Next::Complete);
+        assert_eq!(page(&mut Paging::new(100), &[], None), Next::Complete);
+    }
+
+    #[test]
+    fn a_server_inventing_pages_is_cut_off() {
+        let mut p = Paging::new(1);
+        let mut n = 0;
+        let end = loop {
+            match page(&mut p, &ids(n, 1), Some(u64::MAX)) {
+                Next::More => n += 1,
+                other => break other,
+            }
+        };
+        assert!(matches!(end, Next::Partial(_)));
+        assert!(n <= super::super::devices::MAX_DEVICES + 1, "{n}");
     }
 }

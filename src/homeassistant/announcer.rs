@@ -110,8 +110,11 @@ struct Announcer {
     /// Queued keys, and whether each must go out even if unchanged.
     queued: HashMap<Key, bool>,
     removals: VecDeque<String>,
+    /// The topics in `removals` still to be removed: a topic announced again meanwhile
+    /// is taken out of here, and skipped when its turn comes.
+    removing: HashSet<String>,
     /// Removed topics the record file still lists.
-    forget: Vec<String>,
+    forget: HashSet<String>,
     /// Device topics an earlier run left, kept until two device lists have been read.
     ghosts: HashSet<String>,
     snapshots_at_start: u64,
@@ -154,7 +157,8 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
         queue: VecDeque::new(),
         queued: HashMap::new(),
         removals: VecDeque::new(),
-        forget: Vec::new(),
+        removing: HashSet::new(),
+        forget: HashSet::new(),
         ghosts: HashSet::new(),
         snapshots_at_start,
     };
@@ -173,7 +177,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     let mut info_tick = tokio::time::interval(INFO_POLL);
     let mut status_open = true;
     loop {
-        let pending = !a.queue.is_empty() || !a.removals.is_empty();
+        let pending = !a.queue.is_empty() || !a.removing.is_empty();
         tokio::select! {
             _ = cancel.cancelled() => return,
             m = inputs.status.recv(), if status_open => match m {
@@ -300,16 +304,36 @@ impl Announcer {
             if wanted.contains_key(&r.topic) {
                 continue;
             }
-            let device_like = matches!(r.kind, RecordKind::Device | RecordKind::User);
-            if device_like && self.current_shape(&r) && self.bvcsp.is_some() {
-                self.ghosts.insert(r.topic);
-            } else {
-                self.removals.push_back(r.topic);
+            let current = self.bvcsp.is_some() && self.current_shape(&r);
+            match r.kind {
+                RecordKind::Device if current => {
+                    self.ghosts.insert(r.topic);
+                }
+                // Users are in no device list (only the online-status stream tells of
+                // them, and only when their state changes): their absence says nothing,
+                // so they stay until discovery is switched off or its layout changes.
+                RecordKind::User if current => {}
+                _ => self.remove(r.topic),
             }
         }
         self.record.extend(wanted);
         self.save().await;
         self.enqueue_all(true);
+    }
+
+    /// Queue the removal of `topic` (once, however often asked).
+    fn remove(&mut self, topic: String) {
+        if self.removing.insert(topic.clone()) {
+            self.removals.push_back(topic);
+        }
+    }
+
+    /// `topic` is wanted again: a removal still pending is dropped, and one already
+    /// queued in the outbox (its announcement follows it there) must not make the record
+    /// forget the topic.
+    fn keep(&mut self, topic: &str) {
+        self.removing.remove(topic);
+        self.forget.remove(topic);
     }
 
     fn enqueue(&mut self, key: Key, force: bool) {
@@ -360,6 +384,7 @@ impl Announcer {
         for key in &after {
             for r in self.records_of(key) {
                 self.ghosts.remove(&r.topic);
+                self.keep(&r.topic);
                 if !self.record.contains_key(&r.topic) {
                     self.record.insert(r.topic.clone(), r);
                     grew = true;
@@ -370,23 +395,30 @@ impl Announcer {
             self.save().await;
         }
         let now: HashSet<Key> = self.keys().into_iter().collect();
-        for key in &before {
-            if !now.contains(key) {
-                let node = match key {
-                    Key::Device(id) => self.builder.device_node(id),
-                    Key::User(id) => self.builder.user_node(id),
-                    _ => continue,
-                };
-                let topics: Vec<String> = self
-                    .record
-                    .values()
-                    .filter(|r| r.node == node)
-                    .map(|r| r.topic.clone())
-                    .collect();
+        let gone: Vec<String> = before
+            .iter()
+            .filter(|key| !now.contains(key))
+            .filter_map(|key| match key {
+                Key::Device(id) => Some(self.builder.device_node(id)),
+                Key::User(id) => Some(self.builder.user_node(id)),
+                _ => None,
+            })
+            .collect();
+        if !gone.is_empty() {
+            // One pass over the record for all of them (a mass removal of 10 000).
+            let mut by_node: HashMap<&str, Vec<String>> = HashMap::new();
+            for r in self.record.values() {
+                by_node.entry(&r.node).or_default().push(r.topic.clone());
+            }
+            let mut topics = Vec::new();
+            for node in &gone {
                 info!(
                     "{node}: gone from the device list twice in a row; removing it from Home Assistant"
                 );
-                self.removals.extend(topics);
+                topics.extend(by_node.remove(node.as_str()).unwrap_or_default());
+            }
+            for t in topics {
+                self.remove(t);
             }
         }
         for key in after {
@@ -400,7 +432,9 @@ impl Announcer {
                 "{} devices announced by an earlier run are in no device list: removing them",
                 self.ghosts.len()
             );
-            self.removals.extend(self.ghosts.drain());
+            for t in std::mem::take(&mut self.ghosts) {
+                self.remove(t);
+            }
         }
     }
 
@@ -410,13 +444,15 @@ impl Announcer {
             return false;
         }
         let mut pushed = 0;
-        let mut removed = Vec::new();
         while pushed < BATCH
             && let Some(topic) = self.removals.pop_front()
         {
+            if !self.removing.remove(&topic) {
+                continue; // wanted again meanwhile
+            }
             self.sent.remove(&topic);
             self.outbox.push_now(removal(topic.clone()));
-            removed.push(topic);
+            self.forget.insert(topic);
             pushed += 1;
         }
         while pushed < BATCH
@@ -437,14 +473,16 @@ impl Announcer {
                     continue;
                 }
                 self.sent.insert(m.topic.clone(), h);
+                if !m.payload.is_empty() {
+                    self.keep(&m.topic);
+                }
                 self.outbox.push_now(m);
                 pushed += 1;
             }
         }
-        self.forget.extend(removed);
         // Rewriting the record for every batch of a mass removal would rewrite a file
         // of every device hundreds of times: once the removals are done, or every 1 000.
-        if !self.forget.is_empty() && (self.removals.is_empty() || self.forget.len() >= 1_000) {
+        if !self.forget.is_empty() && (self.removing.is_empty() || self.forget.len() >= 1_000) {
             // The removals are queued durably; only then may the record forget them.
             self.outbox.committed().await;
             for t in std::mem::take(&mut self.forget) {
@@ -464,8 +502,11 @@ impl Announcer {
             "homeassistant.enabled = false: removing {} discovery topics announced earlier",
             self.record.len()
         );
-        self.removals = self.record.keys().cloned().collect();
-        while !self.removals.is_empty() {
+        let topics: Vec<String> = self.record.keys().cloned().collect();
+        for t in topics {
+            self.remove(t);
+        }
+        while !self.removing.is_empty() {
             if !self.feed().await {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -547,6 +588,9 @@ mod tests {
                 i % 250 + 1
             ));
         }
+        if n == 0 {
+            return Vec::new();
+        }
         let cfg = crate::config::from_toml(&toml).expect("valid");
         cfg.playbox
             .into_iter()
@@ -573,10 +617,191 @@ mod tests {
             queue: VecDeque::new(),
             queued: HashMap::new(),
             removals: VecDeque::new(),
-            forget: Vec::new(),
+            removing: HashSet::new(),
+            forget: HashSet::new(),
             ghosts: HashSet::new(),
             snapshots_at_start: 0,
         }
+    }
+
+    /// An announcer over a BVCSP context whose registry the test feeds by hand.
+    fn with_bvcsp(dir: &std::path::Path) -> (Announcer, Arc<crate::bvcsp::BvcspLink>) {
+        let cfg = crate::config::from_toml(
+            "[bvcsp]\nurl = \"http://127.0.0.1:9\"\nusername = \"u\"\npassword = \"p\"\n",
+        )
+        .expect("valid");
+        let mut a = announcer(0, dir, super::super::DiscoveryMode::Device);
+        let (ctx, _relogin) = crate::bvcsp::BvcspLink::new(
+            Arc::new(cfg.bvcsp.expect("bvcsp")),
+            dir,
+            a.outbox.clone(),
+            Topics::new("bvcsp2mqtt"),
+            Arc::default(),
+            Arc::default(),
+        )
+        .expect("context");
+        a.bvcsp = Some(ctx.clone());
+        (a, ctx)
+    }
+
+    /// One complete device list, as the session reads it.
+    fn device_list(ctx: &crate::bvcsp::BvcspLink, ids: &[&str]) {
+        ctx.registry.snapshot_begin();
+        for id in ids {
+            ctx.registry.listed(id, true, Default::default());
+        }
+        ctx.stats
+            .snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.registry.listing_complete();
+    }
+
+    /// Feed until nothing is pending; everything the broker got, acknowledged.
+    async fn settle(a: &mut Announcer) -> Vec<Message> {
+        let mut out = Vec::new();
+        while !a.queue.is_empty() || !a.removing.is_empty() {
+            a.feed().await;
+            out.extend(drain(&a.outbox));
+        }
+        out
+    }
+
+    fn emptied(msgs: &[Message], node: &str) -> bool {
+        msgs.iter().any(|m| {
+            m.topic == format!("homeassistant/device/{node}/config") && m.payload.is_empty()
+        })
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_users_are_kept_and_gone_devices_removed_by_a_steady_fleet() {
+        let dir = tempfile::tempdir().unwrap();
+        // The first run: two devices and a user.
+        let (mut first, ctx) = with_bvcsp(dir.path());
+        first.start().await;
+        device_list(&ctx, &["PU_1", "PU_2"]);
+        ctx.registry.user_update("CU_ops", true);
+        first.catalogue_changed().await;
+        let msgs = settle(&mut first).await;
+        for node in [
+            "bvcsp2mqtt_PU_1",
+            "bvcsp2mqtt_PU_2",
+            "bvcsp2mqtt_user_CU_ops",
+        ] {
+            let topic = format!("homeassistant/device/{node}/config");
+            assert!(
+                msgs.iter()
+                    .any(|m| m.topic == topic && !m.payload.is_empty()),
+                "{node}"
+            );
+        }
+        // The next run: PU_2 has gone meanwhile, the user says nothing (its state has not
+        // changed), and the fleet is steady: the same list twice.
+        let (mut next, ctx) = with_bvcsp(dir.path());
+        next.record = load_record(&next.path).await;
+        next.start().await;
+        settle(&mut next).await;
+        let mut msgs = Vec::new();
+        for _ in 0..2 {
+            device_list(&ctx, &["PU_1"]);
+            next.catalogue_changed().await;
+            msgs.extend(settle(&mut next).await);
+        }
+        assert!(
+            emptied(&msgs, "bvcsp2mqtt_PU_2"),
+            "gone from two lists: removed"
+        );
+        assert!(
+            !emptied(&msgs, "bvcsp2mqtt_user_CU_ops"),
+            "a user is in no list: kept"
+        );
+        assert!(!emptied(&msgs, "bvcsp2mqtt_PU_1"));
+        let left = load_record(&next.path).await;
+        assert!(left.contains_key("homeassistant/device/bvcsp2mqtt_user_CU_ops/config"));
+        assert!(!left.contains_key("homeassistant/device/bvcsp2mqtt_PU_2/config"));
+        // Switched off, the user goes too.
+        let mut off = announcer(0, dir.path(), super::super::DiscoveryMode::Device);
+        off.record = load_record(&off.path).await;
+        off.remove_everything(&CancellationToken::new()).await;
+        assert!(emptied(&drain(&off.outbox), "bvcsp2mqtt_user_CU_ops"));
+    }
+
+    #[tokio::test]
+    async fn a_device_dropped_and_heard_again_before_the_feed_stays_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, ctx) = with_bvcsp(dir.path());
+        a.start().await;
+        device_list(&ctx, &["PU_1", "PU_2"]);
+        a.catalogue_changed().await;
+        settle(&mut a).await;
+        let topic = "homeassistant/device/bvcsp2mqtt_PU_2/config";
+        // Gone from two lists, then heard on the stream, all before the next feed.
+        device_list(&ctx, &["PU_1"]);
+        device_list(&ctx, &["PU_1"]);
+        a.catalogue_changed().await;
+        assert!(a.removing.contains(topic));
+        ctx.registry.stream_update("PU_2", true);
+        a.catalogue_changed().await;
+        let msgs = settle(&mut a).await;
+        assert!(
+            !msgs
+                .iter()
+                .any(|m| m.topic == topic && m.payload.is_empty()),
+            "the pending removal was dropped (the broker still has the config)"
+        );
+        assert!(a.record.contains_key(topic), "and recorded");
+        assert!(load_record(&a.path).await.contains_key(topic));
+        // A removal already in the outbox, then the device back before the record is
+        // rewritten: the announcement follows the removal, and the record keeps it.
+        device_list(&ctx, &["PU_1"]);
+        device_list(&ctx, &["PU_1"]);
+        a.catalogue_changed().await;
+        // More removals than one batch: the record is rewritten only once they are done.
+        for i in 0..BATCH + 8 {
+            a.remove(format!("homeassistant/device/bvcsp2mqtt_old_{i}/config"));
+        }
+        a.feed().await;
+        assert!(a.forget.contains(topic), "its removal is in the outbox");
+        ctx.registry.stream_update("PU_2", true);
+        a.catalogue_changed().await;
+        let msgs = settle(&mut a).await;
+        assert!(
+            msgs.iter()
+                .rev()
+                .find(|m| m.topic == topic)
+                .is_some_and(|m| !m.payload.is_empty())
+        );
+        assert!(load_record(&a.path).await.contains_key(topic));
+    }
+
+    #[tokio::test]
+    async fn a_mass_removal_removes_every_gone_device_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, ctx) = with_bvcsp(dir.path());
+        a.start().await;
+        let ids: Vec<String> = (0..3_000).map(|i| format!("PU_{i:05}")).collect();
+        let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+        device_list(&ctx, &all);
+        ctx.registry.user_update("CU_ops", true);
+        a.catalogue_changed().await;
+        settle(&mut a).await;
+        device_list(&ctx, &all[..1]);
+        device_list(&ctx, &all[..1]);
+        a.catalogue_changed().await;
+        // (One pass over the record for all of them: see catalogue_changed.)
+        assert_eq!(a.removing.len(), 2_999);
+        let msgs = settle(&mut a).await;
+        assert_eq!(msgs.iter().filter(|m| m.payload.is_empty()).count(), 2_999);
+        let left = load_record(&a.path).await;
+        let mut nodes: Vec<&str> = left.values().map(|r| r.node.as_str()).collect();
+        nodes.sort_unstable();
+        assert_eq!(
+            nodes,
+            [
+                "bvcsp2mqtt_PU_00000",
+                "bvcsp2mqtt_bridge",
+                "bvcsp2mqtt_user_CU_ops"
+            ]
+        );
     }
 
     /// Take and acknowledge everything queued, as a broker would.
@@ -712,6 +937,7 @@ mod tests {
             topic: "homeassistant/status".into(),
             payload: bytes::Bytes::from_static(payload.as_bytes()),
             retain: false,
+            size: payload.len(),
         };
         tx.send(incoming("offline")).await.unwrap();
         tx.send(incoming(" online\n")).await.unwrap();

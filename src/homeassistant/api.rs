@@ -25,6 +25,14 @@ use crate::timestamp::rfc3339_millis;
 pub const MAX_REQUEST_BYTES: usize = 4096;
 /// `bridge/devices` is published at most this often (it lists every device).
 pub const DEVICES_EVERY: Duration = Duration::from_secs(5);
+/// Requests answered, on average, at most this many a second...
+pub const REQUESTS_PER_SECOND: u32 = 10;
+/// ...and at most this many at once. Each answer is a durable message in the outbox that
+/// alarms go through: a client looping requests must not be able to queue alarms behind
+/// its answers. Requests over the limit are dropped unanswered (and counted).
+pub const REQUEST_BURST: u32 = 10;
+/// The level names `log_level` accepts, alone or after `target=`.
+const LEVEL_NAMES: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 
 /// Changes the log filter of the running process (`log_level` requests).
 pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -48,6 +56,56 @@ pub struct Inputs {
     pub max_packet: usize,
 }
 
+/// A token bucket over requests (see [`REQUEST_BURST`]), in nanoseconds of credit.
+#[derive(Debug)]
+struct RateLimit {
+    credit: u64,
+    last: Instant,
+    /// Requests refused so far (reported by `health_check`).
+    dropped: u64,
+    /// A burst is being refused (and was logged); over once the bucket has filled again.
+    refusing: bool,
+}
+
+impl RateLimit {
+    const COST: u64 = 1_000_000_000 / REQUESTS_PER_SECOND as u64;
+    const FULL: u64 = Self::COST * REQUEST_BURST as u64;
+
+    fn new(now: Instant) -> RateLimit {
+        RateLimit {
+            credit: Self::FULL,
+            last: now,
+            dropped: 0,
+            refusing: false,
+        }
+    }
+
+    /// May a request received at `now` be answered?
+    fn allow(&mut self, now: Instant) -> bool {
+        let earned =
+            u64::try_from(now.saturating_duration_since(self.last).as_nanos()).unwrap_or(u64::MAX);
+        self.credit = self.credit.saturating_add(earned).min(Self::FULL);
+        self.last = now;
+        if self.credit >= Self::COST {
+            if self.refusing && self.credit == Self::FULL {
+                self.refusing = false;
+            }
+            self.credit -= Self::COST;
+            return true;
+        }
+        self.dropped += 1;
+        if !self.refusing {
+            self.refusing = true;
+            warn!(
+                "bridge API: more than {REQUESTS_PER_SECOND} requests a second; the excess is \
+                 dropped unanswered ({} so far)",
+                self.dropped
+            );
+        }
+        false
+    }
+}
+
 /// Run until `cancel`.
 pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     let prefix = format!("{}/bridge/request/", inputs.topics.base());
@@ -59,6 +117,7 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     let mut last_sent = Instant::now() - DEVICES_EVERY;
     let mut tick = tokio::time::interval(DEVICES_EVERY);
     let mut cut_warned = false;
+    let mut limit = RateLimit::new(Instant::now());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -70,8 +129,11 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
                     debug!("ignoring a retained request on {}", m.topic);
                     continue;
                 }
+                if !limit.allow(Instant::now()) {
+                    continue;
+                }
                 debug!(request = crate::mqtt::topics::level(name).as_ref(), "bridge API request");
-                let answer = answer(&inputs, name, &m.payload);
+                let answer = answer(&inputs, name, &m.payload, m.size, limit.dropped);
                 let topic = format!(
                     "{}/bridge/response/{}",
                     inputs.topics.base(),
@@ -201,15 +263,20 @@ fn reply(
     m
 }
 
-/// The answer to one request.
-fn answer(inputs: &Inputs, name: &str, payload: &[u8]) -> Map<String, Value> {
+/// The answer to one request of `size` bytes (more than `payload` holds when it was too
+/// large to keep); `dropped`: requests refused by the rate limit so far.
+fn answer(
+    inputs: &Inputs,
+    name: &str,
+    payload: &[u8],
+    size: usize,
+    dropped: u64,
+) -> Map<String, Value> {
     let fail = |e: String, tx: Option<Value>| reply("error", None, Some(e), tx);
-    if payload.len() > MAX_REQUEST_BYTES {
+    let size = size.max(payload.len());
+    if size > MAX_REQUEST_BYTES {
         return fail(
-            format!(
-                "the payload is {} bytes; requests are at most {MAX_REQUEST_BYTES}",
-                payload.len()
-            ),
+            format!("the payload is {size} bytes; requests are at most {MAX_REQUEST_BYTES}"),
             None,
         );
     }
@@ -234,6 +301,7 @@ fn answer(inputs: &Inputs, name: &str, payload: &[u8]) -> Map<String, Value> {
             if let Value::Object(report) = probe.report() {
                 data.extend(report);
             }
+            data.insert("bridge_api".into(), json!({"requests_dropped": dropped}));
             reply("ok", Some(Value::Object(data)), None, tx)
         }
         "backfill" => {
@@ -264,7 +332,7 @@ fn answer(inputs: &Inputs, name: &str, payload: &[u8]) -> Map<String, Value> {
                 }
                 None => return fail("missing `level`, e.g. {\"level\": \"debug\"}".into(), tx),
             };
-            if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            if let Err(e) = check_log_filter(&level) {
                 return fail(
                     format!("`{}` is not a valid log filter: {e}", clip(&level)),
                     tx,
@@ -291,6 +359,30 @@ fn answer(inputs: &Inputs, name: &str, payload: &[u8]) -> Map<String, Value> {
     }
 }
 
+/// A log filter for `log_level`: a level name, or directives that each name a level
+/// (`bvcsp2mqtt=debug,warn`). tracing-subscriber reads a word without a level
+/// (`verbose`) as a target with every level on, which would take the bridge's own logs
+/// away; that is refused here.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',') {
+        let directive = directive.trim();
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVEL_NAMES
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(level.trim()))
+        {
+            return Err(format!(
+                "`{}` names no level (one of {}, alone or as `target=level`)",
+                clip(directive),
+                LEVEL_NAMES.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// At most 64 bytes of something a client sent, for an error message.
 fn clip(s: &str) -> &str {
     let mut end = s.len().min(64);
@@ -303,6 +395,59 @@ fn clip(s: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_filters_that_name_a_level_are_taken() {
+        for ok in [
+            "debug",
+            "WARN",
+            " info ",
+            "off",
+            "bvcsp2mqtt=debug,warn",
+            "a::b[s]=trace",
+        ] {
+            assert!(check_log_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "verbose",
+            "bvcsp2mqtt",
+            "debug,verbose",
+            "bvcsp2mqtt=loud",
+            "=[[",
+            "",
+        ] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_are_answered_at_a_bounded_rate_and_the_excess_counted() {
+        let start = Instant::now();
+        let mut limit = RateLimit::new(start);
+        let allowed = (0..50).filter(|_| limit.allow(Instant::now())).count();
+        assert_eq!(allowed, REQUEST_BURST as usize, "a burst, then nothing");
+        assert_eq!(limit.dropped, 50 - REQUEST_BURST as u64);
+        assert!(limit.refusing);
+        // A steady flood gets the rate, no more.
+        let mut allowed = 0;
+        for _ in 0..200 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            allowed += usize::from(limit.allow(Instant::now()));
+        }
+        assert_eq!(
+            allowed,
+            2 * REQUESTS_PER_SECOND as usize,
+            "two seconds' worth"
+        );
+        assert!(limit.refusing, "still one burst: no new warning");
+        // Quiet for a second: the bucket is full, the burst over.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(limit.allow(Instant::now()));
+        assert!(!limit.refusing);
+        let allowed = (0..20).filter(|_| limit.allow(Instant::now())).count();
+        assert_eq!(allowed, REQUEST_BURST as usize - 1);
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
 
     #[test]
     fn a_list_too_large_for_a_packet_is_cut_to_fit_and_stays_json() {

@@ -63,6 +63,10 @@ pub async fn route_incoming(
         };
         let to = if m.topic.starts_with(&request_prefix) {
             routes.requests.as_ref()
+        } else if m.size > m.payload.len() {
+            // Too large to keep (the publisher dropped it, and counted it): only a
+            // request is told so.
+            None
         } else if m.topic == status_topic {
             routes.status.as_ref()
         } else if m.topic.starts_with(&playbox_prefix) {

@@ -37,6 +37,9 @@ pub struct Incoming {
     pub topic: String,
     pub payload: bytes::Bytes,
     pub retain: bool,
+    /// The payload's size as sent: more than `payload` holds when it was too large to
+    /// keep (then `payload` is empty), so a bridge request can still be answered.
+    pub size: usize,
 }
 
 /// Requests handed to rumqttc and not yet acknowledged, at most.
@@ -438,6 +441,12 @@ async fn drive(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 if let Some(tx) = &shared.incoming {
                     let dropped = if p.payload.len() > MAX_COMMAND_BYTES {
+                        let _ = tx.try_send(Incoming {
+                            topic: p.topic.clone(),
+                            payload: bytes::Bytes::new(),
+                            retain: p.retain,
+                            size: p.payload.len(),
+                        });
                         Some(format!(
                             "{} bytes, more than a command may be ({MAX_COMMAND_BYTES})",
                             p.payload.len()
@@ -447,6 +456,7 @@ async fn drive(
                             topic: p.topic.clone(),
                             payload: p.payload.clone(),
                             retain: p.retain,
+                            size: p.payload.len(),
                         };
                         tx.try_send(msg)
                             .err()

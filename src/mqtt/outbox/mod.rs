@@ -52,8 +52,6 @@ pub use stats::OutboxStats;
 use storage::NewRow;
 use writer::{DELETE_BATCH, DiskWriter};
 
-/// Default bound on what the outbox holds, in bytes of topic and payload.
-pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 /// How far writes may run ahead of the disk before producers wait.
 const MAX_UNCOMMITTED: u64 = 4096;
 
@@ -213,7 +211,7 @@ impl Outbox {
                         break;
                     }
                     // Rows an open batch holds back must not wait behind this push.
-                    self.kick();
+                    self.commit_now();
                     self.paused
                         .send_if_modified(|p| !std::mem::replace(p, true));
                     if !room && g.full_since.is_none() {
@@ -243,7 +241,7 @@ impl Outbox {
         if self.disk.is_some() && id >= MAX_UNCOMMITTED {
             let mut durable = self.durable.subscribe();
             if *durable.borrow() <= id - MAX_UNCOMMITTED {
-                self.kick();
+                self.commit_now();
             }
             let caught_up = durable.wait_for(|d| *d > id - MAX_UNCOMMITTED);
             match stop {
@@ -261,7 +259,7 @@ impl Outbox {
     /// Wait until everything queued so far is on disk.
     pub async fn committed(&self) {
         let upto = self.lock().next_id;
-        self.kick();
+        self.commit_now();
         let mut durable = self.durable.subscribe();
         let _ = durable.wait_for(|d| *d >= upto).await;
     }
@@ -328,7 +326,7 @@ impl Outbox {
 
     /// Have the writer commit what is queued now, whatever batches are open (a producer
     /// is about to wait, perhaps for those very rows to be sent).
-    fn kick(&self) {
+    fn commit_now(&self) {
         if let Some(disk) = &self.disk {
             let mut q = disk.pending();
             q.forced = true;

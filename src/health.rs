@@ -352,7 +352,10 @@ pub async fn serve_http(
                     Ok(c) => c,
                     Err(e) => {
                         warn!("health listener: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(crate::retry::ACCEPT_RETRY) => {}
+                        }
                         continue;
                     }
                 },

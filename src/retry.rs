@@ -174,6 +174,21 @@ pub const STABLE_SOCKET: Duration = Duration::from_secs(10);
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 /// A server without alarm records is asked again this rarely.
 pub const BACKFILL_UNAVAILABLE_RETRY: Duration = Duration::from_secs(600);
+/// Never refresh a token more often than this, whatever lifetime the server announces.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// A token is refreshed at half its life (and never sooner than
+/// [`MIN_REFRESH_INTERVAL`] after it was issued).
+pub fn refresh_due(issued: tokio::time::Instant, lifetime: Duration) -> tokio::time::Instant {
+    issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
+}
+/// Logging out at shutdown is best effort: given up after this.
+pub const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a make-before-break swap, the old socket is still read this long (frames the
+/// server sent on it before it saw the new one).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// A failed `accept` on the health listener (out of file descriptors, say) is tried
+/// again after this.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The young-outage cap, within the configured bounds.
 fn early_max(cfg: &BvcspConfig) -> Duration {
     cfg.reconnect_early_max

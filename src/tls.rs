@@ -282,19 +282,15 @@ fn store_pin(path: &Path, fp: [u8; 32]) -> std::io::Result<()> {
 }
 
 impl Trust {
-    pub fn from_options(
-        insecure: bool,
-        fingerprint: &str,
-        ca_file: &str,
-    ) -> Result<Trust, FingerprintError> {
+    pub fn from_options(insecure: bool, fingerprint: Option<[u8; 32]>, ca_file: &str) -> Trust {
         if insecure {
-            Ok(Trust::Insecure)
-        } else if !fingerprint.is_empty() {
-            parse_fingerprint(fingerprint).map(Trust::Fingerprint)
+            Trust::Insecure
+        } else if let Some(sha256) = fingerprint {
+            Trust::Fingerprint(sha256)
         } else if !ca_file.is_empty() {
-            Ok(Trust::CaFile(ca_file.to_string()))
+            Trust::CaFile(ca_file.to_string())
         } else {
-            Ok(Trust::System)
+            Trust::System
         }
     }
 }

@@ -208,8 +208,6 @@ impl TokenTransportState {
 pub enum BvcspSetupError {
     #[error("bvcsp.tls: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("bvcsp.tls: {0}")]
-    Trust(#[source] tls::FingerprintError),
     #[error("HTTP client: {0}")]
     Http(#[from] reqwest::Error),
     #[error("storage.dir: {0}")]
@@ -228,8 +226,8 @@ impl BvcspLink {
         let https = cfg.url.scheme() == HttpScheme::Https;
         let tls_cfg = if https {
             let t = &cfg.tls;
-            let trust = Trust::from_options(t.insecure, &t.fingerprint_sha256, &t.ca_file)
-                .map_err(BvcspSetupError::Trust)?;
+            let pin = t.fingerprint_sha256.as_ref().map(|f| f.sha256());
+            let trust = Trust::from_options(t.insecure, pin, &t.ca_file);
             if matches!(trust, Trust::Insecure) {
                 tracing::warn!(
                     "bvcsp.tls.insecure = true: the BVCSP server's certificate is NOT verified"

@@ -16,18 +16,10 @@ use super::{BvcspLink, Stream, Token, auth};
 use crate::config::Secret;
 use crate::link_status::LinkState;
 use crate::recovery::{Classify, Recovery, WaitReason};
-use crate::retry::{Backoff, Policy};
+use crate::retry::{Backoff, Policy, refresh_due};
 
 /// The session's heartbeat name.
 const SESSION: &str = "bvcsp-session";
-
-/// Never refresh more often than this, whatever lifetime the server announces.
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A token is refreshed at half its life.
-fn refresh_due(issued: Instant, lifetime: Duration) -> Instant {
-    issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
-}
 
 /// After a failed refresh: when to try again, or `None` when the token would expire
 /// first (then the session logs in again instead).
@@ -432,7 +424,7 @@ impl Paging {
 
 /// Best effort, bounded: the process is stopping.
 pub async fn logout(ctx: &BvcspLink, token: &Token) {
-    match tokio::time::timeout(Duration::from_secs(3), ctx.rest.logout(&token.value)).await {
+    match tokio::time::timeout(crate::retry::LOGOUT_TIMEOUT, ctx.rest.logout(&token.value)).await {
         Ok(Ok(())) => info!("logged out of BVCSP"),
         Ok(Err(e)) => debug!("logout failed: {e}"),
         Err(_) => debug!("logout timed out"),
@@ -452,7 +444,7 @@ mod tests {
         // However short the life the server announces, not more than once a second.
         let issued = Instant::now();
         sleep_until(refresh_due(issued, Duration::from_millis(10))).await;
-        assert_eq!(issued.elapsed(), MIN_REFRESH_INTERVAL);
+        assert_eq!(issued.elapsed(), crate::retry::MIN_REFRESH_INTERVAL);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! One open WebSocket of a stream, until it is lost or cancelled: keepalive and
 //! dead-link detection, frames in, make-before-break reopens on a new token (the old
-//! socket is still read for [`DRAIN_GRACE`] after the swap), and on the location stream
+//! socket is still read for [`crate::retry::DRAIN_GRACE`] after the swap), and on the location stream
 //! GPS subscriptions for new devices.
 //!
 //! [`run_socket`] is one `select!` over the events below; each arm is one method of
@@ -11,7 +11,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::watch;
@@ -25,9 +24,8 @@ use super::ingest::{FromSocket, StreamMemory, ingest_message};
 use super::liveness::{Liveness, keepalive_ticks};
 use super::ws::{ConnectError, Ws, connect, fall_back_to_query};
 use super::{BvcspLink, Stream, Token};
+use crate::recovery::{Classify, Recovery};
 
-/// After a make-before-break swap, the old socket is still read this long.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// GPS subscribe frames carry at most this many ids.
 const SUBSCRIBE_CHUNK: usize = 200;
 /// Frames already buffered that are taken in one go (and committed together).
@@ -186,9 +184,10 @@ impl OpenSocket {
 }
 
 impl SocketRun<'_> {
-    fn newer_token_than(&self, generation: u64) -> bool {
+    /// Marks the token seen, so `token_changed` does not stagger a reopen already due.
+    fn newer_token_than(&mut self, generation: u64) -> bool {
         self.token_rx
-            .borrow()
+            .borrow_and_update()
             .as_ref()
             .is_some_and(|t| t.generation != generation)
     }
@@ -288,7 +287,7 @@ impl SocketRun<'_> {
                 let old = std::mem::replace(&mut self.live, fresh);
                 let drain = DrainingSocket {
                     ws: old.ws,
-                    until: Instant::now() + DRAIN_GRACE,
+                    until: Instant::now() + crate::retry::DRAIN_GRACE,
                 };
                 if let Some(mut older) = self.draining.replace(drain) {
                     let _ = older.ws.close(None).await;
@@ -313,21 +312,31 @@ impl SocketRun<'_> {
                 fall_back_to_query(ctx);
                 self.reopen_at = Some(Instant::now());
             }
-            Err(ConnectError::Rejected(_)) => {
-                // Refused because a newer token already replaced this one: use that.
-                if self.newer_token_than(token.generation) {
-                    self.reopen_at = Some(Instant::now());
-                } else {
-                    ctx.to_session.ask_relogin(token.generation);
+            Err(e) => match e.recovery() {
+                Recovery::Relogin => {
+                    // Refused because a newer token already replaced this one: use that.
+                    if self.newer_token_than(token.generation) {
+                        self.reopen_at = Some(Instant::now());
+                    } else {
+                        ctx.to_session.ask_relogin(token.generation);
+                    }
                 }
-            }
-            Err(e) => {
-                warn!(
-                    stream = stream.name(),
-                    "reopening with the new token failed: {e}; keeping the current socket"
-                );
-                self.reopen_at = Some(Instant::now() + crate::retry::reopen_retry(&ctx.cfg));
-            }
+                recovery => {
+                    warn!(
+                        stream = stream.name(),
+                        "reopening with the new token failed: {e}; keeping the current socket"
+                    );
+                    // A path that is not there (or a request that cannot be made) fails
+                    // the same way every time: ask again only at the slowest rate.
+                    let wait = match recovery {
+                        Recovery::GiveUp | Recovery::WaitLong(_) => {
+                            crate::retry::not_found_retry(&ctx.cfg)
+                        }
+                        Recovery::Retry | Recovery::Relogin => crate::retry::reopen_retry(&ctx.cfg),
+                    };
+                    self.reopen_at = Some(Instant::now() + wait);
+                }
+            },
         }
         Ok(())
     }

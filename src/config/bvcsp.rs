@@ -60,31 +60,31 @@ pub struct BvcspConfig {
     #[serde(default)]
     pub paths: BvcspPaths,
     /// Empty text frame and WebSocket Ping on every socket at this interval.
-    #[serde(default = "d_20s", with = "humantime_serde")]
+    #[serde(default = "d_20s", with = "duration")]
     pub keepalive_interval: Duration,
     /// A socket with no Pong for this long is dead and is reopened.
-    #[serde(default = "d_60s", with = "humantime_serde")]
+    #[serde(default = "d_60s", with = "duration")]
     pub pong_timeout: Duration,
     /// Timeout of one REST call and of one WebSocket handshake.
-    #[serde(default = "d_10s", with = "humantime_serde")]
+    #[serde(default = "d_10s", with = "duration")]
     pub request_timeout: Duration,
     /// Network reconnect backoff: jittered exponential between these bounds.
-    #[serde(default = "d_500ms", with = "humantime_serde")]
+    #[serde(default = "d_500ms", with = "duration")]
     pub reconnect_min: Duration,
-    #[serde(default = "d_30s", with = "humantime_serde")]
+    #[serde(default = "d_30s", with = "duration")]
     pub reconnect_max: Duration,
     /// While an outage is younger than `reconnect_early_for`, reconnect gaps stay under
     /// this, so every stream is back within seconds of the server.
-    #[serde(default = "d_2s", with = "humantime_serde")]
+    #[serde(default = "d_2s", with = "duration")]
     pub reconnect_early_max: Duration,
-    #[serde(default = "d_2m", with = "humantime_serde")]
+    #[serde(default = "d_2m", with = "duration")]
     pub reconnect_early_for: Duration,
     /// After every gap in the alarm stream, read the alarm records back to the newest
     /// alarm already published (contract §4).
     #[serde(default = "yes")]
     pub backfill: bool,
     /// Never backfill an alarm older than this.
-    #[serde(default = "d_24h", with = "humantime_serde")]
+    #[serde(default = "d_24h", with = "duration")]
     pub backfill_max_age: Duration,
     /// Alarm-record pages read per backfill at most (a larger gap is logged).
     #[serde(default = "default_backfill_max_pages")]
@@ -93,18 +93,18 @@ pub struct BvcspConfig {
     #[serde(default = "default_backfill_page_size")]
     pub backfill_page_size: u32,
     /// Backoff after refused credentials (code 14): slow, so the server is never hammered.
-    #[serde(default = "d_60s", with = "humantime_serde")]
+    #[serde(default = "d_60s", with = "duration")]
     pub auth_retry_min: Duration,
-    #[serde(default = "d_15m", with = "humantime_serde")]
+    #[serde(default = "d_15m", with = "duration")]
     pub auth_retry_max: Duration,
     /// Gap between reopening streams after a token change.
-    #[serde(default = "d_1500ms", with = "humantime_serde")]
+    #[serde(default = "d_1500ms", with = "duration")]
     pub reopen_stagger: Duration,
     /// New devices are collected this long before one GPS subscribe frame is sent.
-    #[serde(default = "d_1s", with = "humantime_serde")]
+    #[serde(default = "d_1s", with = "duration")]
     pub gps_batch_window: Duration,
     /// Token lifetime assumed when a reply carries none.
-    #[serde(default = "d_1h", with = "humantime_serde")]
+    #[serde(default = "d_1h", with = "duration")]
     pub default_token_lifetime: Duration,
     #[serde(default = "default_page_size")]
     pub page_size: u32,
@@ -116,7 +116,7 @@ pub struct TlsConfig {
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
-    pub fingerprint_sha256: String,
+    pub fingerprint_sha256: Option<CertFingerprint>,
     #[serde(default)]
     pub ca_file: String,
 }
@@ -222,7 +222,7 @@ impl BvcspConfig {
         let t = &self.tls;
         let modes = [
             t.insecure,
-            !t.fingerprint_sha256.is_empty(),
+            t.fingerprint_sha256.is_some(),
             !t.ca_file.is_empty(),
         ];
         if modes.iter().filter(|m| **m).count() > 1 {
@@ -230,10 +230,6 @@ impl BvcspConfig {
                 "bvcsp.tls",
                 "choose one of insecure, fingerprint_sha256 and ca_file",
             ));
-        }
-        if !t.fingerprint_sha256.is_empty() {
-            crate::tls::parse_fingerprint(&t.fingerprint_sha256)
-                .map_err(|e| ConfigError::new("bvcsp.tls.fingerprint_sha256", e.to_string()))?;
         }
         if !t.ca_file.is_empty() && !Path::new(&t.ca_file).is_file() {
             return Err(ConfigError::new(
@@ -268,10 +264,10 @@ impl BvcspConfig {
         }
         nonzero("bvcsp.reconnect_early_max", self.reconnect_early_max)?;
         nonzero("bvcsp.backfill_max_age", self.backfill_max_age)?;
-        if self.backfill_max_pages == 0 {
+        if !(1..=1_000_000).contains(&self.backfill_max_pages) {
             return Err(ConfigError::new(
                 "bvcsp.backfill_max_pages",
-                "must be at least 1",
+                "must be between 1 and 1000000",
             ));
         }
         if !(1..=10_000).contains(&self.backfill_page_size) {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use bvcsp::{BvcspConfig, BvcspPaths, TlsConfig, TokenTransport, UnknownTokenTransport};
 pub use homeassistant::{DiscoveryMode, HomeAssistantConfig};
 pub use mqtt::{MqttConfig, MqttTlsConfig};
-pub use playbox::{PlayboxConfig, PlayboxPaths, PlayboxTls};
+pub use playbox::{PlayboxConfig, PlayboxPaths, PlayboxTls, PlayboxTlsMode};
 pub use secret::Secret;
 pub use service::{DEFAULT_OUTBOX_MAX_BYTES, LogConfig, LogFormat, ServiceConfig, StorageConfig};
 pub use stream::{Stream, UnknownStream};
@@ -172,7 +172,12 @@ fn map_config_error(e: config::ConfigError) -> ConfigError {
 fn map_config_message(e: config::ConfigError) -> ConfigError {
     let text = e.to_string();
     if let Some(idx) = text.rfind(" for key `") {
-        let key = text[idx + 10..].trim_end_matches('`').to_string();
+        // The config crate writes an array element's field as `list[0]field`.
+        let key = text[idx + 10..]
+            .trim_end_matches('`')
+            .replace("]", "].")
+            .replace("]..", "].");
+        let key = key.trim_end_matches('.').to_string();
         let msg = text[..idx].to_string();
         // "unknown field `x`" is reported against the enclosing table: name the field itself.
         if let Some(field) = unknown_field(&msg) {

@@ -25,13 +25,13 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default = "default_qos")]
     pub qos: u8,
-    #[serde(default = "d_30s", with = "humantime_serde")]
+    #[serde(default = "d_30s", with = "duration")]
     pub keepalive: Duration,
     #[serde(default)]
     pub tls: MqttTlsConfig,
-    #[serde(default = "d_500ms", with = "humantime_serde")]
+    #[serde(default = "d_500ms", with = "duration")]
     pub reconnect_min: Duration,
-    #[serde(default = "d_30s", with = "humantime_serde")]
+    #[serde(default = "d_30s", with = "duration")]
     pub reconnect_max: Duration,
     /// Largest packet the bridge publishes (set it to the broker's limit); a larger
     /// message becomes a dead letter. Incoming packets may be as large as MQTT allows.

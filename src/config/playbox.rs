@@ -20,7 +20,7 @@ pub struct PlayboxConfig {
     pub password: Secret,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    #[serde(default = "d_15s", with = "humantime_serde")]
+    #[serde(default = "d_15s", with = "duration")]
     pub poll_interval: Duration,
     #[serde(default)]
     pub commands: bool,
@@ -29,28 +29,47 @@ pub struct PlayboxConfig {
     #[serde(default)]
     pub paths: PlayboxPaths,
     /// Timeout of one request; a hung box fails its poll after this long.
-    #[serde(default = "d_10s", with = "humantime_serde")]
+    #[serde(default = "d_10s", with = "duration")]
     pub request_timeout: Duration,
     /// Backoff after the box refused the password (code 24): long, so the bridge can
     /// never lock the box (and its operator) out.
-    #[serde(default = "d_5m", with = "humantime_serde")]
+    #[serde(default = "d_5m", with = "duration")]
     pub auth_retry_min: Duration,
-    #[serde(default = "d_60m", with = "humantime_serde")]
+    #[serde(default = "d_60m", with = "duration")]
     pub auth_retry_max: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PlayboxTls {
-    /// "tofu" (default) pins the certificate seen at first contact.
+    /// "tofu" (the default) pins the certificate seen at first contact.
     #[serde(default)]
-    pub mode: Option<String>,
+    pub mode: Option<PlayboxTlsMode>,
     #[serde(default)]
     pub insecure: bool,
     #[serde(default)]
-    pub fingerprint_sha256: String,
+    pub fingerprint_sha256: Option<CertFingerprint>,
     #[serde(default)]
     pub ca_file: String,
+}
+
+/// `tls.mode`: the one trust mode named by a word (the others are keys of their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlayboxTlsMode {
+    /// Trust on first use: the certificate seen at first contact is pinned.
+    Tofu,
+}
+
+impl<'de> Deserialize<'de> for PlayboxTlsMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "tofu" => Ok(PlayboxTlsMode::Tofu),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown mode `{other}`, expected `tofu`"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -107,29 +126,23 @@ impl PlayboxConfig {
                 "must be at least 1s",
             ));
         }
-        if let Some(m) = &self.tls.mode
-            && m != "tofu"
-        {
-            return Err(ConfigError::new(
-                key("tls.mode"),
-                format!("unknown mode `{m}`, expected `tofu`"),
-            ));
-        }
-        if !self.tls.fingerprint_sha256.is_empty() {
-            crate::tls::parse_fingerprint(&self.tls.fingerprint_sha256)
-                .map_err(|e| ConfigError::new(key("tls.fingerprint_sha256"), e.to_string()))?;
-        }
         let t = &self.tls;
         let chosen = [
             t.mode.is_some(),
             t.insecure,
-            !t.fingerprint_sha256.is_empty(),
+            t.fingerprint_sha256.is_some(),
             !t.ca_file.is_empty(),
         ];
         if chosen.iter().filter(|c| **c).count() > 1 {
             return Err(ConfigError::new(
                 key("tls"),
                 "choose one of mode = \"tofu\", insecure, fingerprint_sha256 and ca_file",
+            ));
+        }
+        if !t.ca_file.is_empty() && !std::path::Path::new(&t.ca_file).is_file() {
+            return Err(ConfigError::new(
+                key("tls.ca_file"),
+                format!("no such file `{}`", t.ca_file),
             ));
         }
         if self.password.is_empty() {

@@ -14,10 +14,10 @@ use super::values::*;
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// A graceful stop flushes queued messages to the broker for at most this long.
-    #[serde(default = "d_10s", with = "humantime_serde")]
+    #[serde(default = "d_10s", with = "duration")]
     pub grace_period: Duration,
     /// Retained `{base}/bridge/health` is published this often.
-    #[serde(default = "d_30s", with = "humantime_serde")]
+    #[serde(default = "d_30s", with = "duration")]
     pub health_interval: Duration,
     /// Serve `/metrics` (Prometheus), `/healthz` and `/readyz` over HTTP.
     #[serde(default)]

@@ -200,7 +200,35 @@ fn playbox_entries_are_validated() {
         "password = \"p\"",
         "password = \"p\"\ntls = { mode = \"tofu\" }",
     );
-    assert!(load_str(&inline, &[]).is_ok());
+    let cfg = load_str(&inline, &[]).unwrap();
+    assert_eq!(cfg.playbox[0].tls.mode, Some(super::PlayboxTlsMode::Tofu));
+}
+
+#[test]
+fn playbox_trust_is_typed_as_it_is_read() {
+    let entry = |tls: &str| {
+        format!(
+            "{MINIMAL}[[playbox]]\nname = \"lobby\"\nurl = \"https://10.0.0.1:16674\"\nsn = \"X\"\npassword = \"p\"\ntls = {{ {tls} }}\n"
+        )
+    };
+    let e = load_str(&entry("mode = \"pinned\""), &[]).unwrap_err();
+    assert_eq!(e.key, "playbox[0].tls.mode", "{e}");
+    assert!(e.message.contains("tofu"), "{e}");
+    let e = load_str(&entry("fingerprint_sha256 = \"abc\""), &[]).unwrap_err();
+    assert_eq!(e.key, "playbox[0].tls.fingerprint_sha256", "{e}");
+    let hex = "ab".repeat(32);
+    let cfg = load_str(&entry(&format!("fingerprint_sha256 = \"{hex}\"")), &[]).unwrap();
+    let pin = cfg.playbox[0].tls.fingerprint_sha256.as_ref().unwrap();
+    assert_eq!(pin.sha256(), [0xab; 32]);
+    let e = load_str(
+        &entry(&format!("mode = \"tofu\", fingerprint_sha256 = \"{hex}\"")),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "playbox[0].tls", "{e}");
+    // Refused at start (exit 64), not later when the first poll builds its client.
+    let e = load_str(&entry("ca_file = \"/nonexistent/ca.pem\""), &[]).unwrap_err();
+    assert_eq!(e.key, "playbox[0].tls.ca_file", "{e}");
 }
 
 #[test]
@@ -261,4 +289,25 @@ fn typed_values_keep_the_contract_messages() {
             .contains("url = \"https://192.168.88.11:9781\"")
     );
     assert_eq!(cfg.service.http_listen, "127.0.0.1:9782".parse().unwrap());
+}
+
+#[test]
+fn absurd_durations_and_counts_are_refused_as_they_are_read() {
+    // Deadlines are `now + value`: a value near u64::MAX seconds would overflow a timer.
+    let e = load_str(
+        MINIMAL,
+        &[("BVCSP2MQTT__BVCSP__KEEPALIVE_INTERVAL", "500000000years")],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "bvcsp.keepalive_interval", "{e}");
+    assert!(e.message.contains("at most"), "{e}");
+    let e = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__KEEPALIVE", "367days")]).unwrap_err();
+    assert_eq!(e.key, "mqtt.keepalive", "{e}");
+    assert!(load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__KEEPALIVE", "1h")]).is_ok());
+    let e = load_str(
+        MINIMAL,
+        &[("BVCSP2MQTT__BVCSP__BACKFILL_MAX_PAGES", "4294967295")],
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "bvcsp.backfill_max_pages", "{e}");
 }

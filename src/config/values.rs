@@ -219,6 +219,57 @@ macro_rules! text_serde {
 
 text_serde!(HttpUrl);
 text_serde!(MqttUrl);
+text_serde!(CertFingerprint);
+
+/// A pinned server certificate: the SHA-256 of its DER, as hex (colons and spaces
+/// allowed), checked once as it is read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertFingerprint {
+    sha256: [u8; 32],
+    given: String,
+}
+
+impl CertFingerprint {
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+}
+
+impl FromStr for CertFingerprint {
+    type Err = crate::tls::FingerprintError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(CertFingerprint {
+            sha256: crate::tls::parse_fingerprint(text)?,
+            given: text.to_string(),
+        })
+    }
+}
+
+/// The longest duration any key takes: 366 days. Longer values are refused as they are
+/// read, so no timer or deadline computed from one can overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Serde for every configured duration: humantime text (`15s`, `5m`), at most
+/// [`MAX_DURATION`].
+pub(super) mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let value: Duration = humantime_serde::deserialize(d)?;
+        if value > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "must be at most {} (366 days)",
+                humantime::format_duration(MAX_DURATION)
+            )));
+        }
+        Ok(value)
+    }
+}
 
 /// An address to listen on, `address:port`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

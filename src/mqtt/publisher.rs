@@ -203,7 +203,7 @@ fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, MqttSetupEr
     }
     if use_tls {
         let t = &cfg.tls;
-        let trust = Trust::from_options(t.insecure, "", &t.ca_file).unwrap_or(Trust::System);
+        let trust = Trust::from_options(t.insecure, None, &t.ca_file);
         if t.insecure {
             warn!("mqtt.tls.insecure = true: the broker's certificate is NOT verified");
         }

@@ -27,12 +27,6 @@ pub use commands::{Command, CommandKind, Pending};
 #[derive(Debug, thiserror::Error)]
 pub enum PlayboxSetupError {
     #[error("playbox `{name}`: {source}")]
-    Trust {
-        name: String,
-        #[source]
-        source: tls::FingerprintError,
-    },
-    #[error("playbox `{name}`: {source}")]
     Tls {
         name: String,
         #[source]
@@ -48,24 +42,24 @@ pub enum PlayboxSetupError {
 
 /// The trust policy for one box: the configured one, or trust on first use with the
 /// pin stored under the storage directory.
-pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Result<Trust, tls::FingerprintError> {
+pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Trust {
     let t = &cfg.tls;
     if t.insecure {
         warn!(
             "playbox {}: tls.insecure = true: the box's certificate is NOT verified",
             cfg.name
         );
-        return Ok(Trust::Insecure);
+        return Trust::Insecure;
     }
-    if !t.fingerprint_sha256.is_empty() {
-        return tls::parse_fingerprint(&t.fingerprint_sha256).map(Trust::Fingerprint);
+    if let Some(pin) = &t.fingerprint_sha256 {
+        return Trust::Fingerprint(pin.sha256());
     }
     if !t.ca_file.is_empty() {
-        return Ok(Trust::CaFile(t.ca_file.clone()));
+        return Trust::CaFile(t.ca_file.clone());
     }
-    Ok(Trust::Tofu(TofuPin::load(
+    Trust::Tofu(TofuPin::load(
         storage.join(format!("playbox-{}.pin", cfg.name)),
-    )))
+    ))
 }
 
 /// The command topics to subscribe to: `{base}/playbox/{name}/+/set` for boxes that take commands.
@@ -103,10 +97,7 @@ pub fn prepare(
     let mut runners = Vec::new();
     for cfg in boxes {
         let name = || cfg.name.clone();
-        let trust = trust_for(cfg, storage).map_err(|source| PlayboxSetupError::Trust {
-            name: name(),
-            source,
-        })?;
+        let trust = trust_for(cfg, storage);
         let tls = tls::client_config(&trust, None).map_err(|source| PlayboxSetupError::Tls {
             name: name(),
             source,

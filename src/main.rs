@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use bvcsp2mqtt::config::{self, LogConfig, LogFormat};
+use bvcsp2mqtt::homeassistant::api::{LogFilterError, check_log_filter};
 
 #[cfg(feature = "demo")]
 mod demo;
@@ -287,11 +288,9 @@ fn init_tracing(log: &LogConfig) {
     let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
     bvcsp2mqtt::homeassistant::api::install_log_level_setter(Box::new(move |level: &str| {
         // A word with no level would turn every level on for it, and the rest off.
-        bvcsp2mqtt::homeassistant::api::check_log_filter(level)?;
-        let new = EnvFilter::try_new(level).map_err(|e| format!("not a valid filter: {e}"))?;
-        reload
-            .reload(new)
-            .map_err(|e| format!("cannot change the log level: {e}"))
+        check_log_filter(level)?;
+        let new = EnvFilter::try_new(level).map_err(LogFilterError::Invalid)?;
+        reload.reload(new).map_err(LogFilterError::Reload)
     }));
     // A global cap after the user's filter: no `RUST_LOG` (not even a module of one of
     // these crates) lifts it above info.

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::watch;
@@ -37,7 +38,28 @@ type Reopening = Pin<Box<dyn Future<Output = (Arc<Token>, Result<Ws, ConnectErro
 pub(super) enum SocketEnd {
     Cancelled,
     /// Lost, and why (for the log): the stream reconnects.
-    Lost(String),
+    Lost(SocketLost),
+}
+
+/// Why a stream's socket was lost.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SocketLost {
+    #[error("no Pong for {0:?}: link is dead")]
+    NoPong(Duration),
+    #[error("keepalive failed: {0}")]
+    Keepalive(#[source] WsError),
+    #[error("ping failed: {0}")]
+    Ping(#[source] WsError),
+    #[error("closed by server (code {code}, {reason:?})")]
+    ClosedWith { code: u16, reason: String },
+    #[error("closed by server")]
+    Closed,
+    #[error("{0}")]
+    Read(#[source] WsError),
+    #[error("connection closed")]
+    Eof,
+    #[error("cannot send GPS subscription: {0}")]
+    Subscribe(#[source] WsError),
 }
 
 /// The socket frames are read from and sent on, with the token it was opened with.
@@ -221,18 +243,15 @@ impl SocketRun<'_> {
                 }
             }
             if self.live.liveness.is_dead() {
-                return Err(SocketEnd::Lost(format!(
-                    "no Pong for {:?}: link is dead",
-                    cfg.pong_timeout
-                )));
+                return Err(SocketEnd::Lost(SocketLost::NoPong(cfg.pong_timeout)));
             }
         }
         if let Err(e) = self.live.ws.feed(WsMessage::text("")).await {
-            return Err(SocketEnd::Lost(format!("keepalive failed: {e}")));
+            return Err(SocketEnd::Lost(SocketLost::Keepalive(e)));
         }
         let ping = WsMessage::Ping(Bytes::from_static(b"bvcsp2mqtt"));
         if let Err(e) = self.live.ws.send(ping).await {
-            return Err(SocketEnd::Lost(format!("ping failed: {e}")));
+            return Err(SocketEnd::Lost(SocketLost::Ping(e)));
         }
         Ok(())
     }
@@ -375,20 +394,19 @@ impl SocketRun<'_> {
                 Some(Ok(WsMessage::Pong(_))) => self.live.liveness.pong(),
                 Some(Ok(WsMessage::Close(close))) => {
                     return Err(SocketEnd::Lost(match close {
-                        Some(c) => format!(
-                            "closed by server (code {}, {:?})",
-                            u16::from(c.code),
-                            c.reason.as_str()
-                        ),
-                        None => "closed by server".into(),
+                        Some(c) => SocketLost::ClosedWith {
+                            code: u16::from(c.code),
+                            reason: c.reason.as_str().to_string(),
+                        },
+                        None => SocketLost::Closed,
                     }));
                 }
                 Some(Ok(msg)) => {
                     self.live.liveness.traffic();
                     self.ingest(FromSocket::Live, msg).await;
                 }
-                Some(Err(e)) => return Err(SocketEnd::Lost(e.to_string())),
-                None => return Err(SocketEnd::Lost("connection closed".into())),
+                Some(Err(e)) => return Err(SocketEnd::Lost(SocketLost::Read(e))),
+                None => return Err(SocketEnd::Lost(SocketLost::Eof)),
             }
             taken += 1;
             frame = if taken < BATCH_FRAMES && !self.cancel.is_cancelled() {
@@ -417,9 +435,7 @@ impl SocketRun<'_> {
         for chunk in new.chunks(SUBSCRIBE_CHUNK) {
             let frame = serde_json::json!({"badd": true, "puid": chunk});
             if let Err(e) = live.ws.send(WsMessage::text(frame.to_string())).await {
-                return Err(SocketEnd::Lost(format!(
-                    "cannot send GPS subscription: {e}"
-                )));
+                return Err(SocketEnd::Lost(SocketLost::Subscribe(e)));
             }
             live.subscribed.extend(chunk.iter().cloned());
         }

@@ -35,7 +35,18 @@ pub const REQUEST_BURST: u32 = 10;
 const LEVEL_NAMES: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 
 /// Changes the log filter of the running process (`log_level` requests).
-pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), LogFilterError> + Send + Sync>;
+
+/// Why a `log_level` filter was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("`{directive}` names no level (one of {levels}, alone or as `target=level`)")]
+    NoLevel { directive: String, levels: String },
+    #[error("{0}")]
+    Invalid(#[source] tracing_subscriber::filter::ParseError),
+    #[error("cannot change the log level: {0}")]
+    Reload(#[source] tracing_subscriber::reload::Error),
+}
 
 static LOG_LEVEL: OnceLock<LogLevelSetter> = OnceLock::new();
 
@@ -346,7 +357,7 @@ fn answer(
                     warn!("log level set to `{level}` over MQTT (until the next restart)");
                     reply("ok", Some(json!({"level": level})), None, tx)
                 }
-                Err(e) => fail(e, tx),
+                Err(e) => fail(e.to_string(), tx),
             }
         }
         other => fail(
@@ -363,7 +374,7 @@ fn answer(
 /// (`bvcsp2mqtt=debug,warn`). tracing-subscriber reads a word without a level
 /// (`verbose`) as a target with every level on, which would take the bridge's own logs
 /// away; that is refused here.
-pub fn check_log_filter(filter: &str) -> Result<(), String> {
+pub fn check_log_filter(filter: &str) -> Result<(), LogFilterError> {
     for directive in filter.split(',') {
         let directive = directive.trim();
         let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
@@ -371,16 +382,15 @@ pub fn check_log_filter(filter: &str) -> Result<(), String> {
             .iter()
             .any(|n| n.eq_ignore_ascii_case(level.trim()))
         {
-            return Err(format!(
-                "`{}` names no level (one of {}, alone or as `target=level`)",
-                clip(directive),
-                LEVEL_NAMES.join(", ")
-            ));
+            return Err(LogFilterError::NoLevel {
+                directive: clip(directive).to_string(),
+                levels: LEVEL_NAMES.join(", "),
+            });
         }
     }
     tracing_subscriber::EnvFilter::try_new(filter)
         .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(LogFilterError::Invalid)
 }
 
 /// At most 64 bytes of something a client sent, for an error message.

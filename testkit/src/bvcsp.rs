@@ -267,12 +267,12 @@ pub struct UpgradeRecord {
 /// A running simulator. Clones share the same server; dropping the last clone shuts it down.
 #[derive(Clone)]
 pub struct BvcspSim {
-    inner: Arc<Inner>,
+    inner: Arc<SimServer>,
     _owner: Arc<Owner>,
 }
 
-/// Background tasks hold `Inner`, not `Owner`, so the server stops once tests let go of it.
-struct Owner(Arc<Inner>);
+/// Background tasks hold `SimServer`, not `Owner`, so the server stops once tests let go of it.
+struct Owner(Arc<SimServer>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
@@ -286,7 +286,7 @@ struct TlsInfo {
     pem: String,
 }
 
-struct Inner {
+struct SimServer {
     state: Mutex<State>,
     cancel: CancellationToken,
     addr: SocketAddr,
@@ -740,7 +740,7 @@ fn is_upgrade_request(req: &Request<Incoming>) -> bool {
     req.method() == Method::GET && header_has_token(req, header::UPGRADE, "websocket")
 }
 
-impl Inner {
+impl SimServer {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in one handler must not take the whole simulator down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -776,7 +776,7 @@ impl Inner {
 /// Removes a task (and its socket, if any) from the registry however the task ends,
 /// including by abort.
 struct TaskGuard {
-    inner: Arc<Inner>,
+    inner: Arc<SimServer>,
     id: u64,
 }
 
@@ -788,7 +788,7 @@ impl Drop for TaskGuard {
     }
 }
 
-fn spawn_tracked<F>(inner: &Arc<Inner>, id: u64, fut: F)
+fn spawn_tracked<F>(inner: &Arc<SimServer>, id: u64, fut: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -814,7 +814,7 @@ where
     }
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Arc<SimServer>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -844,7 +844,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_connection(inner: Arc<SimServer>, tcp: TcpStream, peer: SocketAddr) {
     // Small WS frames should leave at once, not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let Some(tls) = inner.tls.as_ref() else {
@@ -859,7 +859,7 @@ async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn serve_http<I>(inner: Arc<Inner>, io: TokioIo<I>)
+async fn serve_http<I>(inner: Arc<SimServer>, io: TokioIo<I>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -887,7 +887,10 @@ enum Route {
     AlarmHistory,
 }
 
-async fn handle_request(inner: Arc<Inner>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle_request(
+    inner: Arc<SimServer>,
+    mut req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let ws_stream = stream_for_path(&path);
     if is_upgrade_request(&req) {
@@ -960,7 +963,7 @@ async fn handle_request(inner: Arc<Inner>, mut req: Request<Incoming>) -> Respon
     json_reply(&reply)
 }
 
-async fn refresh(inner: &Arc<Inner>, token: Option<&str>) -> Response<Full<Bytes>> {
+async fn refresh(inner: &Arc<SimServer>, token: Option<&str>) -> Response<Full<Bytes>> {
     let reply = {
         let mut st = inner.lock();
         st.counters.refreshes += 1;
@@ -998,7 +1001,7 @@ async fn refresh(inner: &Arc<Inner>, token: Option<&str>) -> Response<Full<Bytes
 }
 
 fn handle_upgrade(
-    inner: &Arc<Inner>,
+    inner: &Arc<SimServer>,
     req: &mut Request<Incoming>,
     stream: Option<Stream>,
 ) -> Response<Full<Bytes>> {
@@ -1191,7 +1194,7 @@ fn apply_subscription(set: &mut BTreeSet<String>, text: &str) {
 const FLOOD_BATCH: u64 = 256;
 
 async fn run_socket<S>(
-    inner: Arc<Inner>,
+    inner: Arc<SimServer>,
     id: u64,
     stream: Stream,
     mut ws: WebSocketStream<S>,
@@ -1304,7 +1307,7 @@ impl BvcspSim {
         let tls = if opts.tls { Some(make_tls()?) } else { None };
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(SimServer {
             state: Mutex::new(State::new(opts)),
             cancel: CancellationToken::new(),
             addr,
@@ -1480,7 +1483,7 @@ impl BvcspSim {
             let mut st = self.inner.lock();
             st.down_until = Some(Instant::now() + down_for);
             st.invalidate_all();
-            Inner::take_everything(&mut st)
+            SimServer::take_everything(&mut st)
         };
         let ids: Vec<u64> = handles.iter().map(|(id, _)| *id).collect();
         for (_, h) in handles {

@@ -211,12 +211,12 @@ impl Default for PlayboxOptions {
 /// A running play box. Clones share one box; dropping the last clone shuts it down.
 #[derive(Clone)]
 pub struct PlayboxSim {
-    inner: Arc<Inner>,
+    inner: Arc<SimServer>,
     _owner: Arc<Owner>,
 }
 
-/// Background tasks hold `Inner`, not `Owner`, so the box stops once tests let go of it.
-struct Owner(Arc<Inner>);
+/// Background tasks hold `SimServer`, not `Owner`, so the box stops once tests let go of it.
+struct Owner(Arc<SimServer>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
@@ -248,7 +248,7 @@ impl Epoch {
     }
 }
 
-struct Inner {
+struct SimServer {
     state: Mutex<State>,
     /// Shutdown; every epoch's token is a child of it.
     cancel: CancellationToken,
@@ -757,7 +757,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", text)
 }
 
-impl Inner {
+impl SimServer {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic in one handler must not take the whole simulator down with it.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -777,7 +777,7 @@ fn make_tls() -> io::Result<TlsInfo> {
     })
 }
 
-async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Arc<SimServer>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
             _ = inner.cancel.cancelled() => return,
@@ -831,7 +831,7 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationToken) {
+async fn serve_connection(inner: Arc<SimServer>, tcp: TcpStream, kill: CancellationToken) {
     let _ = tcp.set_nodelay(true);
     let tls = inner.tls();
     let acceptor = if inner.lock().impostor {
@@ -875,7 +875,7 @@ async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream, kill: CancellationT
 }
 
 async fn handle_request(
-    inner: Arc<Inner>,
+    inner: Arc<SimServer>,
     req: Request<Incoming>,
     kill: CancellationToken,
 ) -> Response<Body> {
@@ -932,7 +932,7 @@ async fn handle_request(
     }
 }
 
-async fn udp_loop(inner: Arc<Inner>, sock: UdpSocket) {
+async fn udp_loop(inner: Arc<SimServer>, sock: UdpSocket) {
     let mut buf = vec![0u8; 2048];
     loop {
         let received = tokio::select! {
@@ -979,7 +979,7 @@ impl PlayboxSim {
         let cancel = CancellationToken::new();
         let epoch = Epoch::new(&cancel);
         let (hang, _) = watch::channel(false);
-        let inner = Arc::new(Inner {
+        let inner = Arc::new(SimServer {
             state: Mutex::new(State::new(opts, epoch)),
             cancel,
             addr,

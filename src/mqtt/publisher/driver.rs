@@ -1,6 +1,6 @@
-//! The driver: polls rumqttc's event loop (connect → run → back off), maps and settles
-//! packet ids (`correlation.rs`), passes commands on (`incoming.rs`), and after a loss
-//! puts rumqttc's pending list back in order.
+//! The driver: polls rumqttc's event loop (connect → run → back off, the wait chosen by
+//! `reconnect.rs`), maps and settles packet ids (`correlation.rs`), passes commands on
+//! (`incoming.rs`), and after a loss puts rumqttc's pending list back in order.
 //!
 //! Only the feeder hands requests over, only while connected, and under the same lock
 //! the driver takes when the connection fails; after a failure the driver calls
@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use rumqttc::{ConnectionError, Event, EventLoop, Outgoing, Packet, QoS};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::correlation::{self, Correlation, InFlight};
 use super::incoming::{self, RateLimited};
+use super::reconnect::Reconnect;
 use super::{PublisherState, offline_msg, online_msg};
-use crate::retry::Backoff;
 
 /// A message is refused by the broker when the connection is lost this many times in a
 /// row, each within `STRIKE_WINDOW` of connecting, with it the oldest message in flight.
@@ -32,7 +32,7 @@ const STRIKE_MIN_BYTES: usize = 4096;
 pub(super) async fn drive(
     state: Arc<PublisherState>,
     mut eventloop: EventLoop,
-    mut backoff: Backoff,
+    mut reconnect: Reconnect,
     stop: CancellationToken,
     heartbeats: Arc<crate::heartbeat::Heartbeats>,
     alive: Duration,
@@ -40,8 +40,6 @@ pub(super) async fn drive(
     // poll() yields at least once per keepalive (the ping) while connected, and within
     // the connect timeout while not.
     let _alive = crate::heartbeat::BeatGuard::new(&heartbeats, "mqtt", alive);
-    let mut last_error: Option<String> = None;
-    let mut repeats = 0u64;
     // When the current connection was made (None while not connected).
     let mut connected_at: Option<tokio::time::Instant> = None;
     let mut dropped_log = RateLimited::default();
@@ -53,7 +51,6 @@ pub(super) async fn drive(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff.succeeded();
                 connected_at = Some(tokio::time::Instant::now());
                 {
                     let mut corr = state.corr();
@@ -88,16 +85,7 @@ pub(super) async fn drive(
                     s.connected = true;
                     s.connects += 1;
                 });
-                if repeats > 1 {
-                    info!(
-                        "mqtt connected (session present: {}) after {repeats} failed attempts",
-                        ack.session_present
-                    );
-                } else {
-                    info!("mqtt connected (session present: {})", ack.session_present);
-                }
-                last_error = None;
-                repeats = 0;
+                reconnect.connected(ack.session_present);
                 state.progress.notify_one();
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => correlation::sent(&state, pkid),
@@ -130,14 +118,7 @@ pub(super) async fn drive(
                     s.connected = false;
                     s.last_error = Some(text.clone());
                 });
-                repeats += 1;
-                if last_error.as_deref() != Some(text.as_str()) {
-                    warn!("mqtt connection failed: {text}; retrying with backoff");
-                    last_error = Some(text);
-                } else if repeats.is_power_of_two() {
-                    warn!("mqtt still unreachable after {repeats} attempts: {text}");
-                }
-                let delay = backoff.next_delay();
+                let delay = reconnect.failed(&e, &text);
                 heartbeats.beat("mqtt", delay + alive);
                 tokio::select! {
                     _ = stop.cancelled() => break,

@@ -7,6 +7,8 @@
 //! - `options.rs`: rumqttc's options from `[mqtt]` (TLS, last will, limits);
 //! - `driver.rs`: the task that polls rumqttc's event loop (connect, back off, requeue
 //!   after a loss, strike a message the broker keeps refusing);
+//! - `reconnect.rs`: how long the driver waits after a failed connection, by what the
+//!   failure calls for (refused credentials wait minutes);
 //! - `feeder.rs`: the task that hands durable messages to rumqttc, within the window;
 //! - `correlation.rs`: packet id ↔ outbox id, settled on the broker's acknowledgement;
 //! - `incoming.rs`: messages on the subscribed command topics, size-capped.
@@ -16,6 +18,7 @@ mod driver;
 mod feeder;
 pub mod incoming;
 mod options;
+mod reconnect;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -28,7 +31,6 @@ use tracing::warn;
 
 use super::{Message, Outbox, Topics};
 use crate::config::MqttConfig;
-use crate::retry::{Backoff, Policy};
 use crate::tls;
 use correlation::{Correlation, InFlight};
 use incoming::Incoming;
@@ -141,7 +143,6 @@ impl Publisher {
         });
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let backoff = Backoff::new(Policy::mqtt_reconnect(cfg));
         let alive = cfg.keepalive * 3 + Duration::from_secs(15);
         let ending = CancellationToken::new();
         critical.spawn(
@@ -151,7 +152,7 @@ impl Publisher {
             driver::drive(
                 state.clone(),
                 eventloop,
-                backoff,
+                reconnect::Reconnect::new(cfg),
                 stop.clone(),
                 heartbeats,
                 alive,

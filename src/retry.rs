@@ -1,7 +1,8 @@
 //! Every reconnect and retry policy of the bridge, by name, with its reset rule: the
-//! BVCSP link (streams, logins, refresh, backfill), the MQTT connection and the play
-//! boxes (network, refused passwords, lockouts), and the fixed waits that stand in for
-//! a policy where a failure does not fix itself quickly.
+//! BVCSP link (streams, logins, refresh, backfill), the MQTT connection (network,
+//! refused credentials) and the play boxes (network, refused passwords, lockouts), and
+//! the fixed waits that stand in for a policy where a failure does not fix itself
+//! quickly.
 //!
 //! One shape serves them all: exponential growth from `min`, doubled per failure, with
 //! jitter ([`Jitter`]), under a cap. The cap is short while an outage is young (`early_max` for
@@ -124,6 +125,23 @@ impl Policy {
         }
     }
 
+    /// The broker refused the bridge's credentials (CONNACK "bad user name or password"
+    /// or "not authorized"): trying again at the reconnect rate cannot help and fills the
+    /// broker's log, so no sooner than [`MQTT_REFUSED_MIN`] (or `mqtt.reconnect_max`, if
+    /// longer), doubling up to [`MQTT_REFUSED_MAX`]. A CONNACK resets it.
+    pub fn mqtt_refused(cfg: &MqttConfig) -> Policy {
+        let min = MQTT_REFUSED_MIN.max(cfg.reconnect_max);
+        let max = MQTT_REFUSED_MAX.max(min);
+        Policy {
+            min,
+            early_max: max,
+            early_for: Duration::ZERO,
+            max,
+            stable_after: None,
+            jitter: Jitter::None,
+        }
+    }
+
     /// A play box that cannot be reached (down, rebooting, hung): from a second up to
     /// the poll interval, at least 30 s. A successful poll resets it.
     pub fn playbox_network(cfg: &PlayboxConfig) -> Policy {
@@ -215,6 +233,12 @@ pub fn reopen_retry(cfg: &BvcspConfig) -> Duration {
 pub fn backfill_token_wait(cfg: &BvcspConfig) -> Duration {
     cfg.reconnect_max
 }
+
+/// After the broker refused the credentials, no new connection for at least this long.
+pub const MQTT_REFUSED_MIN: Duration = Duration::from_secs(60);
+/// The longest wait between connections the broker refuses: a fixed password is used
+/// within minutes.
+pub const MQTT_REFUSED_MAX: Duration = Duration::from_secs(300);
 
 /// After a play box's lockout (code 17 or 67) no login for at least this long: the box
 /// locks logins for 60 s.
@@ -425,6 +449,26 @@ mod tests {
         assert!(b.next_delay() < cfg.reconnect_max * 2);
         b.succeeded();
         assert!(b.next_delay() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_mqtt_credentials_wait_minutes_and_a_connack_resets_it() {
+        let cfg = MqttConfig::default();
+        let mut b = Backoff::new(Policy::mqtt_refused(&cfg));
+        let secs: Vec<u64> = (0..5).map(|_| b.next_delay().as_secs()).collect();
+        assert_eq!(secs, vec![60, 120, 240, 300, 300]);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(b.next_delay(), MQTT_REFUSED_MAX);
+        b.succeeded();
+        assert_eq!(b.next_delay(), MQTT_REFUSED_MIN);
+        // Never sooner than the network policy's own cap.
+        let slow = MqttConfig {
+            reconnect_max: Duration::from_secs(600),
+            ..MqttConfig::default()
+        };
+        let mut b = Backoff::new(Policy::mqtt_refused(&slow));
+        assert_eq!(b.next_delay(), Duration::from_secs(600));
+        assert_eq!(b.next_delay(), Duration::from_secs(600));
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,7 +32,7 @@ use super::layout::{DEVICE_COMPONENTS, Layout, USER_COMPONENTS, removal};
 use crate::bvcsp::devices::{Kind, Known};
 use crate::config::HomeAssistantConfig;
 use crate::config::PlayboxConfig;
-use crate::mqtt::publisher::Incoming;
+use crate::mqtt::publisher::incoming::Incoming;
 use crate::mqtt::{Message, Outbox};
 
 /// Discovery messages are fed to the outbox only while it holds fewer than this many.

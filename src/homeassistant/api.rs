@@ -17,7 +17,7 @@ use crate::bvcsp::devices::Kind;
 use crate::config::PlayboxConfig;
 use crate::health::Probe;
 use crate::link_status::LinkState;
-use crate::mqtt::publisher::Incoming;
+use crate::mqtt::publisher::incoming::Incoming;
 use crate::mqtt::{Message, Outbox, Topics};
 use crate::timestamp::rfc3339_millis;
 

@@ -20,7 +20,7 @@ use tracing::debug;
 pub use crate::config::{DiscoveryMode, HomeAssistantConfig};
 
 use crate::mqtt::Topics;
-use crate::mqtt::publisher::Incoming;
+use crate::mqtt::publisher::incoming::Incoming;
 
 /// Requests and status messages waiting, per consumer; more are dropped (and logged):
 /// the publisher never waits for a consumer.

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 
 use crate::config::PlayboxConfig;
-use crate::mqtt::publisher::Incoming;
+use crate::mqtt::publisher::incoming::Incoming;
 use crate::mqtt::{Outbox, Topics};
 use crate::tls::{self, TofuPin, Trust};
 

@@ -147,8 +147,9 @@ impl BoxRunner {
                     next_poll = match result {
                         Ok(()) => {
                             net_backoff.reset();
-                            self.link.set(LinkState::Up, None, None);
+                            // Cleared before "up": no message says up and locked out.
                             self.link.set_detail("locked_out", Value::Null);
+                            self.link.set(LinkState::Up, None, None);
                             Instant::now() + self.cfg.poll_interval
                         }
                         Err(e) => Instant::now() + self.failed(&e, &mut net_backoff),
@@ -207,8 +208,10 @@ impl BoxRunner {
                     "playbox {}: the box is locking logins ({e}); no login for {d:?}",
                     self.name()
                 );
-                self.link.set_detail("locked_out", json!(true));
+                // Down first: each change is published as made, and no message may say
+                // "locked out" while the state still reads "connecting".
                 self.link.set(LinkState::Down, Some(e.to_string()), Some(d));
+                self.link.set_detail("locked_out", json!(true));
                 d
             }
             Recovery::WaitLong(WaitReason::TooFrequent) => {

@@ -1,5 +1,5 @@
-//! A real Mosquitto on a free loopback port, persistence off (its default), that can be
-//! killed and started again on the same port. Used by the durability tests and the
+//! A real Mosquitto on a free loopback port, persistence off (its default, unless `extra`
+//! turns it on), that can be killed or stopped and started again on the same port. Used by the durability tests and the
 //! benchmark.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -64,6 +64,26 @@ impl Mosquitto {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Stop it gracefully (SIGTERM) and wait until it has exited: with persistence on,
+    /// it saves its sessions and retained messages first. Killed after 30 s.
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 
     /// Kill it hard (SIGKILL): sessions and retained messages are gone with it.

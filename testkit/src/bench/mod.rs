@@ -5,20 +5,25 @@
 //! message, de-duplicates it and measures latency from the time the simulator sent the
 //! frame. A direct publisher to the same broker gives the rig's own ceiling, measured in
 //! the same run, because only ratios taken side by side mean anything on a shared machine.
+//! Scenario (e), recovery after a long broker outage, lives in `recovery`; the subscriber
+//! and the bridge process in `rig`.
 
-use std::collections::HashMap;
+mod recovery;
+mod rig;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 
 use crate::broker::EmbeddedBroker;
 use crate::bvcsp::{BvcspSim, SimDevice, SimOptions};
 use crate::mosquitto::Mosquitto;
 use crate::protocol::Stream;
+pub use recovery::Recovery;
+use rig::{BridgeExtra, BridgeProc, Subscriber, now_ns};
 
 const BASE: &str = "bench";
 
@@ -41,8 +46,11 @@ pub struct BenchConfig {
     pub repeat: usize,
     /// The bvcsp2mqtt binary to run as the bridge.
     pub bridge_exe: PathBuf,
-    /// Which scenarios to run (`a`–`d`); empty means all. `c` and `d` share one fleet.
+    /// Which scenarios to run (`a`–`e`); empty means all. `c` and `d` share one fleet.
     pub scenarios: Vec<char>,
+    /// Messages waiting in the outbox when the broker returns, in scenario (e)
+    /// (default 1 000 000, or 2 000 with `quick`).
+    pub backlog: Option<u64>,
 }
 
 impl BenchConfig {
@@ -70,23 +78,8 @@ pub struct Figures {
     pub ceiling: f64,
     /// Throughput over the ceiling of the same run (for several runs: the median ratio).
     pub ratio: f64,
-}
-
-/// What the subscriber saw.
-#[derive(Default)]
-struct Seen {
-    counts: HashMap<String, u32>,
-    latencies_ns: Vec<u64>,
-    last_at: Option<Instant>,
-    received: u64,
-    link_up: bool,
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    /// Scenario (e)'s own figures.
+    pub recovery: Option<Recovery>,
 }
 
 /// The broker for the run: Mosquitto when installed, else the embedded one.
@@ -116,208 +109,6 @@ fn start_broker() -> Result<Broker, BenchError> {
     })
 }
 
-/// Subscribes to everything under the bench base topic and counts.
-struct Subscriber {
-    seen: Arc<Mutex<Seen>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Subscriber {
-    async fn start(broker: SocketAddr) -> Result<Subscriber, BenchError> {
-        let mut opts = MqttOptions::new(
-            format!("bench-sub-{}", rand::random::<u32>()),
-            "127.0.0.1",
-            broker.port(),
-        );
-        opts.set_max_packet_size(16 << 20, 16 << 20)
-            .set_inflight(1000);
-        let (client, mut events) = AsyncClient::new(opts, 100);
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let (s, c) = (seen.clone(), client.clone());
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        let task = tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = c.try_subscribe(format!("{BASE}/#"), QoS::AtLeastOnce);
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => record(&s, &p.topic, &p.payload),
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
-            .await
-            .map_err(|_| BenchError::Timeout("subscriber".into()))?
-            .map_err(setup("subscriber"))?;
-        Ok(Subscriber { seen, task })
-    }
-
-    fn reset(&self) {
-        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let link_up = g.link_up;
-        *g = Seen {
-            link_up,
-            ..Default::default()
-        };
-    }
-
-    async fn wait(
-        &self,
-        what: &str,
-        deadline: Duration,
-        f: impl Fn(&Seen) -> bool,
-    ) -> Result<(), BenchError> {
-        let end = Instant::now() + deadline;
-        loop {
-            if f(&self.seen.lock().unwrap_or_else(|p| p.into_inner())) {
-                return Ok(());
-            }
-            if Instant::now() > end {
-                return Err(BenchError::Timeout(what.into()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// The two fields the subscriber needs, found by a scan instead of a JSON parse: the
-/// subscriber shares the machine with what it measures, and the bridge's payloads are
-/// larger than the ceiling's, so parsing them would tax the bridge's run more. Both the
-/// bridge's payload (top level and `raw`) and the direct publisher's carry `"key":"…"`
-/// and `"sent_ns":N` with the same values.
-fn probe(payload: &[u8]) -> Option<(&str, u64)> {
-    fn after<'a>(hay: &'a [u8], needle: &[u8]) -> Option<&'a [u8]> {
-        hay.windows(needle.len())
-            .position(|w| w == needle)
-            .map(|i| &hay[i + needle.len()..])
-    }
-    let rest = after(payload, b"\"key\":\"")?;
-    let key = std::str::from_utf8(&rest[..rest.iter().position(|b| *b == b'"')?]).ok()?;
-    let rest = after(payload, b"\"sent_ns\":")?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let sent = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    Some((key, sent))
-}
-
-fn record(seen: &Mutex<Seen>, topic: &str, payload: &[u8]) {
-    let now = now_ns();
-    if topic.ends_with("/bridge/link/bvcsp") {
-        let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
-        seen.lock().unwrap_or_else(|p| p.into_inner()).link_up = v["state"] == "up";
-        return;
-    }
-    let Some((key, sent)) = probe(payload) else {
-        return;
-    };
-    let mut g = seen.lock().unwrap_or_else(|p| p.into_inner());
-    let n = g.counts.entry(key.to_owned()).or_default();
-    *n += 1;
-    if *n == 1 {
-        g.received += 1;
-        g.latencies_ns.push(now.saturating_sub(sent));
-    }
-    g.last_at = Some(Instant::now());
-}
-
-/// The bridge as its own process, measured through /proc.
-struct BridgeProc {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for BridgeProc {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl BridgeProc {
-    fn spawn(
-        exe: &Path,
-        sim: &BvcspSim,
-        broker: SocketAddr,
-        streams: &str,
-    ) -> Result<BridgeProc, BenchError> {
-        let dir = tempfile::tempdir().map_err(setup("temp dir"))?;
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[bvcsp]\nurl = \"{}\"\nusername = \"admin\"\npassword = \"123456\"\nstreams = [{streams}]\n\
-                 reopen_stagger = \"100ms\"\ngps_batch_window = \"200ms\"\n\
-                 [mqtt]\nurl = \"mqtt://{broker}\"\nbase_topic = \"{BASE}\"\nclient_id = \"bench-bridge-{}\"\n\
-                 [storage]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
-                sim.url(),
-                rand::random::<u32>(),
-                dir.path().join("state").display()
-            ),
-        )
-        .map_err(setup("bridge config"))?;
-        let child = std::process::Command::new(exe)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .map_err(setup("bridge process"))?;
-        Ok(BridgeProc { child, _dir: dir })
-    }
-
-    /// CPU time of all the bridge's threads, from /proc/PID/task/*/schedstat (ns).
-    fn cpu_ns(&self) -> u64 {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.child.id())) else {
-            return 0;
-        };
-        tasks
-            .filter_map(Result::ok)
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-            })
-            .sum()
-    }
-
-    /// Peak resident memory (VmHWM), MB.
-    fn peak_rss_mb(&self) -> f64 {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map(|kb| kb / 1024.0)
-            .unwrap_or(0.0)
-    }
-}
-
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -327,7 +118,12 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 fn alarm(key: &str) -> Value {
-    json!({"key": key, "type": 5, "time": 1717400123, "userID": "", "userName": "", "devID": "PU_1",
+    alarm_from("PU_1", key)
+}
+
+/// An SOS alarm (type 5) raised by `device`, stamped with the time it is sent.
+fn alarm_from(device: &str, key: &str) -> Value {
+    json!({"key": key, "type": 5, "time": 1717400123, "userID": "", "userName": "", "devID": device,
         "devName": "Helmet 07", "subDevIdx": 65536, "status": 0, "desc": "SOS", "lat": 31.849722,
         "lng": 117.207138, "payload": "", "sent_ns": now_ns()})
 }
@@ -348,6 +144,28 @@ async fn rig(
     let devices: Vec<SimDevice> = (0..devices.max(1))
         .map(|i| SimDevice::new(&format!("PU_{i}"), "Unit", true))
         .collect();
+    let sub = Subscriber::start(broker.addr).await?;
+    rig_of(
+        cfg,
+        broker.addr,
+        devices,
+        streams,
+        sub,
+        &BridgeExtra::default(),
+    )
+    .await
+}
+
+/// A simulator with `devices`, the bridge reading `streams` from it, `sub` watching; once
+/// the bridge says its BVCSP link is up.
+async fn rig_of(
+    cfg: &BenchConfig,
+    broker: SocketAddr,
+    devices: Vec<SimDevice>,
+    streams: &str,
+    sub: Subscriber,
+    extra: &BridgeExtra,
+) -> Result<Rig, BenchError> {
     let sim = BvcspSim::start(SimOptions {
         devices,
         idle_close: None,
@@ -355,8 +173,7 @@ async fn rig(
     })
     .await
     .map_err(setup("simulator"))?;
-    let sub = Subscriber::start(broker.addr).await?;
-    let bridge = BridgeProc::spawn(&cfg.bridge_exe, &sim, broker.addr, streams)?;
+    let bridge = BridgeProc::spawn(&cfg.bridge_exe, &sim, broker, streams, extra)?;
     sub.wait("bridge up", Duration::from_secs(60), |s| s.link_up)
         .await?;
     Ok(Rig { bridge, sub, sim })
@@ -370,7 +187,7 @@ fn figures(
     cpu0: u64,
     ceiling: f64,
 ) -> Figures {
-    let g = rig.sub.seen.lock().unwrap_or_else(|p| p.into_inner());
+    let g = rig.sub.seen();
     let mut lat = g.latencies_ns.clone();
     lat.sort_unstable();
     let duplicates: u64 = g
@@ -408,16 +225,17 @@ fn figures(
         peak_rss_mb: rig.bridge.peak_rss_mb(),
         ceiling,
         ratio: 0.0,
+        recovery: None,
     }
 }
 
 /// The rig's own ceiling: a direct QoS 1 publisher of alarm-sized messages.
-async fn ceiling(broker: &Broker, n: u64) -> Result<f64, BenchError> {
-    let sub = Subscriber::start(broker.addr).await?;
+async fn ceiling(broker: SocketAddr, n: u64) -> Result<f64, BenchError> {
+    let sub = Subscriber::start(broker).await?;
     let mut opts = MqttOptions::new(
         format!("bench-pub-{}", rand::random::<u32>()),
         "127.0.0.1",
-        broker.addr.port(),
+        broker.port(),
     );
     opts.set_max_packet_size(16 << 20, 16 << 20)
         .set_inflight(100);
@@ -437,20 +255,14 @@ async fn ceiling(broker: &Broker, n: u64) -> Result<f64, BenchError> {
         s.received >= n
     })
     .await?;
-    let elapsed = sub
-        .seen
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_at
-        .map(|t| t - started)
-        .unwrap_or_default();
+    let elapsed = sub.seen().last_at.map(|t| t - started).unwrap_or_default();
     driver.abort();
     Ok(n as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
 /// (a) N alarms as fast as the simulator can send them.
 async fn burst(cfg: &BenchConfig, broker: &Broker, n: u64) -> Result<Figures, BenchError> {
-    let ceil = ceiling(broker, n).await?;
+    let ceil = ceiling(broker.addr, n).await?;
     let rig = rig(cfg, broker, 1, "\"alarm\"").await?;
     rig.sub.reset();
     let cpu0 = rig.bridge.cpu_ns();
@@ -590,21 +402,29 @@ pub fn combine(runs: &[Figures]) -> Figures {
         peak_rss_mb: m(|r| r.peak_rss_mb),
         ceiling: m(|r| r.ceiling),
         ratio: m(|r| r.ratio),
+        recovery: Recovery::combine(
+            &runs
+                .iter()
+                .filter_map(|r| r.recovery.as_ref())
+                .collect::<Vec<_>>(),
+        ),
     }
 }
 
 /// Run every scenario `repeat` times; returns the combined figures per scenario.
 pub async fn run(cfg: &BenchConfig) -> Result<(String, Vec<Figures>), BenchError> {
     let broker = start_broker()?;
-    let (burst_n, rate, rate_secs, fleet, gps_secs, idle_secs) = if cfg.quick {
-        (2_000, 200, 2, 200, 2, 1)
+    let (burst_n, rate, rate_secs, fleet, gps_secs, idle_secs, backlog) = if cfg.quick {
+        (2_000, 200, 2, 200, 2, 1, 2_000)
     } else {
-        (100_000, 1_000, 20, 10_000, 30, 10)
+        (100_000, 1_000, 20, 10_000, 30, 10, 1_000_000)
     };
+    let backlog = cfg.backlog.unwrap_or(backlog);
     let mut a = Vec::new();
     let mut b = Vec::new();
     let mut c = Vec::new();
     let mut d = Vec::new();
+    let mut e = Vec::new();
     let runs = cfg.repeat.max(1);
     for i in 1..=runs {
         if cfg.wants('a') {
@@ -623,10 +443,16 @@ pub async fn run(cfg: &BenchConfig) -> Result<(String, Vec<Figures>), BenchError
             c.push(g);
             d.push(idle);
         }
+        if cfg.wants('e') {
+            eprintln!(
+                "run {i}/{runs}: recovery, {backlog} messages waiting in the outbox while the broker is away"
+            );
+            e.extend(recovery::recovery(cfg, backlog).await?);
+        }
     }
-    let figures = [a, b, c, d]
+    let figures = [a, b, c, d, e]
         .iter()
-        .zip(['a', 'b', 'c', 'd'])
+        .zip(['a', 'b', 'c', 'd', 'e'])
         .filter(|(runs, s)| !runs.is_empty() && cfg.wants(*s))
         .map(|(runs, _)| combine(runs))
         .collect();
@@ -687,21 +513,23 @@ pub fn render(broker: &str, repeat: usize, figures: &[Figures]) -> String {
             f.peak_rss_mb
         ));
     }
+    let details: Vec<String> = figures
+        .iter()
+        .filter_map(|f| f.recovery.as_ref().map(|r| r.render(f)))
+        .collect();
+    if !details.is_empty() {
+        out.push_str(
+            "\n(e): its own Mosquitto, persistence on, restarted; events/s is the replay rate from the \
+             first message to the last, the latency columns are the live SOS alarms'.\n",
+        );
+        details.iter().for_each(|d| out.push_str(d));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_subscriber_finds_key_and_send_time_in_both_shapes() {
-        let bridge = br#"{"event_id":"alarm-1","key":"a7","raw":{"key":"a7","sent_ns":123,"type":5},"type":5}"#;
-        assert_eq!(probe(bridge), Some(("a7", 123)));
-        let direct = br#"{"key":"c9","pad":"xx","sent_ns":4567}"#;
-        assert_eq!(probe(direct), Some(("c9", 4567)));
-        assert_eq!(probe(br#"{"state":"up"}"#), None);
-    }
 
     #[test]
     fn runs_combine_into_medians_and_sums() {

@@ -199,6 +199,11 @@ pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 pub fn refresh_due(issued: tokio::time::Instant, lifetime: Duration) -> tokio::time::Instant {
     issued + (lifetime / 2).max(MIN_REFRESH_INTERVAL)
 }
+/// While the broker's port refuses connections, a bare TCP connect tries it this often
+/// during the reconnect backoff, so the bridge is back within about this long of the
+/// broker's return however long the outage was (a refused SYN costs the broker
+/// nothing; a full MQTT attempt at this rate would fill its log).
+pub const MQTT_PORT_PROBE: Duration = Duration::from_millis(250);
 /// Logging out at shutdown is best effort: given up after this.
 pub const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a make-before-break swap, the old socket is still read this long (frames the

@@ -349,3 +349,38 @@ async fn a_stop_with_a_full_outbox_keeps_every_frame_read() {
     );
     again.stop(Duration::from_secs(5)).await;
 }
+
+/// A long outage grows the reconnect backoff to its cap; the broker's return must not
+/// wait for it. With `reconnect_min = 60s` every backoff is at least a minute, so only
+/// the bridge noticing the port open again can bring it back within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_is_back_soon_after_the_broker_whatever_its_backoff() {
+    let Some(mut mq) = mosquitto() else {
+        return;
+    };
+    mq.down();
+    let sim = one_device_sim().await;
+    let mut cfg = bridge_config(&sim, mq.addr, "streams = [\"alarm\"]");
+    cfg.mqtt.reconnect_min = Duration::from_secs(60);
+    cfg.mqtt.reconnect_max = Duration::from_secs(120);
+    let bridge = Bridge::start(cfg).await.unwrap();
+    let mut status = bridge.mqtt_status();
+    // The first attempt was refused: the bridge is now inside a minute-long backoff.
+    tokio::time::timeout(T, status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("the first connection attempt fails")
+        .unwrap();
+    mq.up().unwrap();
+    let back = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), status.wait_for(|s| s.connected))
+        .await
+        .expect("connected long before the one-minute backoff ends")
+        .unwrap();
+    eprintln!("broker back -> bridge connected in {:?}", back.elapsed());
+    // And it delivers: an alarm read now reaches a subscriber.
+    let obs = Observer::start(mq.addr).await;
+    wait_sockets(&sim, &[Stream::Alarm], T).await;
+    assert_eq!(sim.inject(Stream::Alarm, alarm("after-outage")), 1);
+    wait_all_keys(&obs, &["after-outage".to_string()], true).await;
+    bridge.stop(Duration::from_secs(5)).await;
+}

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::correlation::{self, Correlation, InFlight};
 use super::incoming::{self, RateLimited};
-use super::reconnect::Reconnect;
+use super::reconnect::{Reconnect, port_opens, port_was_closed};
 use super::{PublisherState, offline_msg, online_msg};
 
 /// A message is refused by the broker when the connection is lost this many times in a
@@ -33,6 +33,7 @@ pub(super) async fn drive(
     state: Arc<PublisherState>,
     mut eventloop: EventLoop,
     mut reconnect: Reconnect,
+    broker: (String, u16),
     stop: CancellationToken,
     heartbeats: Arc<crate::heartbeat::Heartbeats>,
     alive: Duration,
@@ -120,9 +121,12 @@ pub(super) async fn drive(
                 });
                 let delay = reconnect.failed(&e, &text);
                 heartbeats.beat("mqtt", delay + alive);
+                let probe = port_was_closed(&e);
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}
+                    // A long outage must not cost a long backoff after the broker is back.
+                    _ = port_opens(&broker.0, broker.1), if probe => {}
                 }
             }
         }

@@ -153,6 +153,7 @@ impl Publisher {
                 state.clone(),
                 eventloop,
                 reconnect::Reconnect::new(cfg),
+                (cfg.url.host().to_string(), cfg.url.port()),
                 stop.clone(),
                 heartbeats,
                 alive,

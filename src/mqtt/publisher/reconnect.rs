@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use rumqttc::ConnectionError;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::MqttConfig;
 use crate::recovery::{Classify, Recovery};
-use crate::retry::{Backoff, Policy};
+use crate::retry::{Backoff, MQTT_PORT_PROBE, Policy};
 
 pub(super) struct Reconnect {
     /// Unreachable, timed out, dropped: anything that may fix itself soon.
@@ -51,6 +51,8 @@ impl Reconnect {
     }
 
     /// The connection failed with `e` (shown as `text`): the wait before the next attempt.
+    /// When the broker's port was not accepting connections, the caller may cut the
+    /// wait short as soon as it is ([`port_was_closed`]).
     pub(super) fn failed(&mut self, e: &ConnectionError, text: &str) -> Duration {
         self.repeats += 1;
         let repeats = self.repeats;
@@ -81,6 +83,41 @@ impl Reconnect {
             }
         }
         delay
+    }
+}
+
+/// The attempt failed before any MQTT was spoken because nothing accepted the TCP
+/// connection (the broker is stopped, restarting, or its host is down): the one failure
+/// a bare TCP connect can tell has ended. Anything later (TLS, a refused CONNECT, a drop
+/// after accepting) is left to the backoff, or a broker that accepts and then fails
+/// would be hammered.
+pub(super) fn port_was_closed(e: &ConnectionError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        ConnectionError::Io(io) => matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::AddrNotAvailable
+        ),
+        _ => false,
+    }
+}
+
+/// Returns once a TCP connection to `host:port` is accepted (and closes it at once),
+/// trying every [`MQTT_PORT_PROBE`]. Each try is bounded by the same interval, so a
+/// host that drops SYNs costs one pending connect at a time.
+pub(super) async fn port_opens(host: &str, port: u16) {
+    let mut tick = tokio::time::interval(MQTT_PORT_PROBE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let attempt = tokio::net::TcpStream::connect((host, port));
+        if let Ok(Ok(_stream)) = tokio::time::timeout(MQTT_PORT_PROBE, attempt).await {
+            debug!("mqtt broker {host}:{port} accepts connections again: reconnecting now");
+            return;
+        }
     }
 }
 

@@ -310,7 +310,18 @@ pub fn fingerprint_hex(der: &[u8]) -> String {
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// reqwest (built without a provider of its own, to keep one crypto library in the
+/// binary) asks rustls for the process-wide default when a client is built, even one
+/// given a complete TLS config: install ours, once, before any client is built.
+pub fn install_process_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Err only if another provider was installed first, which then serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// Client certificate and key for mutual TLS, PEM files.

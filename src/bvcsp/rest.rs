@@ -85,6 +85,7 @@ impl RestClient {
         cfg: &BvcspConfig,
         tls: Option<rustls::ClientConfig>,
     ) -> Result<RestClient, reqwest::Error> {
+        crate::tls::install_process_provider();
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("bvcsp2mqtt/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.request_timeout)

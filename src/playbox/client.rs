@@ -178,6 +178,7 @@ impl BoxClient {
         tls: rustls::ClientConfig,
         tofu: Option<std::sync::Arc<crate::tls::TofuPin>>,
     ) -> Result<BoxClient, reqwest::Error> {
+        crate::tls::install_process_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("bvcsp2mqtt/", env!("CARGO_PKG_VERSION")))
             .http1_only()

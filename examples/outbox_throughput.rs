@@ -11,10 +11,12 @@
 //! for `strace -c -f` (syscalls per event) and `valgrind --tool=callgrind` (instructions
 //! per event), which are stable on a busy machine where timings are not.
 //!
-//! `... -- recovery [N]` fills the outbox with N (default 1 000 000) events as a long
-//! broker outage would, stops, opens it again (the time until the first message may be
-//! sent), queues one live alarm behind the backlog, and drains everything as a publisher
-//! would (the replay rate, and how long the live alarm waited).
+//! `... -- recovery [N]` fills the outbox with N (default 1 000 000) events on 1 000
+//! topics as a long broker outage would, stops, opens it again (the time until the first
+//! message may be sent), and drains everything as a publisher would (the replay rate).
+//! Meanwhile live alarms are queued: one on a topic of the backlog (it must wait for that
+//! topic's backlog), and one on a new topic at the start and after every 100 000 taken
+//! (how long each waited until it was handed out).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,47 +125,99 @@ async fn recovery(n: usize) {
         more.await;
     };
     let to_first = start.elapsed();
-    let live_at = Instant::now();
-    outbox
-        .push(Message {
-            topic: "bvcsp2mqtt/device/LIVE/alarm/sos".into(),
-            payload: payload.clone(),
-            retain: false,
-        })
-        .await;
+    let live = |topic: String| Message {
+        topic,
+        payload: payload.clone(),
+        retain: false,
+    };
+    // Live alarms on new topics, by topic: when they were queued, how long they waited.
+    let mut queued: Vec<(String, Instant)> = Vec::new();
+    let mut waits: Vec<Duration> = Vec::new();
+    let behind = "bvcsp2mqtt/device/PU_7/alarm/sos".to_string();
+    let mut behind_at = None;
+    let mut behind_topic_seen = 0;
+    queued.push(("bvcsp2mqtt/device/LIVE_0/alarm/sos".into(), Instant::now()));
+    outbox.push(live(queued[0].0.clone())).await;
+    let behind_id = outbox.push_now(live(behind.clone()));
     outbox.ack(first.0);
     let start = Instant::now();
-    let mut live_waited = None;
+    let cpu_start = cpu_seconds();
     let mut drained = 1;
     while outbox.depth() > 0 {
         let more = outbox.sendable();
         let mut took = false;
         while let Some((id, m)) = outbox.take_next() {
-            if m.topic.contains("LIVE") {
-                live_waited = Some(live_at.elapsed());
+            if let Some(at) = queued.iter().position(|(t, _)| *t == m.topic) {
+                waits.push(queued.swap_remove(at).1.elapsed());
+            } else if m.topic == behind {
+                behind_topic_seen += 1;
+                if id == behind_id {
+                    behind_at = Some((drained, behind_topic_seen));
+                }
             }
             outbox.ack(id);
             drained += 1;
             took = true;
+            if drained % 100_000 == 0 {
+                break;
+            }
         }
-        if !took && outbox.depth() > 0 {
+        if drained % 100_000 == 0 && drained < n {
+            let topic = format!("bvcsp2mqtt/device/LIVE_{drained}/alarm/sos");
+            queued.push((topic.clone(), Instant::now()));
+            outbox.push(live(topic)).await;
+        } else if !took && outbox.depth() > 0 {
             more.await;
         }
     }
     let replay = start.elapsed();
+    let cpu = cpu_seconds() - cpu_start;
     let o = Arc::clone(&outbox);
     tokio::task::spawn_blocking(move || o.close())
         .await
         .expect("close");
+    let first_wait = waits.first().copied().unwrap_or_default();
+    waits.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (behind_pos, behind_rank) = behind_at.unwrap_or_default();
     println!(
         "outbox recovery: {n} events filled in {:.1} s; reopened, first sendable after {:.3} s; \
-         {drained} replayed (take+ack) in {:.1} s = {:.0}/s; a live alarm queued behind them waited {:.1} s",
+         {drained} replayed (take+ack) in {:.1} s = {:.0}/s ({:.2} µs CPU each); {} live alarms on new topics waited \
+         {:.1} ms at most (median {:.1} ms, the first {:.1} ms); one on a topic of the backlog \
+         went out {behind_rank}th on its topic, {behind_pos}th of all",
         filled.as_secs_f64(),
         to_first.as_secs_f64(),
         replay.as_secs_f64(),
         drained as f64 / replay.as_secs_f64(),
-        live_waited.unwrap_or_default().as_secs_f64()
+        cpu * 1e6 / drained as f64,
+        waits.len(),
+        waits.last().copied().map(ms).unwrap_or_default(),
+        waits
+            .get(waits.len() / 2)
+            .copied()
+            .map(ms)
+            .unwrap_or_default(),
+        ms(first_wait),
     );
+}
+
+/// CPU time of this process so far (all threads, user and system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, fields 14 and 15 of the line (11 and 12 after the name).
+    // In clock ticks: USER_HZ, 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 async fn burst() {

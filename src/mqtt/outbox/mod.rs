@@ -18,16 +18,25 @@
 //! fsyncs) run on a thread of their own, so a commit never waits behind one.
 //!
 //! Memory is bounded however long the broker is away: at most `RESIDENT_MAX` messages
-//! are held in memory; later ones live on disk only and are read back in order, in
-//! batches, as the broker takes the earlier ones.
+//! are held in memory (and `LIVE_MAX` in the live lane); later ones live on disk only and
+//! are read back in order, in batches, as the broker takes the earlier ones.
 //!
-//! The parts: `index` (the in-memory index: order, cursor, spill, coalescing), `storage`
+//! Order is kept per topic, not across topics: behind such a backlog, a message on a
+//! topic with nothing unsent in it is also held in a live lane (at most `LIVE_MAX`) and
+//! handed out ahead of the backlog, so that an alarm raised after the broker came back
+//! waits for one in-flight window, not for the backlog (`live_lane` has the rules).
+//!
+//! The parts: `index` (the in-memory index: order, cursor, spill, coalescing, what goes
+//! next), `live_lane` (the lane beside a backlog, per-topic counts), `storage`
 //! (SQLite: schema, reads, the commit transaction), `writer` (group-commit scheduling on
 //! the writer thread), `checkpoint` (WAL checkpoints on a thread of their own), `stats`
 //! (health figures); this file is the front the producers and the publisher use.
 
 mod checkpoint;
 mod index;
+#[cfg(test)]
+mod lane_tests;
+mod live_lane;
 mod stats;
 mod storage;
 #[cfg(test)]
@@ -282,7 +291,6 @@ impl Outbox {
             self.sendable.notify_one();
             return id;
         };
-        let disk_only = g.spill_from.is_some() || g.entries.len() >= RESIDENT_MAX;
         let row = NewRow {
             id,
             topic: msg.topic.clone(),
@@ -290,7 +298,7 @@ impl Outbox {
             retain: msg.retain,
             queued_at_ms: now_ms(),
         };
-        let removed = g.insert(id, msg, Instant::now(), disk_only);
+        let removed = g.insert(id, msg, Instant::now(), true);
         // Queued while the lock is held, so rows reach the writer in id order: the
         // writer's "everything below N is on disk" depends on it.
         let mut q = disk.pending();
@@ -334,7 +342,8 @@ impl Outbox {
         }
     }
 
-    /// The next message to hand to the broker, in arrival order (only once it is on disk).
+    /// The next message to hand to the broker (only once it is on disk): in arrival order
+    /// per topic, live messages ahead of a backlog (see the module's notes).
     pub fn take_next(&self) -> Option<(u64, Message)> {
         let mut g = self.lock();
         if g.spill_from.is_some()
@@ -347,17 +356,14 @@ impl Outbox {
             q.refill = true;
             q.wake_if_idle();
         }
-        let (id, entry) = g.entries.range(g.cursor..g.durable).next()?;
-        let (id, msg) = (*id, entry.msg.clone());
-        g.cursor = id + 1;
-        Some((id, msg))
+        g.take()
     }
 
-    /// Give a taken message back (it could not be handed over); it is sent again first.
-    /// No wake-up: the caller retries when the publisher makes progress.
+    /// Give a taken message back (it could not be handed over): it is sent again before
+    /// anything newer on its topic, and before the rest of its lane. No wake-up: the
+    /// caller retries when the publisher makes progress.
     pub fn untake(&self, id: u64) {
-        let mut g = self.lock();
-        g.cursor = g.cursor.min(id);
+        self.lock().untake(id);
     }
 
     /// The broker acknowledged message `id`.
@@ -415,15 +421,13 @@ impl Outbox {
         self.sendable.notify_one();
     }
 
-    /// The broker session is gone: everything unacknowledged is sent again, in order, and
-    /// retained state the broker may have lost with it is restored.
+    /// The broker session is gone: everything unacknowledged is sent again, in order per
+    /// topic, and retained state the broker may have lost with it is restored.
     pub fn rewind(&self) {
         let restore: Vec<(String, Bytes)> = {
             let mut g = self.lock();
             let index = &mut *g;
-            let resent = index.entries.range(..index.cursor).count() as u64;
-            index.replayed += resent;
-            index.cursor = 0;
+            index.replayed += index.rewind();
             index
                 .retained_acked
                 .iter()

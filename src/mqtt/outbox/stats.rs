@@ -50,13 +50,17 @@ impl Outbox {
         let g = self.lock();
         OutboxStats {
             depth: g.depth(),
-            unsent: g.entries.range(g.cursor..).count() + g.spilled,
+            unsent: g.unsent(),
             bytes: g.bytes,
             oldest_age_ms: g
                 .entries
                 .values()
                 .next()
-                .map(|e| e.queued_at.elapsed().as_millis() as u64)
+                .map(|e| e.queued_at)
+                .into_iter()
+                .chain(g.live.oldest_queued_at())
+                .min()
+                .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
             acked: g.acked,
             replayed: g.replayed,

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use super::super::Message;
 use super::super::dead_letters::{self, DeadRow};
 use super::index::{ENTRY_OVERHEAD, MessageIndex, RESIDENT_MAX};
+use super::live_lane::topic_key;
 use super::now_ms;
 
 /// A row to write.
@@ -109,7 +110,8 @@ pub(super) fn read_rows(
     rows.collect()
 }
 
-/// What a previous run left: the first `RESIDENT_MAX` rows into memory, the rest counted.
+/// What a previous run left: the first `RESIDENT_MAX` rows into memory, the rest counted
+/// (and their topics, for the live lane). All of it is backlog.
 pub(super) fn load(conn: &rusqlite::Connection, index: &mut MessageIndex) -> rusqlite::Result<()> {
     let max_id: Option<i64> = conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?;
     let Some(max_id) = max_id else {
@@ -130,29 +132,31 @@ pub(super) fn load(conn: &rusqlite::Connection, index: &mut MessageIndex) -> rus
     index.durable = index.next_id;
     if filled {
         let from = last + 1;
-        let (spilled, bytes): (i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(length(CAST(topic AS BLOB)) + length(payload)), 0)
-             FROM outbox WHERE id >= ?1",
-            [from as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        if spilled == 0 {
-            index.replayed_at_start = index.depth() as u64;
-            return Ok(());
-        }
-        index.spill_from = Some(from);
-        index.spilled = spilled as usize;
-        index.bytes += bytes as u64 + spilled as u64 * ENTRY_OVERHEAD;
-        // Retained state waiting on disk must hold back restoring older values.
+        // One pass: how much waits on disk only, on which topics (a live message must not
+        // go ahead of them), and which retained state (it holds back restoring older
+        // values).
         let mut stmt = conn.prepare(
-            "SELECT topic, count(*) FROM outbox WHERE id >= ?1 AND retain = 1 GROUP BY topic",
+            "SELECT topic, retain, length(CAST(topic AS BLOB)) + length(payload)
+             FROM outbox WHERE id >= ?1",
         )?;
-        let topics = stmt.query_map([from as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        for row in topics {
-            let (topic, n) = row?;
-            *index.state_unacked.entry(topic).or_default() += n as usize;
+        let mut rows = stmt.query([from as i64])?;
+        let (mut spilled, mut bytes) = (0usize, 0u64);
+        while let Some(row) = rows.next()? {
+            let topic = row.get_ref(0)?.as_bytes().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+            })?;
+            index.backlog_unsent.inc(topic_key(topic));
+            if row.get::<_, bool>(1)? {
+                let topic = String::from_utf8_lossy(topic).into_owned();
+                *index.state_unacked.entry(topic).or_default() += 1;
+            }
+            spilled += 1;
+            bytes += row.get::<_, i64>(2)? as u64 + ENTRY_OVERHEAD;
+        }
+        if spilled > 0 {
+            index.spill_from = Some(from);
+            index.spilled = spilled;
+            index.bytes += bytes;
         }
     }
     index.replayed_at_start = index.depth() as u64;

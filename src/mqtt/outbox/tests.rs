@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::index::ENTRY_OVERHEAD;
+use super::live_lane::LIVE_MAX;
 use super::*;
 
 fn ev(t: &str, p: &str) -> Message {
@@ -374,22 +375,33 @@ async fn a_long_queue_waits_on_disk_and_comes_back_in_order() {
     o.close();
 }
 
+/// A backlog of `RESIDENT_MAX` events on `e`, and the live lane full (one event on each
+/// of `LIVE_MAX` topics): what comes next waits on disk only.
+async fn fill_memory(o: &Outbox) {
+    for i in 0..RESIDENT_MAX {
+        o.push(ev("e", &i.to_string())).await;
+    }
+    for i in 0..LIVE_MAX {
+        o.push(ev(&format!("live/{i}"), "x")).await;
+    }
+    assert!(!o.lock().live.has_room());
+}
+
 #[tokio::test]
 async fn state_waiting_on_disk_still_coalesces() {
     let dir = tempfile::tempdir().unwrap();
     let o = Outbox::open(dir.path(), 1 << 30).unwrap();
-    for i in 0..RESIDENT_MAX {
-        o.push(ev("e", &i.to_string())).await;
-    }
+    fill_memory(&o).await;
     o.push(st("s", "old")).await;
     o.push(ev("e", "last")).await;
     o.push(st("s", "new")).await;
     o.committed().await;
     assert_eq!(o.stats().coalesced, 1);
+    assert_eq!(o.lock().spilled, 2, "both wait on disk only");
     let tail: Vec<Bytes> = drain(&o)
         .await
         .into_iter()
-        .skip(RESIDENT_MAX)
+        .filter(|m| m.topic == "s" || m.payload == "last")
         .map(|m| m.payload)
         .collect();
     assert_eq!(tail, vec![Bytes::from("last"), Bytes::from("new")]);
@@ -484,9 +496,7 @@ async fn a_producer_waiting_inside_a_batch_gets_its_rows_committed() {
 async fn superseded_disk_only_state_is_forgotten_once_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let o = Outbox::open(dir.path(), 1 << 30).unwrap();
-    for i in 0..RESIDENT_MAX {
-        o.push(ev("e", &i.to_string())).await;
-    }
+    fill_memory(&o).await;
     for i in 0..3000 {
         o.push(st("s", &i.to_string())).await;
     }
@@ -496,8 +506,8 @@ async fn superseded_disk_only_state_is_forgotten_once_deleted() {
     })
     .await;
     let got = drain(&o).await;
-    assert_eq!(got.len(), RESIDENT_MAX + 1);
-    assert_eq!(got[RESIDENT_MAX].payload, "2999");
+    assert_eq!(got.len(), RESIDENT_MAX + LIVE_MAX + 1);
+    assert_eq!(got.last().unwrap().payload, "2999");
     o.close();
 }
 

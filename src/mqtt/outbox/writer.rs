@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use super::super::dead_letters::{self, DeadRow};
 use super::Outbox;
 use super::checkpoint::CheckpointSchedule;
-use super::index::REFILL_BATCH;
+use super::index::{Entry, REFILL_BATCH};
 use super::storage::{self, NewRow};
 
 /// Deletes of acknowledged rows wait at most this long for a commit to ride along with.
@@ -215,7 +215,11 @@ impl Outbox {
             return true;
         };
         let rows = match storage::read_rows(conn, from, REFILL_BATCH) {
-            Ok(rows) => rows,
+            // Their topics hashed before the lock is taken.
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(id, msg, queued_at)| (id, Entry::new(msg, queued_at)))
+                .collect(),
             Err(e) => {
                 error!("outbox: cannot read queued messages back from disk: {e}; retrying");
                 return false;

@@ -204,6 +204,15 @@ impl Bridge {
                 health.clone(),
             ),
         );
+        critical.spawn(&health_tasks, "the outbox writer", &health, {
+            let (outbox, health) = (outbox.clone(), health.clone());
+            async move {
+                tokio::select! {
+                    _ = health.cancelled() => {}
+                    _ = outbox.writer_ended() => {}
+                }
+            }
+        });
         critical.spawn(
             &health_tasks,
             "the watchdog",

@@ -687,7 +687,10 @@ async fn a_stream_refused_after_every_login_does_not_cause_a_login_storm() {
     // reconnect_min 100 ms, doubling (jittered down by at most a quarter): at least
     // 75 + 150 + 300 ms between the first and the fourth login. Only lower bounds, which
     // load cannot break; a storm would put the four logins milliseconds apart.
-    assert!(gaps[2] >= Duration::from_millis(300), "logins back off: {gaps:?}");
+    assert!(
+        gaps[2] >= Duration::from_millis(300),
+        "logins back off: {gaps:?}"
+    );
     assert!(at[3] - at[0] >= Duration::from_millis(500), "{gaps:?}");
     bridge.stop(Duration::from_secs(5)).await;
 }

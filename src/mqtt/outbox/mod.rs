@@ -459,6 +459,16 @@ impl Outbox {
         *self.latency.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 
+    /// Returns if a thread of the disk writer ends before the outbox is closed (a panic):
+    /// the supervisor stops the bridge then (exit 70) rather than run on with nothing
+    /// committed. Never returns for an outbox in memory.
+    pub async fn writer_ended(&self) {
+        match &self.disk {
+            Some(disk) => disk.ended().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Changes to `true` while events wait for space.
     pub fn full(&self) -> watch::Receiver<bool> {
         self.full.subscribe()

@@ -67,6 +67,9 @@ pub(super) struct DiskWriter {
     pending: Mutex<PendingWrites>,
     wake: Condvar,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Becomes true when a thread of the writer ends: on close, or by a panic (which
+    /// must stop the bridge, not leave it running with nothing committed).
+    ended: tokio::sync::watch::Sender<bool>,
     /// Told of every commit; the checkpoint thread waits on it.
     checkpoints: Arc<CheckpointSchedule>,
 }
@@ -112,6 +115,15 @@ impl std::ops::DerefMut for PendingGuard<'_> {
     }
 }
 
+/// Reports its thread's end when dropped: on return and while unwinding from a panic.
+struct EndGuard(tokio::sync::watch::Sender<bool>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
 impl DiskWriter {
     /// What is to be written, for a producer: a wake-up asked for with
     /// [`PendingGuard::wake_if_idle`] is sent once the lock is released, so the writer
@@ -149,6 +161,7 @@ impl DiskWriter {
             pending: Mutex::new(PendingWrites::default()),
             wake: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            ended: tokio::sync::watch::Sender::new(false),
             checkpoints: Arc::default(),
         }
     }
@@ -161,15 +174,29 @@ impl DiskWriter {
         checkpointer: rusqlite::Connection,
     ) -> std::io::Result<()> {
         let disk = self.clone();
+        let ended = EndGuard(self.ended.clone());
         let writer = std::thread::Builder::new()
             .name("outbox-writer".into())
-            .spawn(move || run_writer(disk, outbox))?;
+            .spawn(move || {
+                let _ended = ended;
+                run_writer(disk, outbox)
+            })?;
         let schedule = self.checkpoints.clone();
+        let ended = EndGuard(self.ended.clone());
         let checkpoint = std::thread::Builder::new()
             .name("outbox-checkpoint".into())
-            .spawn(move || schedule.run(checkpointer))?;
+            .spawn(move || {
+                let _ended = ended;
+                schedule.run(checkpointer)
+            })?;
         *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![writer, checkpoint];
         Ok(())
+    }
+
+    /// Returns once a writer thread has ended (closed, or panicked).
+    pub(super) async fn ended(&self) {
+        let mut rx = self.ended.subscribe();
+        let _ = rx.wait_for(|ended| *ended).await;
     }
 
     /// Commit what is queued, stop the threads and wait for them.
@@ -463,4 +490,36 @@ struct WriteTrouble {
     since: Instant,
     logged: Instant,
     attempts: u64,
+}
+
+#[cfg(test)]
+mod end_tests {
+    use super::EndGuard;
+
+    #[test]
+    fn a_thread_that_panics_still_reports_its_end() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let thread = std::thread::spawn(move || {
+            let _ended = EndGuard(tx);
+            panic!("a bug in the writer");
+        });
+        assert!(thread.join().is_err());
+        assert!(
+            *rx.borrow(),
+            "the supervisor is told, so the bridge stops (exit 70)"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_open_outbox_reports_no_end_until_it_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = super::Outbox::open(dir.path(), 1 << 20).unwrap();
+        let ended = outbox.writer_ended();
+        tokio::pin!(ended);
+        assert!(futures_util::poll!(&mut ended).is_pending());
+        outbox.close();
+        tokio::time::timeout(std::time::Duration::from_secs(10), ended)
+            .await
+            .expect("closing ends the threads");
+    }
 }

@@ -204,6 +204,9 @@ pub fn refresh_due(issued: tokio::time::Instant, lifetime: Duration) -> tokio::t
 /// broker's return however long the outage was (a refused SYN costs the broker
 /// nothing; a full MQTT attempt at this rate would fill its log).
 pub const MQTT_PORT_PROBE: Duration = Duration::from_millis(250);
+/// A probe's name lookup, and each of its connects, is given up after this (a broker
+/// far away still answers within it; one that does not is left to the backoff).
+pub const MQTT_PROBE_CONNECT: Duration = Duration::from_secs(2);
 /// Logging out at shutdown is best effort: given up after this.
 pub const LOGOUT_TIMEOUT: Duration = Duration::from_secs(3);
 /// After a make-before-break swap, the old socket is still read this long (frames the

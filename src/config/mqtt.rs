@@ -89,6 +89,13 @@ impl MqttConfig {
         if self.keepalive < Duration::from_secs(1) {
             return Err(ConfigError::new("mqtt.keepalive", "must be at least 1s"));
         }
+        // CONNECT carries it in 16 bits: more would reach the broker wrapped around.
+        if self.keepalive > Duration::from_secs(u16::MAX as u64) {
+            return Err(ConfigError::new(
+                "mqtt.keepalive",
+                "must be at most 65535s (18h12m15s), the most MQTT can carry",
+            ));
+        }
         nonzero("mqtt.reconnect_min", self.reconnect_min)?;
         if self.reconnect_max < self.reconnect_min {
             return Err(ConfigError::new(

@@ -304,6 +304,9 @@ fn absurd_durations_and_counts_are_refused_as_they_are_read() {
     let e = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__KEEPALIVE", "367days")]).unwrap_err();
     assert_eq!(e.key, "mqtt.keepalive", "{e}");
     assert!(load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__KEEPALIVE", "1h")]).is_ok());
+    let e = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__KEEPALIVE", "1day")]).unwrap_err();
+    assert_eq!(e.key, "mqtt.keepalive", "{e}");
+    assert!(e.message.contains("65535"), "{e}");
     let e = load_str(
         MINIMAL,
         &[("BVCSP2MQTT__BVCSP__BACKFILL_MAX_PAGES", "4294967295")],

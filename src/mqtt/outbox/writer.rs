@@ -149,6 +149,10 @@ impl DiskWriter {
     pub(super) fn close(&self) {
         self.lock_pending().closing = true;
         self.wake.notify_one();
+        // Told here too, not only by the writer on its way out: a writer that panicked
+        // never gets there, and the stop would wait on the checkpoint thread for ever.
+        // (The writer's own last step is a TRUNCATE checkpoint either way.)
+        self.checkpoints.close();
     }
 
     /// A writer for `conn` (on the database at `path`), its threads not yet started.

@@ -10,7 +10,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::MqttConfig;
 use crate::recovery::{Classify, Recovery};
-use crate::retry::{Backoff, MQTT_PORT_PROBE, Policy};
+use crate::retry::{Backoff, MQTT_PORT_PROBE, MQTT_PROBE_CONNECT, Policy};
 
 pub(super) struct Reconnect {
     /// Unreachable, timed out, dropped: anything that may fix itself soon.
@@ -106,15 +106,28 @@ pub(super) fn port_was_closed(e: &ConnectionError) -> bool {
 }
 
 /// Returns once a TCP connection to `host:port` is accepted (and closes it at once),
-/// trying every [`MQTT_PORT_PROBE`]. Each try is bounded by the same interval, so a
-/// host that drops SYNs costs one pending connect at a time.
+/// trying every [`MQTT_PORT_PROBE`]. The name is resolved once per call (the caller
+/// calls once per backoff wait, as often as it resolved before), so a long outage costs
+/// no DNS traffic per probe; if it cannot be resolved, this never returns and the
+/// backoff decides. One connect is pending at a time, for at most [`MQTT_PROBE_CONNECT`].
 pub(super) async fn port_opens(host: &str, port: u16) {
+    // `[::1]` in a URL is `::1` to a resolver.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(MQTT_PROBE_CONNECT, tokio::net::lookup_host((host, port))).await
+        {
+            Ok(Ok(addrs)) => addrs.collect(),
+            _ => Vec::new(),
+        };
+    if addrs.is_empty() {
+        return std::future::pending().await;
+    }
     let mut tick = tokio::time::interval(MQTT_PORT_PROBE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let attempt = tokio::net::TcpStream::connect((host, port));
-        if let Ok(Ok(_stream)) = tokio::time::timeout(MQTT_PORT_PROBE, attempt).await {
+        let attempt = tokio::net::TcpStream::connect(&addrs[..]);
+        if let Ok(Ok(_stream)) = tokio::time::timeout(MQTT_PROBE_CONNECT, attempt).await {
             debug!("mqtt broker {host}:{port} accepts connections again: reconnecting now");
             return;
         }

@@ -26,7 +26,7 @@ pub enum StorageError {
         "storage.dir {dir}: another bvcsp2mqtt is already running on this directory{holder}; only one bridge may use a storage directory"
     )]
     Locked { dir: String, holder: String },
-    #[error("storage.dir {dir}: {what}: {source}")]
+    #[error("storage.dir {dir}: {what}")]
     Io {
         dir: String,
         what: String,

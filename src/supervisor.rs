@@ -81,9 +81,9 @@ impl Bridge {
             match tokio::task::spawn_blocking(move || Outbox::open(&dir, max)).await {
                 Ok(opened) => opened?,
                 Err(e) => {
-                    return Err(crate::mqtt::outbox::OutboxError::Open {
+                    return Err(crate::mqtt::outbox::OutboxError::Task {
                         dir: cfg.storage.dir.display().to_string(),
-                        message: format!("opening the outbox failed: {e}"),
+                        source: e,
                     }
                     .into());
                 }

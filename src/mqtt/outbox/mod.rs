@@ -64,10 +64,49 @@ use writer::{DELETE_BATCH, DiskWriter};
 /// How far writes may run ahead of the disk before producers wait.
 const MAX_UNCOMMITTED: u64 = 4096;
 
+/// Why the outbox could not be opened (the bridge does not start). The cause is the
+/// `source`, shown after the message by `{:#}` (as `main` prints it).
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error("storage.dir {dir}: {message}")]
-    Open { dir: String, message: String },
+    #[error("storage.dir {dir}: cannot create it")]
+    CreateDir {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.dir {dir}: cannot create {file}")]
+    CreateFile {
+        dir: String,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.dir {dir}: cannot open {file}")]
+    Database {
+        dir: String,
+        file: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("storage.dir {dir}: cannot move {file} aside")]
+    SetAside {
+        dir: String,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.dir {dir}: cannot start the outbox's threads")]
+    Threads {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage.dir {dir}: opening the outbox failed")]
+    Task {
+        dir: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 pub struct Outbox {
@@ -130,32 +169,43 @@ impl Outbox {
 
     /// Open (or create) the outbox under `dir`, loading what a previous run left.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Arc<Outbox>, OutboxError> {
-        let err = |message: String| OutboxError::Open {
-            dir: dir.display().to_string(),
-            message,
-        };
-        crate::storage::create_private_dir(dir)
-            .map_err(|e| err(format!("cannot create it: {e}")))?;
+        let shown = || dir.display().to_string();
+        crate::storage::create_private_dir(dir).map_err(|source| OutboxError::CreateDir {
+            dir: shown(),
+            source,
+        })?;
         let path = dir.join("outbox.sqlite3");
+        let file = || path.display().to_string();
+        let cannot_create = |source| OutboxError::CreateFile {
+            dir: shown(),
+            file: file(),
+            source,
+        };
         // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
         // database file's mode.
-        crate::storage::ensure_private_file(&path)
-            .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
-        let cannot_open = |e: rusqlite::Error| err(format!("cannot open {}: {e}", path.display()));
+        crate::storage::ensure_private_file(&path).map_err(cannot_create)?;
+        let cannot_open = |source| OutboxError::Database {
+            dir: shown(),
+            file: file(),
+            source,
+        };
         let mut set_aside = None;
         let (conn, checkpointer, index) = match storage::open_connections(&path) {
             Ok(opened) => opened,
             Err(e) if storage::is_corrupt(&e) => {
                 // Kept for a post-mortem (it may hold unsent messages), never deleted.
-                let aside = crate::storage::set_aside(&path)
-                    .map_err(|e| err(format!("cannot move {} aside: {e}", path.display())))?;
+                let aside =
+                    crate::storage::set_aside(&path).map_err(|source| OutboxError::SetAside {
+                        dir: shown(),
+                        file: file(),
+                        source,
+                    })?;
                 error!(
                     "outbox {} is corrupt ({e}); kept as {} and starting a fresh outbox: what it held is not sent",
                     path.display(),
                     aside.display()
                 );
-                crate::storage::ensure_private_file(&path)
-                    .map_err(|e| err(format!("cannot create {}: {e}", path.display())))?;
+                crate::storage::ensure_private_file(&path).map_err(cannot_create)?;
                 set_aside = Some(aside);
                 storage::open_connections(&path).map_err(cannot_open)?
             }
@@ -181,7 +231,10 @@ impl Outbox {
         outbox.disk = Some(disk.clone());
         let outbox = Arc::new(outbox);
         disk.start(Arc::downgrade(&outbox), checkpointer)
-            .map_err(|e| err(format!("cannot start the outbox's threads: {e}")))?;
+            .map_err(|source| OutboxError::Threads {
+                dir: shown(),
+                source,
+            })?;
         Ok(outbox)
     }
 

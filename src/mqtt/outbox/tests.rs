@@ -570,3 +570,18 @@ async fn the_log_starts_over_under_steady_writes() {
     );
     o.close();
 }
+
+#[test]
+fn an_outbox_that_cannot_be_opened_says_why_with_its_cause_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the directory should be.
+    let blocked = dir.path().join("state");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let Err(e) = Outbox::open(&blocked.join("outbox"), 1 << 20) else {
+        panic!("opened under a file");
+    };
+    assert!(matches!(e, OutboxError::CreateDir { .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot create it"), "{e}");
+    let cause = std::error::Error::source(&e).expect("the io error is kept as the source");
+    assert!(cause.downcast_ref::<std::io::Error>().is_some());
+}

@@ -2,7 +2,7 @@
 //! crypto provider. BVCSP REST and WebSocket share one config; the broker and each play
 //! box get their own, so pinning or `insecure` for one never weakens another.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,15 +13,15 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}", path.display())]
     Read {
-        path: String,
+        path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: no PEM certificates found")]
-    NoCerts { path: String },
-    #[error("{path}: no PEM private key found")]
-    NoKey { path: String },
+    #[error("{}: no PEM certificates found", path.display())]
+    NoCerts { path: PathBuf },
+    #[error("{}: no PEM private key found", path.display())]
+    NoKey { path: PathBuf },
     #[error("no usable system root certificates")]
     NoRoots,
     #[error("TLS setup: {0}")]
@@ -89,7 +89,7 @@ pub enum Trust {
     /// The operating system's roots, with the hostname checked.
     System,
     /// A PEM CA bundle, with the hostname checked.
-    CaFile(String),
+    CaFile(PathBuf),
     /// Only a certificate whose SHA-256 (of the DER) is this; chain, name and expiry ignored.
     Fingerprint([u8; 32]),
     /// Anything (logged loudly by the caller).
@@ -282,13 +282,17 @@ fn store_pin(path: &Path, fp: [u8; 32]) -> std::io::Result<()> {
 }
 
 impl Trust {
-    pub fn from_options(insecure: bool, fingerprint: Option<[u8; 32]>, ca_file: &str) -> Trust {
+    pub fn from_options(
+        insecure: bool,
+        fingerprint: Option<[u8; 32]>,
+        ca_file: Option<&Path>,
+    ) -> Trust {
         if insecure {
             Trust::Insecure
         } else if let Some(sha256) = fingerprint {
             Trust::Fingerprint(sha256)
-        } else if !ca_file.is_empty() {
-            Trust::CaFile(ca_file.to_string())
+        } else if let Some(ca_file) = ca_file {
+            Trust::CaFile(ca_file.to_path_buf())
         } else {
             Trust::System
         }
@@ -326,8 +330,8 @@ pub fn install_process_provider() {
 
 /// Client certificate and key for mutual TLS, PEM files.
 pub struct ClientAuth<'a> {
-    pub cert_file: &'a str,
-    pub key_file: &'a str,
+    pub cert_file: &'a Path,
+    pub key_file: &'a Path,
 }
 
 /// A client config for one trust policy. ALPN stays empty (HTTP/1.1) because the same
@@ -388,14 +392,14 @@ pub fn client_config(
     Ok(config)
 }
 
-fn read_file(path: &str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(Path::new(path)).map_err(|source| TlsError::Read {
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.into(),
         source,
     })
 }
 
-fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     let data = read_file(path)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
@@ -407,7 +411,7 @@ fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn read_key(path: &str) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsError> {
+fn read_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     let data = read_file(path)?;
     rustls::pki_types::PrivateKeyDer::from_pem_slice(&data)

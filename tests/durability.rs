@@ -39,6 +39,17 @@ fn sos_topic() -> String {
 /// first arrivals must keep the order they were sent in (not so when some come by
 /// backfill, which may deliver them after newer live ones).
 async fn wait_all_keys(obs: &Observer, keys: &[String], ordered: bool) -> (usize, usize) {
+    wait_all_keys_or_tell(obs, keys, ordered, String::new).await
+}
+
+/// As [`wait_all_keys`]; on an order failure, `context` adds what the caller knows (the
+/// daemon's log, say) to where the first arrivals diverged.
+async fn wait_all_keys_or_tell(
+    obs: &Observer,
+    keys: &[String],
+    ordered: bool,
+    context: impl Fn() -> String,
+) -> (usize, usize) {
     let topic = sos_topic();
     let got = obs.wait_keys(&topic, keys, T).await;
     let distinct: BTreeSet<&String> = got.iter().collect();
@@ -63,7 +74,35 @@ async fn wait_all_keys(obs: &Observer, keys: &[String], ordered: bool) -> (usize
         }
     }
     let sent: Vec<&String> = keys.iter().filter(|k| seen.contains(k)).collect();
-    assert!(!ordered || first == sent, "first arrivals out of order");
+    if ordered && first != sent {
+        let at = first
+            .iter()
+            .zip(&sent)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        let around = |v: &[&String]| -> Vec<String> {
+            v[at.saturating_sub(3)..(at + 4).min(v.len())]
+                .iter()
+                .map(|k| k.to_string())
+                .collect()
+        };
+        // Where the first misplaced key's arrivals sit among all arrivals (duplicates too).
+        let positions: Vec<usize> = got
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| *k == sent[at])
+            .map(|(i, _)| i)
+            .collect();
+        panic!(
+            "first arrivals out of order at {at} of {}: arrived {:?}, sent {:?}; {} arrivals in all, {} at {positions:?}\n{}",
+            sent.len(),
+            around(&first),
+            around(&sent),
+            got.len(),
+            sent[at],
+            context()
+        );
+    }
     (distinct.len(), got.len() - distinct.len())
 }
 
@@ -159,7 +198,7 @@ async fn kill_9_while_the_broker_is_down_loses_nothing() {
         ),
     )
     .unwrap();
-    let mut daemon = Daemon::spawn(&config);
+    let mut first = Daemon::spawn(&config);
     obs.wait_topic(&format!("{BASE}/bridge/state"), T, |r| r.text() == "online")
         .await;
     wait_sockets(&sim, &[Stream::Alarm], T).await;
@@ -177,17 +216,24 @@ async fn kill_9_while_the_broker_is_down_loses_nothing() {
         assert!(
             std::time::Instant::now() < end,
             "the daemon did not store the alarms: {}",
-            daemon.log()
+            first.log()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    daemon.signal("-KILL");
-    daemon.wait_exit(Duration::from_secs(5)).await;
+    first.signal("-KILL");
+    first.wait_exit(Duration::from_secs(5)).await;
 
     mq.up().unwrap();
     obs.wait_subscribed(2, T).await;
     let daemon = Daemon::spawn(&config);
-    let (distinct, duplicates) = wait_all_keys(&obs, &keys, true).await;
+    let (distinct, duplicates) = wait_all_keys_or_tell(&obs, &keys, true, || {
+        format!(
+            "the killed daemon: {}\nthe restarted daemon: {}",
+            first.log(),
+            daemon.log()
+        )
+    })
+    .await;
     eprintln!(
         "kill -9: sent {}, received {distinct}, lost 0, duplicates {duplicates}",
         keys.len()

@@ -62,7 +62,7 @@ async fn ssl_scheme_is_tls_and_never_plain_text() {
     cfg.mqtt.url = format!("ssl://localhost:{}", tls_addr.port())
         .parse()
         .unwrap();
-    cfg.mqtt.tls.ca_file = ca.display().to_string();
+    cfg.mqtt.tls.ca_file = Some(ca.clone());
     let bridge = Bridge::start(cfg.clone()).await.unwrap();
     obs.wait_all_up(&[Stream::Alarm], T).await;
     bridge.stop(Duration::from_secs(5)).await;

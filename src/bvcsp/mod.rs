@@ -227,7 +227,7 @@ impl BvcspLink {
         let tls_cfg = if https {
             let t = &cfg.tls;
             let pin = t.fingerprint_sha256.as_ref().map(|f| f.sha256());
-            let trust = Trust::from_options(t.insecure, pin, &t.ca_file);
+            let trust = Trust::from_options(t.insecure, pin, t.ca_file.as_deref());
             if matches!(trust, Trust::Insecure) {
                 tracing::warn!(
                     "bvcsp.tls.insecure = true: the BVCSP server's certificate is NOT verified"

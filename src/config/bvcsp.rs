@@ -1,6 +1,6 @@
 //! `[bvcsp]`: the BVCSP server, its credentials, streams, paths, TLS and timings.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -117,8 +117,8 @@ pub struct TlsConfig {
     pub insecure: bool,
     #[serde(default)]
     pub fingerprint_sha256: Option<CertFingerprint>,
-    #[serde(default)]
-    pub ca_file: String,
+    #[serde(default, with = "optional_path")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,7 +223,7 @@ impl BvcspConfig {
         let modes = [
             t.insecure,
             t.fingerprint_sha256.is_some(),
-            !t.ca_file.is_empty(),
+            t.ca_file.is_some(),
         ];
         if modes.iter().filter(|m| **m).count() > 1 {
             return Err(ConfigError::new(
@@ -231,10 +231,12 @@ impl BvcspConfig {
                 "choose one of insecure, fingerprint_sha256 and ca_file",
             ));
         }
-        if !t.ca_file.is_empty() && !Path::new(&t.ca_file).is_file() {
+        if let Some(f) = &t.ca_file
+            && !f.is_file()
+        {
             return Err(ConfigError::new(
                 "bvcsp.tls.ca_file",
-                format!("no such file `{}`", t.ca_file),
+                format!("no such file `{}`", f.display()),
             ));
         }
         nonzero("bvcsp.keepalive_interval", self.keepalive_interval)?;

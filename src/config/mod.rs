@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use bvcsp::{BvcspConfig, BvcspPaths, TlsConfig, TokenTransport, UnknownTokenTransport};
 pub use homeassistant::{DiscoveryMode, HomeAssistantConfig};
-pub use mqtt::{MqttConfig, MqttTlsConfig};
+pub use mqtt::{MqttConfig, MqttTlsConfig, Qos};
 pub use playbox::{PlayboxConfig, PlayboxPaths, PlayboxTls, PlayboxTlsMode};
 pub use secret::Secret;
 pub use service::{DEFAULT_OUTBOX_MAX_BYTES, LogConfig, LogFormat, ServiceConfig, StorageConfig};

@@ -1,6 +1,6 @@
 //! `[mqtt]`: the broker, the session, TLS and reconnect bounds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -23,8 +23,8 @@ pub struct MqttConfig {
     pub password: Secret,
     #[serde(default)]
     pub password_file: Option<PathBuf>,
-    #[serde(default = "default_qos")]
-    pub qos: u8,
+    #[serde(default)]
+    pub qos: Qos,
     #[serde(default = "d_30s", with = "duration")]
     pub keepalive: Duration,
     #[serde(default)]
@@ -45,15 +45,48 @@ impl Default for MqttConfig {
     }
 }
 
+/// `mqtt.qos`: the MQTT quality of service of every publish, written 0, 1 or 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum Qos {
+    AtMostOnce,
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl TryFrom<u8> for Qos {
+    type Error = String;
+
+    fn try_from(n: u8) -> Result<Qos, String> {
+        match n {
+            0 => Ok(Qos::AtMostOnce),
+            1 => Ok(Qos::AtLeastOnce),
+            2 => Ok(Qos::ExactlyOnce),
+            _ => Err(format!("must be 0, 1 or 2, not {n}")),
+        }
+    }
+}
+
+impl From<Qos> for u8 {
+    fn from(q: Qos) -> u8 {
+        match q {
+            Qos::AtMostOnce => 0,
+            Qos::AtLeastOnce => 1,
+            Qos::ExactlyOnce => 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MqttTlsConfig {
-    #[serde(default)]
-    pub ca_file: String,
-    #[serde(default)]
-    pub client_cert: String,
-    #[serde(default)]
-    pub client_key: String,
+    #[serde(default, with = "optional_path")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, with = "optional_path")]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default, with = "optional_path")]
+    pub client_key: Option<PathBuf>,
     #[serde(default)]
     pub insecure: bool,
 }
@@ -83,9 +116,6 @@ impl MqttConfig {
                 "must not be empty (it names the persistent session)",
             ));
         }
-        if self.qos > 2 {
-            return Err(ConfigError::new("mqtt.qos", "must be 0, 1 or 2"));
-        }
         if self.keepalive < Duration::from_secs(1) {
             return Err(ConfigError::new("mqtt.keepalive", "must be at least 1s"));
         }
@@ -110,10 +140,8 @@ impl MqttConfig {
             ));
         }
         let t = &self.tls;
-        let tls_set = !t.ca_file.is_empty()
-            || !t.client_cert.is_empty()
-            || !t.client_key.is_empty()
-            || t.insecure;
+        let tls_set =
+            t.ca_file.is_some() || t.client_cert.is_some() || t.client_key.is_some() || t.insecure;
         if tls_set && !self.url.scheme().is_tls() {
             return Err(ConfigError::new(
                 "mqtt.tls",
@@ -123,7 +151,7 @@ impl MqttConfig {
                 ),
             ));
         }
-        if t.client_cert.is_empty() != t.client_key.is_empty() {
+        if t.client_cert.is_some() != t.client_key.is_some() {
             return Err(ConfigError::new(
                 "mqtt.tls",
                 "client_cert and client_key go together",
@@ -134,10 +162,12 @@ impl MqttConfig {
             ("client_cert", &t.client_cert),
             ("client_key", &t.client_key),
         ] {
-            if !v.is_empty() && !Path::new(v).is_file() {
+            if let Some(v) = v
+                && !v.is_file()
+            {
                 return Err(ConfigError::new(
                     format!("mqtt.tls.{k}"),
-                    format!("no such file `{v}`"),
+                    format!("no such file `{}`", v.display()),
                 ));
             }
         }

@@ -49,8 +49,8 @@ pub struct PlayboxTls {
     pub insecure: bool,
     #[serde(default)]
     pub fingerprint_sha256: Option<CertFingerprint>,
-    #[serde(default)]
-    pub ca_file: String,
+    #[serde(default, with = "optional_path")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `tls.mode`: the one trust mode named by a word (the others are keys of their own).
@@ -131,7 +131,7 @@ impl PlayboxConfig {
             t.mode.is_some(),
             t.insecure,
             t.fingerprint_sha256.is_some(),
-            !t.ca_file.is_empty(),
+            t.ca_file.is_some(),
         ];
         if chosen.iter().filter(|c| **c).count() > 1 {
             return Err(ConfigError::new(
@@ -139,10 +139,12 @@ impl PlayboxConfig {
                 "choose one of mode = \"tofu\", insecure, fingerprint_sha256 and ca_file",
             ));
         }
-        if !t.ca_file.is_empty() && !std::path::Path::new(&t.ca_file).is_file() {
+        if let Some(f) = &t.ca_file
+            && !f.is_file()
+        {
             return Err(ConfigError::new(
                 key("tls.ca_file"),
-                format!("no such file `{}`", t.ca_file),
+                format!("no such file `{}`", f.display()),
             ));
         }
         if self.password.is_empty() {

@@ -88,7 +88,7 @@ fn minimal_file_gets_contract_defaults() {
     assert_eq!(cfg.mqtt.url.as_str(), "mqtt://127.0.0.1:1883");
     assert_eq!(cfg.mqtt.base_topic, "bvcsp2mqtt");
     assert_eq!(cfg.mqtt.client_id, "bvcsp2mqtt");
-    assert_eq!(cfg.mqtt.qos, 1);
+    assert_eq!(cfg.mqtt.qos, Qos::AtLeastOnce);
     assert_eq!(cfg.mqtt.keepalive, Duration::from_secs(30));
     assert_eq!(cfg.storage.dir, PathBuf::from("/var/lib/bvcsp2mqtt"));
     assert_eq!(b.keepalive_interval, Duration::from_secs(20));
@@ -115,7 +115,7 @@ fn environment_overrides_file_and_splits_lists() {
     assert_eq!(b.streams, vec![Stream::Alarm, Stream::Location]);
     assert_eq!(b.token_transport, TokenTransport::Query);
     assert_eq!(cfg.mqtt.client_id, "007", "no numeric coercion of strings");
-    assert_eq!(cfg.mqtt.qos, 0);
+    assert_eq!(cfg.mqtt.qos, Qos::AtMostOnce);
     assert_eq!(b.keepalive_interval, Duration::from_secs(5));
 }
 
@@ -144,6 +144,7 @@ fn bad_values_name_their_key() {
     assert_eq!(e.key, "mqtt.keepalive", "{e}");
     let e = load_str(MINIMAL, &[("BVCSP2MQTT__MQTT__QOS", "3")]).unwrap_err();
     assert_eq!(e.key, "mqtt.qos");
+    assert!(e.message.contains("0, 1 or 2"), "{e}");
     let e = load_str(
         MINIMAL,
         &[("BVCSP2MQTT__BVCSP__TLS__FINGERPRINT_SHA256", "abc")],
@@ -229,6 +230,16 @@ fn playbox_trust_is_typed_as_it_is_read() {
     // Refused at start (exit 64), not later when the first poll builds its client.
     let e = load_str(&entry("ca_file = \"/nonexistent/ca.pem\""), &[]).unwrap_err();
     assert_eq!(e.key, "playbox[0].tls.ca_file", "{e}");
+    // "" (as the example configuration writes it) is no file; a file is its path.
+    let cfg = load_str(&entry("ca_file = \"\""), &[]).unwrap();
+    assert_eq!(cfg.playbox[0].tls.ca_file, None);
+    let ca = tempfile::NamedTempFile::new().unwrap();
+    let cfg = load_str(
+        &entry(&format!("ca_file = \"{}\"", ca.path().display())),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.playbox[0].tls.ca_file.as_deref(), Some(ca.path()));
 }
 
 #[test]

@@ -271,6 +271,24 @@ pub(super) mod duration {
     }
 }
 
+/// Serde for an optional file's path, written as a string: `""` (the default written
+/// out, as in the example configuration) is no file.
+pub(super) mod optional_path {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.collect_str(&p.display()),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok((!text.is_empty()).then(|| PathBuf::from(text)))
+    }
+}
+
 /// An address to listen on, `address:port`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("expected address:port, e.g. 127.0.0.1:9782, got `{0}`")]
@@ -407,9 +425,6 @@ pub(super) fn default_base_topic() -> String {
 }
 pub(super) fn default_client_id() -> String {
     "bvcsp2mqtt".into()
-}
-pub(super) fn default_qos() -> u8 {
-    1
 }
 pub(super) fn default_max_packet() -> usize {
     1 << 20

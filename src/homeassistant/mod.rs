@@ -162,7 +162,7 @@ pub fn spawn(
         announcer::run(
             announcer::Inputs {
                 cfg: ha.clone(),
-                builder: entities::Builder::new(w.topics.clone(), w.cfg.mqtt.qos),
+                builder: entities::Builder::new(w.topics.clone(), w.cfg.mqtt.qos.into()),
                 outbox: w.outbox.clone(),
                 bvcsp: w.bvcsp.cloned(),
                 playboxes,

@@ -54,8 +54,8 @@ pub fn trust_for(cfg: &PlayboxConfig, storage: &Path) -> Trust {
     if let Some(pin) = &t.fingerprint_sha256 {
         return Trust::Fingerprint(pin.sha256());
     }
-    if !t.ca_file.is_empty() {
-        return Trust::CaFile(t.ca_file.clone());
+    if let Some(ca_file) = &t.ca_file {
+        return Trust::CaFile(ca_file.clone());
     }
     Trust::Tofu(TofuPin::load(
         storage.join(format!("playbox-{}.pin", cfg.name)),

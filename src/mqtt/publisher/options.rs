@@ -6,15 +6,15 @@ use rumqttc::{LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use tracing::warn;
 
 use super::{MQTT_MAX_PACKET, MqttSetupError, WINDOW};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, Qos};
 use crate::mqtt::Topics;
 use crate::tls::{self, ClientAuth, Trust};
 
-pub(super) fn qos_of(n: u8) -> QoS {
-    match n {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
+pub(super) fn qos_of(q: Qos) -> QoS {
+    match q {
+        Qos::AtMostOnce => QoS::AtMostOnce,
+        Qos::AtLeastOnce => QoS::AtLeastOnce,
+        Qos::ExactlyOnce => QoS::ExactlyOnce,
     }
 }
 
@@ -40,14 +40,17 @@ pub(super) fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, 
     }
     if use_tls {
         let t = &cfg.tls;
-        let trust = Trust::from_options(t.insecure, None, &t.ca_file);
+        let trust = Trust::from_options(t.insecure, None, t.ca_file.as_deref());
         if t.insecure {
             warn!("mqtt.tls.insecure = true: the broker's certificate is NOT verified");
         }
-        let auth = (!t.client_cert.is_empty()).then(|| ClientAuth {
-            cert_file: &t.client_cert,
-            key_file: &t.client_key,
-        });
+        let auth = match (&t.client_cert, &t.client_key) {
+            (Some(cert_file), Some(key_file)) => Some(ClientAuth {
+                cert_file,
+                key_file,
+            }),
+            _ => None,
+        };
         let tls_cfg = tls::client_config(&trust, auth)?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls_cfg),

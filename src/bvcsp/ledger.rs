@@ -30,8 +30,10 @@ use super::model::AlarmIdentity;
 use crate::mqtt::Outbox;
 
 pub const FILE_NAME: &str = "alarm-ledger.json";
-/// Saves are at most this frequent.
-const SAVE_DELAY: Duration = Duration::from_millis(200);
+/// Saves are at most this frequent: a save rewrites and syncs the whole file (up to
+/// `KNOWN_MAX` keys, ~200 KB), and what a crash can cost is a second's alarms published
+/// once more, with the same `event_id`s (the outbox's own data is synced as often).
+const SAVE_DELAY: Duration = Duration::from_secs(1);
 /// At a stop, how long the last save waits for the outbox to commit what it records.
 const STOP_SAVE_WAIT: Duration = Duration::from_secs(3);
 /// Keys remembered after the floor at most; the oldest are forgotten first (a forgotten
@@ -395,7 +397,9 @@ impl AlarmLedger {
         self.changed.notify_one();
     }
 
-    fn snapshot(&self) -> Option<Vec<u8>> {
+    /// What to save, if anything changed since the last save. Serialised by the caller
+    /// off the runtime's thread (and outside the lock every alarm takes).
+    fn snapshot(&self) -> Option<Saved> {
         let mut g = self.lock();
         if !g.dirty {
             return None;
@@ -417,7 +421,7 @@ impl AlarmLedger {
             saved_at: unix_now(),
             gap_since: g.gap.as_ref().map(|gap| gap.since),
         };
-        serde_json::to_vec(&saved).ok()
+        Some(saved)
     }
 
     /// Save the ledger whenever it changed, once the outbox has committed what it speaks
@@ -439,7 +443,7 @@ impl AlarmLedger {
                     _ = tokio::time::sleep(SAVE_DELAY) => {}
                 }
             }
-            if let Some(bytes) = self.snapshot() {
+            if let Some(saved) = self.snapshot() {
                 // The disk may be refusing writes: a stop does not wait for it for ever.
                 // Unsaved, the ledger is older than what was published: at worst some
                 // alarms are backfilled twice, none is skipped.
@@ -463,7 +467,11 @@ impl AlarmLedger {
                     }
                 }
                 let p = path.clone();
-                match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
+                let save = move || {
+                    let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+                    write_atomic(&p, &bytes)
+                };
+                match tokio::task::spawn_blocking(save).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         warn!("cannot save the alarm ledger {}: {e}", path.display());

@@ -1,5 +1,5 @@
 //! Checkpoint scheduling: the WAL is copied into the database (and synced, the only
-//! fsyncs the outbox makes) every `CHECKPOINT_EVERY` while there are writes, or sooner
+//! fsyncs the outbox makes but the one SQLite makes of a log it starts over) every `CHECKPOINT_EVERY` while there are writes, or sooner
 //! once it has grown by `WAL_RESET_BYTES`, on a connection and a thread of their own, so
 //! a commit never waits behind one.
 
@@ -12,8 +12,8 @@ use tracing::warn;
 
 /// The log is checkpointed and started over once it has grown by about this much.
 const WAL_RESET_BYTES: u64 = 4 << 20;
-/// A log at least this long after a checkpoint is truncated (started over).
-const WAL_TRUNCATE_BYTES: u64 = 1 << 20;
+/// A log at least this long after a checkpoint is started over.
+const WAL_RESTART_BYTES: u64 = 1 << 20;
 /// SQLite's page size (the default), the least a commit adds to the log.
 const PAGE: u64 = 4096;
 /// How often the WAL is checkpointed while writing.
@@ -91,12 +91,16 @@ impl CheckpointSchedule {
             }
             // PASSIVE never blocks the writer, but with writes going on it rarely reaches
             // the end of the log, and only a checkpoint that does lets the log start over.
-            // So once the log has grown, a TRUNCATE checkpoint finishes the job: it holds
-            // commits back for the moment it takes to copy the last few frames.
+            // So once the log has grown, a RESTART checkpoint finishes the job: it holds
+            // commits back for the moment it takes to copy the last few frames and sync,
+            // and the next commit writes the log from its start again. Not TRUNCATE: its
+            // ftruncate of a few MB held commits back for another 2 ms (strace), and
+            // rewriting a log in place costs less than growing a new one.
+            // `journal_size_limit` (`storage.rs`) trims a log a burst made large.
             report(
                 match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-                    Ok(frames) if frames as u64 * PAGE >= WAL_TRUNCATE_BYTES => {
-                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    Ok(frames) if frames as u64 * PAGE >= WAL_RESTART_BYTES => {
+                        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
                     }
                     Ok(_) => Ok(()),
                     Err(e) => Err(e),

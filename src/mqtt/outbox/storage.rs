@@ -34,7 +34,7 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     // checkpointer's connections still share it. Other processes cannot open the file
     // while the bridge runs ("database is locked"); only one bridge may use a storage
     // directory anyway (`storage::lock`).
-    let conn = rusqlite::Connection::open_with_flags_and_vfs(
+    let mut conn = rusqlite::Connection::open_with_flags_and_vfs(
         path,
         rusqlite::OpenFlags::default(),
         c"unix-excl",
@@ -45,9 +45,13 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     // Checkpoints are the checkpoint thread's job, never a commit's.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A log started over keeps its size on disk (rewritten in place); one a burst grew
+    // past this is trimmed back to it by the first commit after a checkpoint.
+    conn.pragma_update(None, "journal_size_limit", 8 << 20)?;
     // The hot pages are the ends of one table: a small cache holds them.
     conn.pragma_update(None, "cache_size", -1024)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    // The writer waits for the checkpointer's brief exclusive moment (`checkpoint.rs`).
+    conn.busy_handler(Some(wait_for_lock))?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS outbox (
             id INTEGER PRIMARY KEY,
@@ -108,6 +112,19 @@ pub(super) fn read_rows(
         ))
     })?;
     rows.collect()
+}
+
+/// SQLite's busy handler (`tries`: calls for this statement so far), by
+/// [`crate::retry::sqlite_lock_wait`]. It runs on the writer's or the checkpointer's own
+/// thread, never the runtime's.
+fn wait_for_lock(tries: i32) -> bool {
+    match crate::retry::sqlite_lock_wait(u32::try_from(tries).unwrap_or(0)) {
+        Some(wait) => {
+            std::thread::sleep(wait);
+            true
+        }
+        None => false,
+    }
 }
 
 /// What a previous run left: the first `RESIDENT_MAX` rows into memory, the rest counted

@@ -62,6 +62,40 @@ impl Heartbeats {
     }
 }
 
+/// A loop that turns per message beats at most this often: a beat takes a lock and hashes
+/// the loop's name, and at full speed such a loop turns several times per message.
+pub const PACE: Duration = Duration::from_secs(1);
+
+/// The beats of one loop that turns per message, [`PACE`]d: one a second at most, each
+/// promising `within` (which must be longer than `PACE`; the deadline a skipped beat
+/// leaves in place is then at most `PACE` short of the one it would have set).
+#[derive(Debug)]
+pub struct PacedBeat {
+    name: &'static str,
+    last: Option<Instant>,
+}
+
+impl PacedBeat {
+    pub fn new(name: &'static str) -> PacedBeat {
+        PacedBeat { name, last: None }
+    }
+
+    /// Beat, unless this loop beat less than [`PACE`] ago.
+    pub fn beat(&mut self, heartbeats: &Heartbeats, within: Duration) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < PACE) {
+            return;
+        }
+        self.beat_now(heartbeats, within);
+    }
+
+    /// Beat whenever it was last (before a wait of a length of its own).
+    pub fn beat_now(&mut self, heartbeats: &Heartbeats, within: Duration) {
+        heartbeats.beat(self.name, within);
+        self.last = Some(Instant::now());
+    }
+}
+
 /// Registers a loop's heartbeat for as long as it lives.
 pub struct BeatGuard {
     heartbeats: Arc<Heartbeats>,
@@ -109,5 +143,26 @@ mod tests {
         // A deadline passes on the (paused) tokio clock, not the wall clock.
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(h.stale(), vec!["a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_beat_moves_the_deadline_once_a_second_at_most() {
+        let h = Heartbeats::default();
+        let mut beat = PacedBeat::new("mqtt");
+        let within = Duration::from_secs(20);
+        beat.beat(&h, within);
+        // Turned again and again within the second: the first deadline stands.
+        tokio::time::advance(Duration::from_millis(900)).await;
+        beat.beat(&h, within);
+        tokio::time::advance(Duration::from_millis(19_200)).await;
+        assert_eq!(h.stale(), vec!["mqtt"], "20 s after the first beat");
+        // A second after the last beat that counted, it counts again.
+        beat.beat(&h, within);
+        assert!(h.stale().is_empty());
+        // A beat of its own length counts whenever it comes.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        beat.beat_now(&h, Duration::from_secs(100));
+        tokio::time::advance(Duration::from_secs(99)).await;
+        assert!(h.stale().is_empty());
     }
 }

@@ -11,9 +11,11 @@
 //! those alarms from being published twice.
 //!
 //! The ledger is saved to `storage.dir` at most every `SAVE_DELAY`, and only once the
-//! outbox has committed every message it speaks of: it never claims an alarm is
-//! published that a crash could still lose. A crash may lose the last save; the next
-//! start then publishes those few alarms once more, with the same `event_id`.
+//! outbox has synced to the disk every message it speaks of (a checkpoint covers them):
+//! it never claims an alarm is published that a crash, or a power cut, could still lose.
+//! The last save at a stop waits only for the outbox's commit (the outbox syncs
+//! everything as it closes, just after). A crash may lose the last save; the next start
+//! then publishes those few alarms once more, with the same `event_id`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -432,8 +434,11 @@ impl AlarmLedger {
             cancel.cancelled().await;
             return;
         };
+        // A save has failed since the last one that worked (logged once).
+        let mut failing = false;
         loop {
             let stopping = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => true,
                 _ = self.changed.notified() => false,
             };
@@ -458,8 +463,11 @@ impl AlarmLedger {
                         return;
                     }
                 } else {
+                    // Synced, not only committed: a ledger on disk that is ahead of the
+                    // outbox would, after a power cut, keep the backfill from reading
+                    // back the alarms the outbox lost.
                     tokio::select! {
-                        _ = outbox.committed() => {}
+                        _ = outbox.synced() => {}
                         _ = cancel.cancelled() => {
                             self.lock().dirty = true;
                             continue;
@@ -471,16 +479,31 @@ impl AlarmLedger {
                     let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
                     write_atomic(&p, &bytes)
                 };
-                match tokio::task::spawn_blocking(save).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        warn!("cannot save the alarm ledger {}: {e}", path.display());
-                        self.lock().dirty = true;
+                let failed = match tokio::task::spawn_blocking(save).await {
+                    Ok(Ok(())) => {
+                        if std::mem::take(&mut failing) {
+                            info!("the alarm ledger is saved again");
+                        }
+                        None
                     }
-                    Err(_) => self.lock().dirty = true,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(
+                            "cannot save the alarm ledger {}: {e} (trying again every {SAVE_DELAY:?}; logged again once it works)",
+                            path.display()
+                        );
+                    }
+                    // Tried again after the save delay, not only at the next alarm.
+                    self.lock().dirty = true;
+                    self.changed.notify_one();
                 }
             }
-            if stopping || cancel.is_cancelled() {
+            // A stop that came during this save is the next turn's: it saves once more
+            // whatever changed meanwhile (the alarms read while the streams were stopping).
+            if stopping {
                 return;
             }
         }
@@ -612,6 +635,49 @@ mod tests {
         assert_eq!(l.open_gap_generation(), Some(g2));
         l.abandon_gap(g2);
         assert_eq!(l.open_gap_generation(), None);
+    }
+
+    /// Polls `done` on the (paused) tokio clock until it holds; panics after `within`.
+    async fn until(what: &str, within: Duration, done: impl Fn() -> bool) {
+        let end = tokio::time::Instant::now() + within;
+        while !done() {
+            assert!(tokio::time::Instant::now() < end, "{what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_save_is_tried_again_without_waiting_for_another_alarm() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(Outbox::memory(1 << 20));
+        let now = unix_now();
+        let l = Arc::new(
+            AlarmLedger::open(Some(dir.path()), now - 100, AGE, Default::default()).unwrap(),
+        );
+        // The file's place is taken by a directory: the rename onto it fails.
+        let file = dir.path().join(FILE_NAME);
+        std::fs::create_dir(&file).unwrap();
+        std::fs::write(file.join("x"), b"").unwrap();
+        let cancel = CancellationToken::new();
+        let saver = tokio::spawn(l.clone().run_saver(outbox, cancel.clone()));
+        l.confirm(id("a", "start"), Some(now - 5));
+        let tmp = file.with_extension("tmp");
+        until("a first save was tried", Duration::from_secs(30), || {
+            tmp.exists()
+        })
+        .await;
+        std::fs::remove_dir_all(&file).unwrap();
+        // No alarm since: the saver tries again by itself.
+        until(
+            "the ledger saved after all",
+            Duration::from_secs(30),
+            || file.is_file(),
+        )
+        .await;
+        let again = AlarmLedger::open(Some(dir.path()), now, AGE, Default::default()).unwrap();
+        assert!(!again.claim(&id("a", "start")));
+        cancel.cancel();
+        saver.await.unwrap();
     }
 
     #[tokio::test]

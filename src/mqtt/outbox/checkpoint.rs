@@ -25,14 +25,28 @@ struct WalGrowth {
     /// Roughly how many bytes the log has grown by since the last checkpoint (at least a
     /// page a commit, so nonzero means something was committed).
     log_bytes: u64,
+    /// Messages below this id are committed (the writer's durable watermark).
+    committed_below: u64,
     closing: bool,
 }
 
-/// What the checkpoint thread waits on: the writer's reports of commits.
-#[derive(Default)]
+/// What the checkpoint thread waits on: the writer's reports of commits. It tells, in
+/// `synced`, below which id messages are synced to the disk itself (they survive a power
+/// cut, not only a crash of the process).
 pub(super) struct CheckpointSchedule {
     growth: Mutex<WalGrowth>,
     grown: Condvar,
+    pub(super) synced: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for CheckpointSchedule {
+    fn default() -> Self {
+        CheckpointSchedule {
+            growth: Mutex::default(),
+            grown: Condvar::new(),
+            synced: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl CheckpointSchedule {
@@ -40,11 +54,15 @@ impl CheckpointSchedule {
         self.growth.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A commit added about `bytes` of topics and payloads to the log. Wakes the
-    /// checkpoint thread only when that changes what it waits for.
-    pub(super) fn committed(&self, bytes: u64) {
+    /// A commit added about `bytes` of topics and payloads to the log (and, if it wrote
+    /// messages, made every one below `below` committed). Wakes the checkpoint thread
+    /// only when that changes what it waits for.
+    pub(super) fn committed(&self, bytes: u64, below: Option<u64>) {
         let grown = bytes.max(PAGE);
         let mut growth = self.growth();
+        if let Some(below) = below {
+            growth.committed_below = growth.committed_below.max(below);
+        }
         let was_full = growth.log_bytes >= WAL_RESET_BYTES;
         let was_clean = growth.log_bytes == 0;
         growth.log_bytes += grown;
@@ -72,7 +90,7 @@ impl CheckpointSchedule {
             Err(_) => {}
         };
         loop {
-            {
+            let committed_below = {
                 let mut growth = self.growth();
                 while growth.log_bytes == 0 && !growth.closing {
                     growth = self.grown.wait(growth).unwrap_or_else(|p| p.into_inner());
@@ -88,7 +106,8 @@ impl CheckpointSchedule {
                     return;
                 }
                 growth.log_bytes = 0;
-            }
+                growth.committed_below
+            };
             // PASSIVE never blocks the writer, but with writes going on it rarely reaches
             // the end of the log, and only a checkpoint that does lets the log start over.
             // So once the log has grown, a RESTART checkpoint finishes the job: it holds
@@ -97,15 +116,24 @@ impl CheckpointSchedule {
             // ftruncate of a few MB held commits back for another 2 ms (strace), and
             // rewriting a log in place costs less than growing a new one.
             // `journal_size_limit` (`storage.rs`) trims a log a burst made large.
-            report(
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-                    Ok(frames) if frames as u64 * PAGE >= WAL_RESTART_BYTES => {
-                        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-                    }
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(e),
-                },
-            );
+            let done = match conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
+            {
+                Ok(frames) if frames as u64 * PAGE >= WAL_RESTART_BYTES => {
+                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            // A checkpoint syncs the log before it copies it, and the database after: the
+            // commits made before it began are on the disk itself now.
+            if done.is_ok() {
+                self.synced.send_if_modified(|s| {
+                    let new = (*s).max(committed_below);
+                    std::mem::replace(s, new) != new
+                });
+            }
+            report(done);
         }
     }
 }

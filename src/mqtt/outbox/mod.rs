@@ -326,6 +326,19 @@ impl Outbox {
         let _ = durable.wait_for(|d| *d >= upto).await;
     }
 
+    /// Wait until everything queued so far is synced to the disk itself (a checkpoint
+    /// covers it: it survives a power cut, not only a crash of the process), which takes
+    /// up to about two seconds. Without a disk, once it is queued.
+    pub async fn synced(&self) {
+        let upto = self.lock().next_id;
+        let Some(disk) = &self.disk else {
+            return;
+        };
+        self.commit_now();
+        let mut synced = disk.synced();
+        let _ = synced.wait_for(|s| *s >= upto).await;
+    }
+
     /// Queue a message without waiting (state, and the bridge's own status messages).
     /// Returns its id.
     pub fn push_now(&self, msg: Message) -> u64 {

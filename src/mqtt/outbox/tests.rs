@@ -585,3 +585,24 @@ fn an_outbox_that_cannot_be_opened_says_why_with_its_cause_kept() {
     let cause = std::error::Error::source(&e).expect("the io error is kept as the source");
     assert!(cause.downcast_ref::<std::io::Error>().is_some());
 }
+
+#[tokio::test]
+async fn synced_means_in_the_database_file_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+    o.push(ev("e", "one")).await;
+    o.push(ev("e", "two")).await;
+    // A bound on failure: the checkpoint thread runs about a second after a commit.
+    tokio::time::timeout(Duration::from_secs(30), o.synced())
+        .await
+        .expect("synced after a checkpoint");
+    // What a power cut leaves: the database file alone, without the log.
+    let copy = dir.path().join("copy.sqlite3");
+    std::fs::copy(dir.path().join("outbox.sqlite3"), &copy).unwrap();
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 2);
+    o.close();
+}

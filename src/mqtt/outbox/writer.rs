@@ -197,6 +197,11 @@ impl DiskWriter {
         Ok(())
     }
 
+    /// Below which id messages are synced to the disk itself.
+    pub(super) fn synced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.checkpoints.synced.subscribe()
+    }
+
     /// Returns once a writer thread has ended (closed, or panicked).
     pub(super) async fn ended(&self) {
         let mut rx = self.ended.subscribe();
@@ -369,6 +374,7 @@ fn commit_pending(
             .iter()
             .map(|i| (i.topic.len() + i.payload.len()) as u64)
             .sum(),
+        upto,
     );
     Ok(())
 }

@@ -44,8 +44,9 @@ pub(super) async fn drive(
     // When the current connection was made (None while not connected).
     let mut connected_at: Option<tokio::time::Instant> = None;
     let mut dropped_log = RateLimited::default();
+    let mut beat = crate::heartbeat::PacedBeat::new("mqtt");
     loop {
-        heartbeats.beat("mqtt", alive);
+        beat.beat(&heartbeats, alive);
         let event = tokio::select! {
             _ = stop.cancelled() => break,
             ev = eventloop.poll() => ev,
@@ -120,7 +121,7 @@ pub(super) async fn drive(
                     s.last_error = Some(text.clone());
                 });
                 let delay = reconnect.failed(&e, &text);
-                heartbeats.beat("mqtt", delay + alive);
+                beat.beat_now(&heartbeats, delay + alive);
                 let probe = port_was_closed(&e);
                 tokio::select! {
                     _ = stop.cancelled() => break,

@@ -490,7 +490,8 @@ impl AlarmLedger {
                     Err(e) => Some(e.to_string()),
                 };
                 if let Some(e) = failed {
-                    if !std::mem::replace(&mut failing, true) {
+                    // The last save is always reported: it will not be tried again.
+                    if !std::mem::replace(&mut failing, true) || stopping {
                         warn!(
                             "cannot save the alarm ledger {}: {e} (trying again every {SAVE_DELAY:?}; logged again once it works)",
                             path.display()

@@ -116,24 +116,26 @@ impl CheckpointSchedule {
             // ftruncate of a few MB held commits back for another 2 ms (strace), and
             // rewriting a log in place costs less than growing a new one.
             // `journal_size_limit` (`storage.rs`) trims a log a burst made large.
-            let done = match conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))
-            {
-                Ok(frames) if frames as u64 * PAGE >= WAL_RESTART_BYTES => {
-                    conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
-                }
-                Ok(_) => Ok(()),
+            // (busy, frames in the log, frames copied); busy = 1 (another checkpoint held
+            // the lock: the writer's last one, at a stop) means nothing was done.
+            let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)? == 0, r.get::<_, i64>(1)?));
+            let done = match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], row) {
+                Ok((true, frames)) if frames.max(0) as u64 * PAGE >= WAL_RESTART_BYTES => conn
+                    .query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+                    .map(|()| true),
+                Ok((ran, _)) => Ok(ran),
                 Err(e) => Err(e),
             };
-            // A checkpoint syncs the log before it copies it, and the database after: the
+            // A checkpoint with frames to copy syncs the log first (every frame written
+            // before it began), and one with none had them synced by an earlier one: the
             // commits made before it began are on the disk itself now.
-            if done.is_ok() {
+            if let Ok(true) = done {
                 self.synced.send_if_modified(|s| {
                     let new = (*s).max(committed_below);
                     std::mem::replace(s, new) != new
                 });
             }
-            report(done);
+            report(done.map(|_| ()));
         }
     }
 }

@@ -226,8 +226,14 @@ impl Outbox {
                 );
             }
         }
-        outbox.durable.send_replace(outbox.lock().next_id);
+        let next_id = outbox.lock().next_id;
+        outbox.durable.send_replace(next_id);
         let disk = Arc::new(DiskWriter::new(path.clone(), conn));
+        // What the last run left is committed but perhaps not synced (after a crash, some
+        // of it only in the log): a first checkpoint syncs it, and `synced` then covers it.
+        if next_id > 0 {
+            disk.checkpoints.committed(0, Some(next_id));
+        }
         outbox.disk = Some(disk.clone());
         let outbox = Arc::new(outbox);
         disk.start(Arc::downgrade(&outbox), checkpointer)

@@ -606,3 +606,21 @@ async fn synced_means_in_the_database_file_itself() {
     assert_eq!(n, 2);
     o.close();
 }
+
+#[tokio::test]
+async fn what_the_last_run_left_is_synced_without_a_new_message() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+        o.push(ev("e", "left")).await;
+        o.committed().await;
+        o.close();
+    }
+    let o = Outbox::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(o.depth(), 1);
+    // Nothing new is pushed: a first checkpoint covers the rows found at start.
+    tokio::time::timeout(Duration::from_secs(30), o.synced())
+        .await
+        .expect("synced without a new commit");
+    o.close();
+}

@@ -71,7 +71,7 @@ pub(super) struct DiskWriter {
     /// must stop the bridge, not leave it running with nothing committed).
     ended: tokio::sync::watch::Sender<bool>,
     /// Told of every commit; the checkpoint thread waits on it.
-    checkpoints: Arc<CheckpointSchedule>,
+    pub(super) checkpoints: Arc<CheckpointSchedule>,
 }
 
 /// The lock on [`PendingWrites`], and a wake-up of the writer sent after it is released

@@ -83,10 +83,10 @@ impl PacedBeat {
     /// Beat, unless this loop beat less than [`PACE`] ago.
     pub fn beat(&mut self, heartbeats: &Heartbeats, within: Duration) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < PACE) {
-            return;
+        if self.last.is_none_or(|t| now.duration_since(t) >= PACE) {
+            heartbeats.beat(self.name, within);
+            self.last = Some(now);
         }
-        self.beat_now(heartbeats, within);
     }
 
     /// Beat whenever it was last (before a wait of a length of its own).

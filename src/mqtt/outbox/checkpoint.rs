@@ -1,7 +1,8 @@
-//! Checkpoint scheduling: the WAL is copied into the database (and synced, the only
-//! fsyncs the outbox makes but the one SQLite makes of a log it starts over) every `CHECKPOINT_EVERY` while there are writes, or sooner
-//! once it has grown by `WAL_RESET_BYTES`, on a connection and a thread of their own, so
-//! a commit never waits behind one.
+//! Checkpoint scheduling: the WAL is copied into the database (and synced: the only
+//! fsyncs the outbox makes, but for SQLite's own of a log's header when it starts over)
+//! every `CHECKPOINT_EVERY` while there are writes, or sooner once it has grown by
+//! `WAL_RESET_BYTES`, on a connection and a thread of their own, so a commit never waits
+//! behind one for longer than its last frames take to copy.
 
 use std::sync::{Condvar, Mutex};
 // std's clock, not tokio's: this runs on its own OS thread, where tokio's paused test

@@ -229,11 +229,7 @@ impl Outbox {
         let next_id = outbox.lock().next_id;
         outbox.durable.send_replace(next_id);
         let disk = Arc::new(DiskWriter::new(path.clone(), conn));
-        // What the last run left is committed but perhaps not synced (after a crash, some
-        // of it only in the log): a first checkpoint syncs it, and `synced` then covers it.
-        if next_id > 0 {
-            disk.checkpoints.committed(0, Some(next_id));
-        }
+        disk.left_by_last_run(next_id);
         outbox.disk = Some(disk.clone());
         let outbox = Arc::new(outbox);
         disk.start(Arc::downgrade(&outbox), checkpointer)
@@ -326,23 +322,24 @@ impl Outbox {
 
     /// Wait until everything queued so far is on disk.
     pub async fn committed(&self) {
-        let upto = self.lock().next_id;
-        self.commit_now();
-        let mut durable = self.durable.subscribe();
-        let _ = durable.wait_for(|d| *d >= upto).await;
+        self.wait_until_below(self.durable.subscribe()).await;
     }
 
     /// Wait until everything queued so far is synced to the disk itself (a checkpoint
     /// covers it: it survives a power cut, not only a crash of the process), which takes
     /// up to about two seconds. Without a disk, once it is queued.
     pub async fn synced(&self) {
+        if let Some(disk) = &self.disk {
+            self.wait_until_below(disk.synced()).await;
+        }
+    }
+
+    /// Wait until every message queued so far is below `watermark` (pending commits are
+    /// started now, whatever batches are open).
+    async fn wait_until_below(&self, mut watermark: watch::Receiver<u64>) {
         let upto = self.lock().next_id;
-        let Some(disk) = &self.disk else {
-            return;
-        };
         self.commit_now();
-        let mut synced = disk.synced();
-        let _ = synced.wait_for(|s| *s >= upto).await;
+        let _ = watermark.wait_for(|w| *w >= upto).await;
     }
 
     /// Queue a message without waiting (state, and the bridge's own status messages).

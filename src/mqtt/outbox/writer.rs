@@ -71,7 +71,7 @@ pub(super) struct DiskWriter {
     /// must stop the bridge, not leave it running with nothing committed).
     ended: tokio::sync::watch::Sender<bool>,
     /// Told of every commit; the checkpoint thread waits on it.
-    pub(super) checkpoints: Arc<CheckpointSchedule>,
+    checkpoints: Arc<CheckpointSchedule>,
 }
 
 /// The lock on [`PendingWrites`], and a wake-up of the writer sent after it is released
@@ -195,6 +195,15 @@ impl DiskWriter {
             })?;
         *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = vec![writer, checkpoint];
         Ok(())
+    }
+
+    /// Messages below `below` were found on disk at start: committed, but perhaps not
+    /// synced (after a crash, some only in the log). A first checkpoint syncs them, so
+    /// that `synced` covers them without waiting for a new message.
+    pub(super) fn left_by_last_run(&self, below: u64) {
+        if below > 0 {
+            self.checkpoints.committed(0, Some(below));
+        }
     }
 
     /// Below which id messages are synced to the disk itself.

@@ -480,3 +480,77 @@ async fn backfill_tells_the_order_from_two_pages_of_one_record() {
     )
     .await;
 }
+
+/// Issue 14's "backfill at scale": a live SOS raised while 10 000 missed alarms (of 100
+/// other devices) are being backfilled is not queued behind them, and every missed one
+/// still arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_alarm_is_not_queued_behind_a_backfill_of_ten_thousand() {
+    const MISSED: usize = 10_000;
+    let sim = one_device_sim().await;
+    let broker = broker();
+    let obs = Observer::start(broker).await;
+    let cfg = config(&sim, broker, "\"alarm\"");
+    let bridge = start(cfg.clone(), &obs, &sim, &[Stream::Alarm]).await;
+    sim.inject(Stream::Alarm, sos("before"));
+    obs.wait_keys(&sos_topic(), &["before".to_string()], T)
+        .await;
+    bridge.stop(Duration::from_secs(5)).await;
+
+    let now = unix_now();
+    for i in 0..MISSED {
+        sim.raise_unseen(json!({"key": format!("many-{i}"), "type": 5, "time": now,
+            "devID": format!("PU_B{:02}", i % 100), "status": 0, "desc": "SOS"}));
+    }
+    let prefix = format!("{BASE}/device/PU_B");
+    let is_backfilled =
+        |r: &Received| r.topic.starts_with(&prefix) && r.topic.ends_with("/alarm/sos");
+    let count_from =
+        |log: &[Received], from: usize| log[from..].iter().filter(|r| is_backfilled(r)).count();
+    let mark = obs.all().len();
+    let bridge = Bridge::start(cfg).await.unwrap();
+    obs.wait_for("the backfill to begin arriving", T, |log| {
+        (count_from(log, mark) >= 200).then_some(())
+    })
+    .await;
+    let injected = Instant::now();
+    assert_eq!(sim.inject(Stream::Alarm, sos("live-during")), 1);
+    let topic = sos_topic();
+    let (arrived, ahead) = obs
+        .wait_for("the live alarm", T, |log| {
+            let at = mark
+                + log[mark..]
+                    .iter()
+                    .position(|r| r.topic == topic && r.json()["raw"]["key"] == "live-during")?;
+            Some((log[at].at, count_from(&log[..at], mark)))
+        })
+        .await;
+    let latency = arrived.duration_since(injected);
+    obs.wait_for("every missed alarm", Duration::from_secs(120), |log| {
+        (count_from(log, mark) >= MISSED).then_some(())
+    })
+    .await;
+    assert!(
+        ahead < MISSED / 2,
+        "the live alarm waited behind {ahead} backfilled ones"
+    );
+    assert!(latency < Duration::from_secs(1), "live latency {latency:?}");
+    wait_runs(&bridge, 1).await;
+    let mut seen = std::collections::HashMap::new();
+    let mut all = 0;
+    for r in obs.all()[mark..].iter().filter(|r| is_backfilled(r)) {
+        all += 1;
+        let j = r.json();
+        assert_eq!(j["backfilled"], true, "{j}");
+        *seen
+            .entry(j["raw"]["key"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(all, MISSED, "no duplicates");
+    assert_eq!(seen.len(), MISSED, "every missed alarm, once");
+    eprintln!(
+        "live alarm latency {latency:?} during a backfill of {MISSED}; {ahead} backfilled \
+         alarms had arrived before it"
+    );
+    bridge.stop(Duration::from_secs(10)).await;
+}

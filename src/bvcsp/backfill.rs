@@ -591,7 +591,7 @@ mod tests {
         ];
         assert!(!take_page(&mut found, items, 100_000));
         assert_eq!(found.candidates.len(), 1);
-        assert_eq!(found.candidates[0].identity.as_ref().unwrap().key, "b");
+        assert_eq!(&*found.candidates[0].identity.as_ref().unwrap().key, "b");
         assert_eq!(found.untimed, 2);
         assert!(take_page(
             &mut found,

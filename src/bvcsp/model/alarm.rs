@@ -102,10 +102,11 @@ pub(super) const ALARM_TIME: &[&str] = &["time", "timestamp"];
 pub(super) const ALARM_DESC: &[&str] = &["desc", "description"];
 
 /// What tells one alarm occurrence from another: the upstream `key` and its state
-/// (the start and the end of one alarm share a key).
+/// (the start and the end of one alarm share a key). The key is shared, not copied,
+/// between the ledger's map, its eviction order and its saves (up to 10 000 of each).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AlarmIdentity {
-    pub key: String,
+    pub key: std::sync::Arc<str>,
     pub state: &'static str,
 }
 
@@ -130,8 +131,8 @@ pub fn alarm_identity(frame: &Value) -> Option<AlarmIdentity> {
     let state = alarm_state(frame);
     let key = str_field(frame, &["key"]).filter(|k| !k.is_empty());
     let key = match key {
-        Some(k) if k.len() <= MAX_KEY_BYTES => k.into_owned(),
-        Some(k) => format!("sha256:{}", hex::encode(Sha256::digest(k.as_bytes()))),
+        Some(k) if k.len() <= MAX_KEY_BYTES => std::sync::Arc::from(k.as_ref()),
+        Some(k) => format!("sha256:{}", hex::encode(Sha256::digest(k.as_bytes()))).into(),
         None => {
             let device = str_field(frame, ALARM_DEVICE).unwrap_or_default();
             let kind = field(frame, "type").and_then(as_i64)?;
@@ -141,7 +142,7 @@ pub fn alarm_identity(frame: &Value) -> Option<AlarmIdentity> {
             h.update([0]);
             h.update(kind.to_be_bytes());
             h.update(at.to_be_bytes());
-            format!("nokey:{}", hex::encode(&h.finalize()[..16]))
+            format!("nokey:{}", hex::encode(&h.finalize()[..16])).into()
         }
     };
     Some(AlarmIdentity { key, state })

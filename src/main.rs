@@ -66,6 +66,10 @@ enum Command {
         /// (default 1 000 000; 2 000 with --quick)
         #[arg(long)]
         backlog: Option<u64>,
+        /// The bridge to measure (default: this executable); say, the packaged daemon
+        /// (`cargo build --release --no-default-features`), whose code is smaller
+        #[arg(long, value_name = "PATH")]
+        bridge_binary: Option<PathBuf>,
     },
     /// Find NovaStar play boxes on the network (UDP search) and print ready-to-paste [[playbox]] entries
     Discover {
@@ -85,6 +89,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Release builds abort on a panic (see Cargo.toml): exit 70 all the same.
+    #[cfg(panic = "abort")]
+    bvcsp2mqtt::critical::exit_on_panic(EX_SOFTWARE.into());
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -143,6 +150,7 @@ fn main() -> ExitCode {
             repeat,
             scenario,
             backlog,
+            bridge_binary,
         } => {
             init_tracing(&LogConfig {
                 level: "warn,rumqttd=off".into(),
@@ -153,8 +161,12 @@ fn main() -> ExitCode {
                     let cfg = bvcsp2mqtt_testkit::bench::BenchConfig {
                         quick,
                         repeat,
-                        bridge_exe: std::env::current_exe()
-                            .context("cannot find this executable")?,
+                        bridge_exe: match bridge_binary {
+                            Some(path) => path,
+                            None => {
+                                std::env::current_exe().context("cannot find this executable")?
+                            }
+                        },
                         scenarios: scenario.iter().filter_map(|s| s.chars().next()).collect(),
                         backlog,
                     };

@@ -86,19 +86,6 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
     text[..end].to_string()
 }
 
-/// Make a panic on any thread end the process with `code` at once. For builds that
-/// abort on a panic (the release profile: no unwinding tables, less resident code),
-/// where no task could report it: the contract's exit code for a task that panicked
-/// stays 70 rather than SIGABRT's. The message is still printed by the default hook
-/// first; the outbox keeps what it committed, as after `kill -9`.
-pub fn exit_on_panic(code: i32) {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        std::process::exit(code);
-    }));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,31 +120,5 @@ mod tests {
             failures.rx.try_recv().is_err(),
             "a stopped task is no failure"
         );
-    }
-
-    /// Run in a child process (this test binary again, told so by the environment): a
-    /// panic on some other thread ends the whole process with the code, at once.
-    #[test]
-    fn with_exit_on_panic_a_panic_on_any_thread_ends_the_process_with_the_code() {
-        const CHILD: &str = "BVCSP2MQTT_TEST_PANIC_CHILD";
-        if std::env::var_os(CHILD).is_some() {
-            exit_on_panic(70);
-            let _ = std::thread::spawn(|| panic!("boom on a worker")).join();
-            // Not reached: the hook has ended the process.
-            std::process::exit(0);
-        }
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "critical::tests::with_exit_on_panic_a_panic_on_any_thread_ends_the_process_with_the_code",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(70), "{stderr}");
-        assert!(stderr.contains("boom on a worker"), "{stderr}");
     }
 }

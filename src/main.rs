@@ -89,9 +89,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Release builds abort on a panic (see Cargo.toml): exit 70 all the same.
-    #[cfg(panic = "abort")]
-    bvcsp2mqtt::critical::exit_on_panic(EX_SOFTWARE.into());
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

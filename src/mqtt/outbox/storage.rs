@@ -48,8 +48,10 @@ pub(super) fn open_db(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     // A log started over keeps its size on disk (rewritten in place); one a burst grew
     // past this is trimmed back to it by the first commit after a checkpoint.
     conn.pragma_update(None, "journal_size_limit", 8 << 20)?;
-    // The hot pages are the ends of one table: a small cache holds them.
-    conn.pragma_update(None, "cache_size", -1024)?;
+    // The hot pages are the ends of one table: a small cache holds them. 256 KiB
+    // rather than 1 MiB: the burst's peak RSS 1.4 MB lower, CPU per event unchanged
+    // (three interleaved runs each, 2026-12-08).
+    conn.pragma_update(None, "cache_size", -256)?;
     // The writer waits for the checkpointer's brief exclusive moment (`checkpoint.rs`).
     conn.busy_handler(Some(wait_for_lock))?;
     conn.execute_batch(

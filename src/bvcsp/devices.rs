@@ -129,6 +129,15 @@ impl Registry {
         v
     }
 
+    /// `f` over every known device and user, in id order, under the catalogue's lock:
+    /// nothing is copied (the list may be 10 000 long and is read every few seconds).
+    pub fn with_catalogue<R>(&self, f: impl FnOnce(&[&Known]) -> R) -> R {
+        let c = self.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<&Known> = c.known.values().collect();
+        v.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        f(&v)
+    }
+
     /// Changes whenever the catalogue does.
     pub fn watch_catalogue(&self) -> watch::Receiver<u64> {
         self.catalogue_changed.subscribe()

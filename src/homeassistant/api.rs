@@ -12,14 +12,12 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::device_list;
 use crate::bvcsp::Stream;
-use crate::bvcsp::devices::Kind;
 use crate::config::PlayboxConfig;
 use crate::health::Probe;
-use crate::link_status::LinkState;
 use crate::mqtt::publisher::incoming::Incoming;
 use crate::mqtt::{Message, Outbox, Topics};
-use crate::timestamp::rfc3339_millis;
 
 /// The largest request payload read; a larger one is answered with an error.
 pub const MAX_REQUEST_BYTES: usize = 4096;
@@ -63,7 +61,7 @@ pub struct Inputs {
     pub playboxes: Vec<PlayboxConfig>,
     pub probe: Probe,
     pub requests: mpsc::Receiver<Incoming>,
-    /// `mqtt.max_packet_size`: `bridge/devices` is cut to fit it (see [`fit`]).
+    /// `mqtt.max_packet_size`: `bridge/devices` is cut to fit it (see [`device_list`]).
     pub max_packet: usize,
 }
 
@@ -123,7 +121,8 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
     let mut changes = inputs.bvcsp.as_ref().map(|c| c.registry.watch_catalogue());
     let mut play_links: Vec<_> = inputs.probe.playbox_links.clone();
     play_links.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut last_devices: Option<Value> = None;
+    // The last list sent, by its digest.
+    let mut last_devices: Option<u64> = None;
     let mut due: Option<Instant> = Some(Instant::now());
     let mut last_sent = Instant::now() - DEVICES_EVERY;
     let mut tick = tokio::time::interval(DEVICES_EVERY);
@@ -163,97 +162,27 @@ pub async fn run(mut inputs: Inputs, cancel: CancellationToken) {
             _ = tick.tick() => { due.get_or_insert(Instant::now().max(last_sent + DEVICES_EVERY)); }
             _ = async { sleep_until(due.expect("guarded")).await }, if due.is_some() => {
                 due = None;
-                let list = devices(&inputs, &play_links);
-                if last_devices.as_ref() != Some(&list) {
-                    let topic = format!("{}/bridge/devices", inputs.topics.base());
-                    let payload = fit(&list, inputs.max_packet.saturating_sub(topic.len() + 16), &mut cut_warned);
+                let topic = format!("{}/bridge/devices", inputs.topics.base());
+                let payload = device_list::payload(
+                    inputs.bvcsp.as_deref(),
+                    &inputs.playboxes,
+                    &play_links,
+                    inputs.max_packet.saturating_sub(topic.len() + 16),
+                    &mut cut_warned,
+                );
+                let digest = device_list::digest(&payload);
+                if last_devices != Some(digest) {
                     inputs.outbox.push_now(Message {
                         topic,
                         payload: payload.into(),
                         retain: true,
                     });
                     last_sent = Instant::now();
-                    last_devices = Some(list);
+                    last_devices = Some(digest);
                 }
             }
         }
     }
-}
-
-/// `list` as JSON, at most `limit` bytes: a list too large for one MQTT packet would be a
-/// dead letter every time it changes, so the last entries are left out (play boxes come
-/// first), with a warning.
-fn fit(list: &Value, limit: usize, warned: &mut bool) -> Vec<u8> {
-    let bytes = serde_json::to_vec(list).unwrap_or_default();
-    if bytes.len() <= limit {
-        return bytes;
-    }
-    let entries = list.as_array().cloned().unwrap_or_default();
-    let mut out = Vec::with_capacity(limit);
-    out.push(b'[');
-    let mut kept = 0;
-    for e in &entries {
-        let one = serde_json::to_vec(e).unwrap_or_default();
-        if out.len() + one.len() + 2 > limit {
-            break;
-        }
-        if kept > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(&one);
-        kept += 1;
-    }
-    out.push(b']');
-    if !*warned {
-        warn!(
-            "bridge/devices lists {kept} of {} entries: the whole list ({} bytes) is larger \
-             than mqtt.max_packet_size allows; raise it (and the broker's limit) to see all",
-            entries.len(),
-            bytes.len()
-        );
-        *warned = true;
-    }
-    out
-}
-
-/// `bridge/devices`: every known device, user and play box (play boxes first).
-fn devices(inputs: &Inputs, play_links: &[(String, Arc<crate::link_status::LinkStatus>)]) -> Value {
-    let mut list = Vec::new();
-    let mut boxes = Vec::new();
-    if let Some(ctx) = &inputs.bvcsp {
-        for k in ctx.registry.catalogue() {
-            let (kind, topic_id) = match k.kind {
-                Kind::Device => ("device", crate::mqtt::topics::level(&k.id).into_owned()),
-                Kind::User => ("user", crate::mqtt::topics::level(&k.id).into_owned()),
-            };
-            list.push(json!({
-                "id": k.id,
-                "topic_id": topic_id,
-                "name": k.facts.name,
-                "kind": kind,
-                "online": k.online,
-                "last_seen": k.last_seen.map(rfc3339_millis),
-            }));
-        }
-    }
-    for cfg in &inputs.playboxes {
-        let link = play_links
-            .iter()
-            .find(|(n, _)| *n == cfg.name)
-            .map(|(_, l)| l.snapshot());
-        let online = link.as_ref().is_some_and(|s| s.state == LinkState::Up);
-        boxes.push(json!({
-            "id": cfg.name,
-            "topic_id": crate::mqtt::topics::level(&cfg.name),
-            "name": cfg.name,
-            "kind": "playbox",
-            "online": online,
-            // Up since then: the box has been answering ever since.
-            "last_seen": link.filter(|s| s.state == LinkState::Up).map(|s| rfc3339_millis(s.since)),
-        }));
-    }
-    boxes.extend(list);
-    Value::Array(boxes)
 }
 
 fn reply(
@@ -457,24 +386,5 @@ mod tests {
         let allowed = (0..20).filter(|_| limit.allow(Instant::now())).count();
         assert_eq!(allowed, REQUEST_BURST as usize - 1);
         assert!(start.elapsed() >= Duration::from_secs(3));
-    }
-
-    #[test]
-    fn a_list_too_large_for_a_packet_is_cut_to_fit_and_stays_json() {
-        let list: Value = (0..1000)
-            .map(|i| json!({"id": format!("PU_{i:08}"), "kind": "device"}))
-            .collect::<Vec<_>>()
-            .into();
-        let mut warned = false;
-        let whole = fit(&list, 1 << 20, &mut warned);
-        assert_eq!(serde_json::from_slice::<Value>(&whole).unwrap(), list);
-        assert!(!warned);
-        let cut = fit(&list, 4096, &mut warned);
-        assert!(cut.len() <= 4096, "{}", cut.len());
-        let cut: Value = serde_json::from_slice(&cut).unwrap();
-        let n = cut.as_array().unwrap().len();
-        assert!(n > 50 && n < 1000, "{n}");
-        assert_eq!(cut[0], list[0], "the first entries are kept");
-        assert!(warned);
     }
 }

@@ -4,12 +4,14 @@
 //!   Assistant; [`layout`]: the discovery topics and payloads of either `discovery` mode.
 //! - [`announcer`]: the life cycle (announce, re-announce on Home Assistant's `online`,
 //!   new devices, removals), fed into the outbox behind alarms.
-//! - [`api`]: `bridge/devices` and `bridge/request/...` → `bridge/response/...`.
+//! - [`api`]: `bridge/devices` (written by `device_list`) and `bridge/request/...` →
+//!   `bridge/response/...`.
 //! - [`route_incoming`]: splits what the broker delivers between the play-box command
 //!   router, the announcer (status topic) and the API (requests).
 
 pub mod announcer;
 pub mod api;
+mod device_list;
 pub mod entities;
 pub mod layout;
 

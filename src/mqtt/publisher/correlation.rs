@@ -51,17 +51,29 @@ impl Correlation {
 
 impl PublisherState {
     /// Hand one request to rumqttc; the caller holds the correlation lock. The message is
-    /// moved, not copied: rumqttc takes the topic as a `String` of its own.
+    /// moved, not copied: rumqttc takes the topic as a `String` of its own, and the
+    /// payload as the outbox's `Bytes` (`try_publish` would copy it into a `Vec`, once a
+    /// message: 1.2 MB for a `bridge/devices` of 10 000). The request channel has room
+    /// for the whole window, so the send completes at once; were it full, the request
+    /// is dropped unsent and the caller hands the message over again later. (Topics
+    /// with wildcards, which `try_publish` would refuse, are dead letters: `feeder.rs`.)
     pub(super) fn hand_over(&self, corr: &mut Correlation, what: InFlight, msg: Message) -> bool {
+        use futures_util::FutureExt;
         corr.fifo.push_back(what);
-        match self
+        let sent = self
             .client
-            .try_publish(msg.topic, self.qos, msg.retain, msg.payload)
-        {
-            Ok(()) => true,
-            Err(e) => {
+            .publish_bytes(msg.topic, self.qos, msg.retain, msg.payload)
+            .now_or_never();
+        match sent {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
                 corr.fifo.pop_back();
                 debug!("mqtt request channel refused a publish: {e}");
+                false
+            }
+            None => {
+                corr.fifo.pop_back();
+                debug!("mqtt request channel is full");
                 false
             }
         }

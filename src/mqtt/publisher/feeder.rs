@@ -70,7 +70,10 @@ fn packet_size(msg: &Message) -> usize {
 /// Why `msg` can never be published (so it goes to the dead letters), if it cannot.
 fn unpublishable(msg: &Message, max_packet: usize) -> Option<String> {
     let size = packet_size(msg);
-    if msg.topic.len() > usize::from(u16::MAX) {
+    if msg.topic.contains(['+', '#']) {
+        // The broker would close the connection over it (MQTT 3.1.1 §4.7.1).
+        Some("its topic contains an MQTT wildcard (+ or #)".to_string())
+    } else if msg.topic.len() > usize::from(u16::MAX) {
         Some(format!(
             "its topic is {} bytes long, more than MQTT allows (65535)",
             msg.topic.len()
@@ -81,5 +84,38 @@ fn unpublishable(msg: &Message, max_packet: usize) -> Option<String> {
         ))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, payload: usize) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: vec![b'x'; payload].into(),
+            retain: false,
+        }
+    }
+
+    #[test]
+    fn what_the_broker_would_refuse_is_told_before_it_is_sent() {
+        assert_eq!(
+            unpublishable(&msg("base/device/PU_1/alarm/sos", 100), 1 << 20),
+            None
+        );
+        for bad in ["base/device/+/alarm", "base/#", "base/a+b"] {
+            let why = unpublishable(&msg(bad, 10), 1 << 20).expect(bad);
+            assert!(why.contains("wildcard"), "{why}");
+        }
+        let long = "t".repeat(70_000);
+        assert!(
+            unpublishable(&msg(&long, 1), 1 << 20)
+                .unwrap()
+                .contains("65535")
+        );
+        let why = unpublishable(&msg("base/x", 2000), 1000).unwrap();
+        assert!(why.contains("max_packet_size (1000)"), "{why}");
     }
 }

@@ -54,9 +54,12 @@ impl PublisherState {
     /// moved, not copied: rumqttc takes the topic as a `String` of its own, and the
     /// payload as the outbox's `Bytes` (`try_publish` would copy it into a `Vec`, once a
     /// message: 1.2 MB for a `bridge/devices` of 10 000). The request channel has room
-    /// for the whole window, so the send completes at once; were it full, the request
-    /// is dropped unsent and the caller hands the message over again later. (Topics
-    /// with wildcards, which `try_publish` would refuse, are dead letters: `feeder.rs`.)
+    /// for the whole window and the few other requests (online/offline, subscribe,
+    /// disconnect), so the send completes at once. Were it full, the pending send would
+    /// be withdrawn when dropped here, but on a runtime with other threads rumqttc might
+    /// take it first, and a publish sent but counted as refused would shift every packet
+    /// id after it: that is a broken invariant, logged as an error. (Topics with
+    /// wildcards, which `try_publish` would refuse, are dead letters: `feeder.rs`.)
     pub(super) fn hand_over(&self, corr: &mut Correlation, what: InFlight, msg: Message) -> bool {
         use futures_util::FutureExt;
         corr.fifo.push_back(what);
@@ -72,8 +75,11 @@ impl PublisherState {
                 false
             }
             None => {
+                if cfg!(debug_assertions) {
+                    panic!("the mqtt request channel is full");
+                }
                 corr.fifo.pop_back();
-                debug!("mqtt request channel is full");
+                error!("mqtt request channel is full: acknowledgements may be mismatched");
                 false
             }
         }

@@ -123,10 +123,7 @@ impl Registry {
 
     /// Every known device and user, sorted by id.
     pub fn catalogue(&self) -> Vec<Known> {
-        let c = self.catalogue.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<Known> = c.known.values().cloned().collect();
-        v.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        v
+        self.with_catalogue(|known| known.iter().map(|&k| k.clone()).collect())
     }
 
     /// `f` over every known device and user, in id order, under the catalogue's lock:

@@ -94,6 +94,8 @@ struct ListWriter {
     limit: usize,
     kept: usize,
     entries: usize,
+    /// An entry did not fit: it and every one after it are left out (cut, not thinned).
+    cut: bool,
     /// The size of the whole list, had nothing been left out.
     whole: usize,
 }
@@ -106,6 +108,7 @@ impl ListWriter {
             limit,
             kept: 0,
             entries: 0,
+            cut: false,
             whole: 2,
         }
     }
@@ -116,10 +119,9 @@ impl ListWriter {
         let _ = serde_json::to_writer(&mut self.one, entry);
         self.whole += self.one.len() + usize::from(self.entries > 0);
         self.entries += 1;
-        // The comma and the closing bracket must fit too; once one entry is left out,
-        // so are all after it (the list is cut, not thinned).
-        let fits = self.out.len() + self.one.len() + 2 <= self.limit;
-        if self.kept + 1 == self.entries && fits {
+        // The comma and the closing bracket must fit too.
+        self.cut |= self.out.len() + self.one.len() + 2 > self.limit;
+        if !self.cut {
             if self.kept > 0 {
                 self.out.push(b',');
             }
@@ -130,7 +132,7 @@ impl ListWriter {
 
     fn finish(mut self, warned: &mut bool) -> Vec<u8> {
         self.out.push(b']');
-        if self.kept < self.entries && !*warned {
+        if self.cut && !*warned {
             warn!(
                 "bridge/devices lists {} of {} entries: the whole list ({} bytes) is larger \
                  than mqtt.max_packet_size allows; raise it (and the broker's limit) to see all",
